@@ -240,18 +240,18 @@ def augment(
     """
     if x.dim() != 4:
         raise ValueError(f"augment expects (B, C, H, W), got shape {tuple(x.shape)}")
-    b, _, h, w = x.shape
+    b, c, h, w = x.shape
     p = info.crop_padding
     dev = x.device
     rng_dev = generator.device if generator is not None else dev
     padded = F.pad(x, (p, p, p, p), value=fill) if p > 0 else x  # (B, C, H+2p, W+2p)
+    pw = w + 2 * p
     off = torch.randint(0, 2 * p + 1, (2, b), generator=generator, device=rng_dev).to(dev)  # (2, B)
     rows = off[0, :, None] + torch.arange(h, device=dev)  # (B, H) source row of each output row
-    cols = off[1, :, None] + torch.arange(w, device=dev)  # (B, W)
+    cols = off[1, :, None] + torch.arange(w, device=dev)  # (B, W) source column of each output column
     if info.hflip:
         flip = torch.rand(b, generator=generator, device=rng_dev).to(dev) < 0.5  # (B,)
         cols = torch.where(flip[:, None], cols.flip(1), cols)
-    batch = torch.arange(b, device=dev)[:, None, None]  # (B, 1, 1)
-    # Advanced indices split by the channel slice: the broadcast (B, H, W) dims come first.
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+    # One gather over the flattened padded planes (faster than 3-tensor advanced indexing on CPU and GPU).
+    src = (rows[:, :, None] * pw + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)  # (B, C, H*W)
+    return padded.reshape(b, c, -1).gather(2, src).reshape(b, c, h, w)  # (B, C, H, W)

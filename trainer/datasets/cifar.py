@@ -92,8 +92,8 @@ def locate(root: Path, layout: CifarLayout) -> Path | None:
 
 def read_members(source: Path, layout: CifarLayout, names: tuple[str, ...]) -> dict[str, bytes]:
     """Raw bytes of the named batch files, from the folder or straight out of the archive."""
+    out: dict[str, bytes] = {}
     if source.is_dir():
-        out = {}
         for name in names:
             path = source / name
             if not path.is_file():
@@ -101,7 +101,6 @@ def read_members(source: Path, layout: CifarLayout, names: tuple[str, ...]) -> d
             out[name] = path.read_bytes()
         return out
     try:
-        out: dict[str, bytes] = {}
         # One sequential pass: seeking backwards in a .tar.gz means decompressing from the start again.
         with tarfile.open(source, "r:*") as tar:
             for member in tar:
