@@ -1,0 +1,96 @@
+"""``cnn-export`` / ``python -m exporter``: batch export into a Triton model repository.
+
+    cnn-export runs/lenet runs/resnet18 --repository models --int8 --fp16
+    cnn-export verify models/lenet/1 --checkpoint runs/lenet/best.pt
+
+Exit status: 0 when everything asked for was published (or verified), 1 when any source failed,
+2 on usage errors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from exporter import repository
+from exporter.config import ExportConfig, parse_config
+from exporter.report import summary_document, summary_row, text_table
+
+
+def _err(msg: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stderr)  # keeps the progress bar intact
+
+
+def export_all(cfg: ExportConfig) -> int:
+    from tqdm import tqdm
+
+    from exporter.pipeline import BadInput, ExportFailed, export_one
+
+    assert cfg.repository is not None
+    try:
+        repo = repository.ensure_writable(cfg.repository)
+    except repository.RepositoryError as e:
+        _err(f"cnn-export: {e}")
+        return 1
+    rows, failures = [], 0
+    bar = tqdm(cfg.sources, desc="export", unit="model", disable=not cfg.progress, file=sys.stderr)
+    for given in bar:
+        bar.set_postfix_str(given.name)
+        try:
+            result = export_one(given, cfg)
+        except BadInput as e:
+            failures += 1
+            _err(f"cnn-export: {given}: bad input: {e}")
+            rows.append(summary_row(str(given), None, None, {}, f"bad input: {e}"[:200]))
+            continue
+        except ExportFailed as e:
+            failures += 1
+            where = repository.write_failed_report(
+                cfg.report_dir or repo / repository.FAILED_DIR, e.report["name"], e.report
+            )
+            _err(f"cnn-export: {given}: FAILED check '{e.check}': {e}\n  nothing published; report: {where}")
+            rows.append(summary_row(str(given), e.report["name"], e.report, {}, f"failed: {e.check}"))
+            continue
+        status = "ok" if not result.problems else "; ".join(result.problems)
+        if result.problems:
+            failures += 1
+            for problem in result.problems:
+                _err(f"cnn-export: {given}: {problem}")
+        versions = ", ".join(f"{n}/{v}" for n, v in result.published.items())
+        bar.write(f"published {versions} from {given}", file=sys.stderr)
+        rows.append(summary_row(str(given), result.name, result.report, result.published, status))
+    bar.close()
+
+    doc, markdown = summary_document(rows, failures)
+    json_path, md_path = repository.write_summary(repo, doc, markdown)
+    print(text_table(rows))
+    print(f"\nsummary: {json_path} {md_path}; {len(rows) - failures} ok, {failures} failed")
+    return 1 if failures else 0
+
+
+def verify(cfg: ExportConfig) -> int:
+    from exporter.pipeline import BadInput
+    from exporter.verify import verify_published
+
+    try:
+        report = verify_published(cfg)
+    except BadInput as e:
+        _err(f"cnn-export verify: bad input: {e}")
+        return 1
+    print(json.dumps(report, indent=2, sort_keys=True))
+    if not report["passed"]:
+        _err(f"cnn-export verify: FAILED check '{report['failed_check']}' on {cfg.sources[0]}")
+        return 1
+    _err(f"cnn-export verify: {cfg.sources[0]} passed: " + "; ".join(c["message"] for c in report["checks"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
+    return verify(cfg) if cfg.command == "verify" else export_all(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The exporter's one config, built only in ``main()`` from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_OPSET = 18
+MIN_PARITY_BATCH = 64
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    command: str  # "export" | "verify"
+    sources: tuple[Path, ...]  # checkpoints / run dirs (export) or one REPO/NAME/VERSION (verify)
+    repository: Path | None = None
+    checkpoint: Path | None = None  # verify: the checkpoint the published model came from
+    name: str | None = None
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    int8: bool = False
+    force_precision: bool = False  # publish fp16/int8 even when the accuracy gate fails
+    parity_samples: int = 0  # images compared at the large batch; 0 = the whole test set
+    parity_batch: int = 256
+    batch1_samples: int = 128  # images compared one at a time
+    atol: float = 1e-4  # gate on max |logits_torch - logits_ort|
+    max_accuracy_drop: float = 1.0  # percentage points, fp16/int8 vs fp32
+    calibration_samples: int = 256
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 500
+    data_dir: Path | None = None
+    report_dir: Path | None = None  # failed-export reports; default REPO/.failed
+    bench_seconds: float = 1.0
+    seed: int = 0
+    progress: bool = True
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parity-samples",
+        type=int,
+        default=0,
+        help="test images compared at the large batch (0 = whole test set)",
+    )
+    p.add_argument(
+        "--parity-batch", type=int, default=256, help=f"large parity batch (>= {MIN_PARITY_BATCH})"
+    )
+    p.add_argument("--batch1-samples", type=int, default=128, help="test images compared at batch 1")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity gate on max abs diff of logits")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="dataset root (default: trainer's search path)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-export",
+        description="Export checkpoints to ONNX behind a parity gate into a Triton model repository. "
+        "`cnn-export verify REPO/NAME/VERSION --checkpoint CKPT` re-checks a published model.",
+    )
+    p.add_argument("sources", nargs="+", type=Path, metavar="CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("--repository", "-r", type=Path, required=True, metavar="REPO")
+    p.add_argument("--name", default=None, help="model name (default: run dir name or ARCH-DATASET)")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--fp16", action="store_true", help="also publish NAME-fp16 (fp16 weights, fp32 I/O)")
+    p.add_argument("--int8", action="store_true", help="also publish NAME-int8 (static QDQ, per-channel)")
+    p.add_argument(
+        "--force-precision",
+        action="store_true",
+        help="publish fp16/int8 even if accuracy drops more than --max-accuracy-drop (or is unknown)",
+    )
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points vs FP32")
+    p.add_argument(
+        "--calibration-samples", type=int, default=256, help="training images for INT8 calibration"
+    )
+    p.add_argument("--max-batch-size", type=int, default=64, help="config.pbtxt max_batch_size")
+    p.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic_batching max queue delay")
+    p.add_argument("--report-dir", type=Path, default=None, help="where failed exports' reports go")
+    p.add_argument("--bench-seconds", type=float, default=1.0, help="CPU images/s measurement time per model")
+    _add_common(p)
+    return p
+
+
+def verify_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-export verify", description="Re-run the export checks on a published model version."
+    )
+    p.add_argument("version_dir", type=Path, metavar="REPO/NAME/VERSION")
+    p.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT")
+    _add_common(p)
+    return p
+
+
+def parse_config(argv: list[str]) -> ExportConfig:
+    if argv and argv[0] == "verify":
+        parser = verify_parser()
+        a = parser.parse_args(argv[1:])
+        cfg = ExportConfig(command="verify", sources=(a.version_dir,), checkpoint=a.checkpoint, **_common(a))
+    else:
+        parser = export_parser()
+        a = parser.parse_args(argv)
+        cfg = ExportConfig(
+            command="export",
+            sources=tuple(a.sources),
+            repository=a.repository,
+            name=a.name,
+            opset=a.opset,
+            fp16=a.fp16,
+            int8=a.int8,
+            force_precision=a.force_precision,
+            max_accuracy_drop=a.max_accuracy_drop,
+            calibration_samples=a.calibration_samples,
+            max_batch_size=a.max_batch_size,
+            max_queue_delay_us=a.max_queue_delay_us,
+            report_dir=a.report_dir,
+            bench_seconds=a.bench_seconds,
+            **_common(a),
+        )
+    problems = validate(cfg)
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg
+
+
+def _common(a: argparse.Namespace) -> dict:
+    return {
+        "parity_samples": a.parity_samples,
+        "parity_batch": a.parity_batch,
+        "batch1_samples": a.batch1_samples,
+        "atol": a.atol,
+        "data_dir": a.data_dir,
+        "seed": a.seed,
+        "progress": not a.no_progress,
+    }
+
+
+def validate(cfg: ExportConfig) -> list[str]:
+    problems = []
+    if cfg.parity_batch < MIN_PARITY_BATCH:
+        problems.append(f"--parity-batch must be >= {MIN_PARITY_BATCH}, got {cfg.parity_batch}")
+    if cfg.parity_samples < 0 or cfg.batch1_samples < 1:
+        problems.append("--parity-samples must be >= 0 and --batch1-samples >= 1")
+    if cfg.atol <= 0:
+        problems.append("--atol must be > 0")
+    if cfg.max_batch_size < 1:
+        problems.append("--max-batch-size must be >= 1")
+    if not 7 <= cfg.opset <= 23:
+        problems.append(f"--opset must be within 7..23, got {cfg.opset}")
+    return problems

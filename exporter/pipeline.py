@@ -1,0 +1,364 @@
+"""Export of one checkpoint, as plain stage functions read top to bottom:
+
+    load_source -> export (fp32) -> check_onnx -> parity -> ort optimizations -> accuracy/speed
+    -> fp16 / int8 variants (accuracy gate) -> publish (atomic, versioned)
+
+Nothing touches the repository until every FP32 check passed; a failed check raises
+``ExportFailed`` naming it, with the report of what was measured so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from exporter import checks, onnx_export, quantize, repository
+from exporter.config import ExportConfig
+from exporter.inputs import EvalData, load_calibration, load_eval_data
+from trainer.meta import ModelMeta
+
+BENCH_BATCH = 64
+
+
+class BadInput(ValueError):
+    """The source cannot be exported (not a checkpoint, clashing name...); nothing was written."""
+
+
+class ExportFailed(RuntimeError):
+    def __init__(self, check: str, message: str, report: dict[str, Any]) -> None:
+        super().__init__(f"check '{check}' failed: {message}")
+        self.check = check
+        self.report = report
+
+
+@dataclass
+class Source:
+    path: Path  # the checkpoint file actually read (run dirs resolved to best.pt / checkpoint.pt)
+    given: Path  # what the user passed
+    ckpt: dict[str, Any]
+    meta: ModelMeta
+    sha256: str
+
+
+@dataclass
+class Candidate:
+    """One model ready to publish: bytes plus the numbers its report carries."""
+
+    precision: str
+    model_bytes: bytes
+    checks: list[checks.CheckResult]
+    numbers: dict[str, Any] = field(default_factory=dict)  # JSON-safe
+    top1: np.ndarray | None = None  # (N,) predictions on the eval images
+    publish: bool = True
+    why_not: str = ""
+
+
+@dataclass
+class ExportResult:
+    given: Path
+    name: str | None
+    report: dict[str, Any]
+    published: dict[str, int] = field(default_factory=dict)  # model name -> version
+    problems: list[str] = field(default_factory=list)  # empty when everything asked for was published
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        for name in ("best.pt", "checkpoint.pt"):
+            if (path / name).is_file():
+                return path / name
+    return path  # load_checkpoint names the problem
+
+
+def load_source(path: Path) -> Source:
+    from trainer.checkpoint import CheckpointError, checkpoint_meta, load_checkpoint
+
+    file = resolve_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(file)
+        meta = checkpoint_meta(ckpt)
+    except CheckpointError as e:
+        raise BadInput(str(e)) from e
+    return Source(file, path, ckpt, meta, sha256_file(file))
+
+
+def build_wrapper(src: Source) -> onnx_export.NormalizedClassifier:
+    from trainer.checkpoint import build_model
+
+    try:
+        model = build_model(src.ckpt)
+    except (ValueError, RuntimeError, TypeError, KeyError) as e:  # unknown arch, state_dict mismatch
+        raise BadInput(f"{src.path}: cannot rebuild '{src.ckpt.get('arch')}' from its metadata: {e}") from e
+    return onnx_export.wrap(model, src.meta)
+
+
+def default_name(src: Source) -> str:
+    if src.given.is_dir():
+        return repository.sanitize_name(src.given.resolve().name)
+    return repository.sanitize_name(f"{src.meta.arch}-{src.meta.dataset}")
+
+
+def signature(meta: ModelMeta) -> dict[str, Any]:
+    return {"arch": meta.arch, "input_shape": list(meta.input_shape), "num_classes": meta.num_classes}
+
+
+def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import exporter
+
+    metrics = {k: v for k, v in (src.ckpt.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
+    return {
+        "passed": False,
+        "name": name,
+        "source": {"path": str(src.path.resolve()), "sha256": src.sha256, "epoch": src.ckpt.get("epoch")},
+        "checkpoint_metrics": metrics,
+        "model": {
+            **signature(src.meta),
+            "dataset": src.meta.dataset,
+            "class_names": list(src.meta.class_names),
+            "model_args": src.ckpt.get("model_args"),
+            "params": params,
+        },
+        "versions": {
+            "exporter": exporter.__version__,
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "settings": {
+            "opset": cfg.opset,
+            "atol": cfg.atol,
+            "parity_batch": cfg.parity_batch,
+            "batch1_samples": cfg.batch1_samples,
+            "max_accuracy_drop_pp": cfg.max_accuracy_drop,
+        },
+        "checks": [],
+        "timings_s": {},
+    }
+
+
+def _timed(report: dict[str, Any], key: str, start: float) -> None:
+    report["timings_s"][key] = round(time.perf_counter() - start, 3)
+
+
+def _gate(report: dict[str, Any], result: checks.CheckResult) -> None:
+    report["checks"].append(result.to_dict())
+    if not result.passed:
+        raise ExportFailed(result.name, result.message, report)
+
+
+def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cfg: ExportConfig) -> Candidate:
+    """Export and gate the FP32 model; ``report`` gathers numbers as it goes."""
+    t = time.perf_counter()
+    try:
+        proto, exporter_used, note = onnx_export.export_onnx(wrapper, src.meta, cfg.opset)
+    except Exception as e:  # both exporters failed: an export problem, not bad input
+        _gate(report, checks.CheckResult("export", False, {}, f"{type(e).__name__}: {e}"))
+        raise  # unreachable: _gate raised
+    _timed(report, "export", t)
+    report["export"] = {"torch_exporter": exporter_used, "note": note, "opset": cfg.opset}
+    report["data"] = {"eval": data.source, "real_test_set": data.real}
+
+    t = time.perf_counter()
+    _gate(report, checks.check_onnx(proto, src.meta.input_shape, src.meta.num_classes))
+    model_bytes = proto.SerializeToString()
+    parity, logits = checks.parity_check(
+        wrapper, model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol
+    )
+    _gate(report, parity)
+    _gate(
+        report, checks.optimization_check(model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol)
+    )
+    _timed(report, "checks", t)
+
+    t = time.perf_counter()
+    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds)
+    _timed(report, "speed_fp32", t)
+    acc = checks.accuracy(logits, data.y)
+    source = f"onnxruntime on the {data.source}" if acc is not None else "unavailable (no test set)"
+    if acc is None and isinstance((src.ckpt.get("metrics") or {}).get("test_acc"), float):
+        acc, source = float(src.ckpt["metrics"]["test_acc"]), "checkpoint metrics (the trainer's test_acc)"
+    props = onnx_export.metadata_props(
+        src.meta,
+        precision="fp32",
+        test_accuracy=acc,
+        accuracy_source=source,
+        source_sha256=src.sha256,
+        exporter=exporter_used,
+    )
+    final = onnx_export.set_metadata(proto, props).SerializeToString()
+    numbers = {
+        "accuracy": checks.accuracy(logits, data.y),
+        "accuracy_source": source,
+        "images_per_second": round(speed, 1),
+        "onnx_bytes": len(final),
+    }
+    return Candidate("fp32", final, [], numbers, top1=logits.argmax(1))
+
+
+def export_variant(
+    precision: str,
+    fp32: Candidate,
+    src: Source,
+    data: EvalData,
+    cfg: ExportConfig,
+    calib: tuple[np.ndarray, str],
+) -> Candidate:
+    """Build, check and score NAME-fp16 / NAME-int8 against FP32; gate on the accuracy drop."""
+    import onnx
+
+    base = onnx.ModelProto.FromString(fp32.model_bytes)
+    fp32_props = onnx_export.read_metadata(base)
+    t = time.perf_counter()
+    proto = quantize.to_fp16(base) if precision == "fp16" else quantize.to_int8(base, calib[0])
+    numbers: dict[str, Any] = {"convert_s": round(time.perf_counter() - t, 3)}
+    if precision == "int8":
+        numbers["calibration"] = calib[1]
+    results = [checks.check_onnx(proto, src.meta.input_shape, src.meta.num_classes)]
+    cand = Candidate(precision, b"", results, numbers)
+    if not results[0].passed:
+        cand.publish, cand.why_not = False, results[0].message
+        return cand
+
+    model_bytes = proto.SerializeToString()
+    logits = checks.ort_logits(checks.session(model_bytes), data.x, cfg.parity_batch)
+    acc = checks.accuracy(logits, data.y)
+    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds)
+    fp32_acc = fp32.numbers["accuracy"]
+    numbers.update(
+        accuracy=acc,
+        top1_agreement_vs_fp32=float((logits.argmax(1) == fp32.top1).mean()),
+        images_per_second=round(speed, 1),
+        speed_ratio_vs_fp32=round(speed / fp32.numbers["images_per_second"], 3),
+    )
+    if acc is None or fp32_acc is None:
+        gate = checks.CheckResult(
+            "accuracy_gate",
+            False,
+            {"max_drop_pp": cfg.max_accuracy_drop},
+            f"{precision} accuracy unknown (needs labelled test images; eval data: {data.source})",
+        )
+    else:
+        drop = 100.0 * (fp32_acc - acc)
+        numbers["accuracy_delta_pp"] = round(-drop, 3)
+        gate = checks.CheckResult(
+            "accuracy_gate",
+            drop <= cfg.max_accuracy_drop,
+            {
+                "fp32_accuracy": fp32_acc,
+                "accuracy": acc,
+                "drop_pp": round(drop, 3),
+                "max_drop_pp": cfg.max_accuracy_drop,
+            },
+            f"{precision} accuracy {100 * acc:.2f}% vs fp32 {100 * fp32_acc:.2f}% "
+            f"(drop {drop:.2f} pp, max {cfg.max_accuracy_drop:g})",
+        )
+    results.append(gate)
+    if not gate.passed and not cfg.force_precision:
+        cand.publish, cand.why_not = False, gate.message
+    numbers["forced"] = not gate.passed and cfg.force_precision
+
+    props = onnx_export.metadata_props(
+        src.meta,
+        precision=precision,
+        test_accuracy=acc,
+        accuracy_source=f"onnxruntime on the {data.source}"
+        if acc is not None
+        else "unavailable (no test set)",
+        source_sha256=src.sha256,
+        exporter=fp32_props["torch_exporter"],
+    )
+    cand.model_bytes = onnx_export.set_metadata(proto, props).SerializeToString()
+    numbers["onnx_bytes"] = len(cand.model_bytes)
+    cand.top1 = logits.argmax(1)
+    return cand
+
+
+def _variant_summary(cands: list[Candidate]) -> dict[str, Any]:
+    return {
+        c.precision: {**c.numbers, "published": c.publish, "why_not_published": c.why_not or None}
+        for c in cands
+    }
+
+
+def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
+    """Everything for one checkpoint. Raises BadInput (nothing written) or ExportFailed (nothing published)."""
+    from trainer.models import count_parameters
+
+    assert cfg.repository is not None
+    t0 = time.perf_counter()
+    src = load_source(given)
+    name = repository.sanitize_name(cfg.name) if cfg.name else default_name(src)
+    wrapper = build_wrapper(src)
+    precisions = [p for p, on in (("fp16", cfg.fp16), ("int8", cfg.int8)) if on]
+    names = {"fp32": name, **{p: f"{name}-{p}" for p in precisions}}
+    try:
+        for n in names.values():
+            repository.check_name_clash(cfg.repository, n, signature(src.meta))
+    except repository.RepositoryError as e:
+        raise BadInput(str(e)) from e
+
+    report = base_report(src, name, count_parameters(wrapper.model), cfg)
+    t = time.perf_counter()
+    data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
+    _timed(report, "load_data", t)
+    fp32 = export_fp32(src, wrapper, data, report, cfg)
+
+    variants = []
+    calib = load_calibration(src.meta, cfg.data_dir, cfg.calibration_samples, cfg.seed) if cfg.int8 else None
+    for precision in precisions:
+        t = time.perf_counter()
+        try:
+            variants.append(export_variant(precision, fp32, src, data, cfg, calib))  # type: ignore[arg-type]
+        except Exception as e:  # a converter crash costs this variant only
+            variants.append(Candidate(precision, b"", [], publish=False, why_not=f"{type(e).__name__}: {e}"))
+        _timed(report, f"variant_{precision}", t)
+
+    report.update(
+        passed=True,
+        accuracy={"fp32": fp32.numbers["accuracy"]},
+        precisions=_variant_summary([fp32, *variants]),
+    )
+    result = ExportResult(given, name, report)
+    config = repository.render_config_pbtxt  # same interface for every precision: fp32 I/O
+    for cand in (fp32, *variants):
+        if not cand.publish:
+            result.problems.append(f"{names[cand.precision]} not published: {cand.why_not}")
+            continue
+        model_name = names[cand.precision]
+        report_checks = report["checks"] + [c.to_dict() for c in cand.checks]
+
+        def report_for(version: int, cand: Candidate = cand, model_name: str = model_name, rc=report_checks):
+            _timed(report, "total", t0)
+            return {
+                **report,
+                "name": model_name,
+                "version": version,
+                "precision": cand.precision,
+                "checks": rc,
+            }
+
+        text = config(
+            model_name, src.meta.input_shape, src.meta.num_classes, cfg.max_batch_size, cfg.max_queue_delay_us
+        )
+        result.published[model_name] = repository.publish(
+            cfg.repository, model_name, cand.model_bytes, report_for, text
+        )
+    report["published"] = dict(result.published)
+    return result
