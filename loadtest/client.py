@@ -1,0 +1,127 @@
+"""Talking to the target before the load (model discovery, a checked pre-flight request) and the
+single-process client that runs steps on one persistent uvloop event loop and channel."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+
+from loadtest.controller import StepController, StepResult
+from loadtest.payload import kserve_pb2, method_for
+from loadtest.runner import StepSpec, new_event_loop, open_channel, raw_call, run_process_step
+
+START_DELAY_S = 0.05  # between arming a step and its first request
+
+
+class TargetError(RuntimeError):
+    """The target cannot serve the requested model (unreachable, unknown model, bad input)."""
+
+
+async def _describe(target: str, api: str, model: str, version: int, timeout: float) -> tuple[int, int, int]:
+    async with open_channel(target) as ch:
+        try:
+            if api == "kserve":
+                pb = kserve_pb2()
+                call = ch.unary_unary(
+                    "/inference.GRPCInferenceService/ModelMetadata",
+                    request_serializer=pb.ModelMetadataRequest.SerializeToString,
+                    response_deserializer=pb.ModelMetadataResponse.FromString,
+                )
+                meta = await call(
+                    pb.ModelMetadataRequest(name=model, version=str(version or "")), timeout=timeout
+                )
+                shape = [int(d) for d in meta.inputs[0].shape]  # (-1, C, H, W)
+                return tuple(shape[-3:])  # type: ignore[return-value]
+            from protos.cnnstack.classifier.v1 import classifier_pb2 as pb1
+
+            call = ch.unary_unary(
+                "/cnnstack.classifier.v1.Classifier/ListModels",
+                request_serializer=pb1.ListModelsRequest.SerializeToString,
+                response_deserializer=pb1.ListModelsResponse.FromString,
+            )
+            listing = await call(pb1.ListModelsRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise TargetError(
+                f"{target}: cannot describe model {model!r}: {e.code().name}: {e.details()}"
+            ) from None
+    for m in listing.models:
+        if m.name == model:
+            return tuple(int(d) for d in m.input_shape)  # type: ignore[return-value]
+    names = sorted(m.name for m in listing.models)
+    raise TargetError(f"{target}: no model {model!r}; the server has {names}")
+
+
+def describe_model(
+    target: str, api: str, model: str, version: int, timeout: float = 10.0
+) -> tuple[int, int, int]:
+    """The model's input shape (C, H, W) as the server reports it."""
+    with asyncio.Runner(loop_factory=new_event_loop) as r:
+        return r.run(_describe(target, api, model, version, timeout))
+
+
+async def _preflight(target: str, api: str, payload: bytes, images: int, timeout: float) -> None:
+    async with open_channel(target) as ch:
+        try:
+            raw = await raw_call(ch, method_for(api))(payload, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise TargetError(
+                f"{target}: pre-flight request failed: {e.code().name}: {e.details()}"
+            ) from None
+    if api == "kserve":
+        return
+    from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
+
+    resp = pb.ClassifyResponse.FromString(raw)
+    if len(resp.results) != images:
+        raise TargetError(f"{target}: sent {images} images, got {len(resp.results)} results back")
+
+
+def preflight(target: str, api: str, payload: bytes, images: int, timeout: float = 10.0) -> None:
+    """One request, response decoded and checked, so a misconfigured run fails before measuring."""
+    with asyncio.Runner(loop_factory=new_event_loop) as r:
+        r.run(_preflight(target, api, payload, images, timeout))
+
+
+class LocalClient:
+    """All load from this process: one event loop and one channel, kept across steps."""
+
+    def __init__(
+        self,
+        target: str,
+        api: str,
+        payloads: Sequence[bytes],
+        images_per_request: int,
+        stability_windows: int,
+        stability_percent: float,
+    ) -> None:
+        self.payloads = payloads
+        self.k = images_per_request
+        self.stability = (stability_windows, stability_percent)
+        self._runner = asyncio.Runner(loop_factory=new_event_loop)
+        self._channel: grpc.aio.Channel | None = None
+        self._call: Any = None
+        self._target, self._method = target, method_for(api)
+
+    async def _step(self, spec: StepSpec) -> StepResult:
+        if self._channel is None:
+            self._channel = open_channel(self._target)
+            self._call = raw_call(self._channel, self._method)
+            await self._channel.channel_ready()
+        ctl = StepController(spec, 1, *self.stability, images_per_request=self.k)
+        t0 = time.perf_counter() + START_DELAY_S
+        totals = await run_process_step(
+            self._call, self.payloads, spec, self.k, t0, ctl.add, lambda: ctl.done
+        )
+        return ctl.result(spec.load, 1, [totals])
+
+    def run_step(self, spec: StepSpec) -> StepResult:
+        return self._runner.run(self._step(spec))
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._runner.run(self._channel.close())
+        self._runner.close()

@@ -1,0 +1,138 @@
+"""Request payloads, serialized once before the load starts.
+
+The hot loop sends ``bytes`` through a multicallable built with no serializer, so no protobuf
+work happens while measuring: the client's per-request cost is the gRPC call itself.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CLASSIFY_METHOD = "/cnnstack.classifier.v1.Classifier/Classify"
+KSERVE_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+MAX_PAYLOADS = 64  # distinct requests cycled through; enough to defeat any caching, small in memory
+
+
+def kserve_pb2() -> Any:
+    """The KServe v2 messages (package ``inference``): ours, else tritonclient's (same wire format)."""
+    try:
+        from protos.inference import grpc_service_pb2
+
+        return grpc_service_pb2
+    except ImportError:
+        from tritonclient.grpc import service_pb2
+
+        return service_pb2
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """An IDX3 ubyte file (optionally gzipped), e.g. Fashion-MNIST, as uint8 (N, H, W)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    magic, n, h, w = struct.unpack(">IIII", data[:16])
+    if magic != 0x00000803:
+        raise ValueError(f"{path}: not an IDX3 ubyte images file (magic {magic:#x})")
+    return np.frombuffer(data, dtype=np.uint8, offset=16, count=n * h * w).reshape(n, h, w)
+
+
+def _to_chw(img: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """PIL image -> float32 (C, H, W) in [0, 1], converted to the model's channels and size."""
+    from PIL import Image
+
+    c, h, w = shape
+    img = img.convert("L" if c == 1 else "RGB")
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+    return arr[None] if c == 1 else arr.transpose(2, 0, 1)
+
+
+def load_images(source: str, shape: tuple[int, int, int], count: int, seed: int) -> np.ndarray:
+    """``count`` images as float32 (N, C, H, W) in [0, 1]: uniform noise for "synthetic", else the
+    first images of an IDX file or an image folder (cycled when the dataset is smaller)."""
+    if source == "synthetic":
+        return np.random.default_rng(seed).random((count, *shape), dtype=np.float32)
+    from PIL import Image
+
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:count]
+        if not files:
+            raise ValueError(f"{path}: no {'/'.join(IMAGE_SUFFIXES)} files")
+        chw = [_to_chw(Image.open(p), shape) for p in files]
+    else:
+        raw = read_idx_images(path)[:count]  # (N, H, W) uint8
+        chw = [_to_chw(Image.fromarray(a), shape) for a in raw]
+    return np.stack([chw[i % len(chw)] for i in range(count)])
+
+
+def encode_png(chw: np.ndarray) -> bytes:
+    """float32 (C, H, W) in [0, 1] -> PNG bytes (grayscale or RGB)."""
+    from PIL import Image
+
+    arr = np.clip(chw * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr[0] if arr.shape[0] == 1 else arr.transpose(1, 2, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def classify_request(
+    images: np.ndarray, model: str, version: int, top_k: int, encoding: str, request_id: str = ""
+) -> bytes:
+    """One serialized ClassifyRequest carrying ``images`` (K, C, H, W)."""
+    from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
+
+    req = pb.ClassifyRequest(model=model, version=version, top_k=top_k, request_id=request_id)
+    for chw in images:
+        if encoding == "png":
+            req.images.add(encoded=encode_png(chw))
+        else:
+            req.images.add(
+                tensor=pb.Tensor(shape=list(chw.shape), data=np.ascontiguousarray(chw, "<f4").tobytes())
+            )
+    return req.SerializeToString()
+
+
+def kserve_request(images: np.ndarray, model: str, version: int) -> bytes:
+    """One serialized KServe v2 ModelInferRequest: input "input" FP32 (K, C, H, W) as raw bytes."""
+    pb = kserve_pb2()
+    req = pb.ModelInferRequest(model_name=model, model_version=str(version) if version else "")
+    tensor = req.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
+    del tensor  # contents travel in raw_input_contents, the fast path
+    req.outputs.add(name="probabilities")
+    req.raw_input_contents.append(np.ascontiguousarray(images, "<f4").tobytes())
+    return req.SerializeToString()
+
+
+def build_payloads(
+    api: str,
+    images: np.ndarray,
+    per_request: int,
+    model: str,
+    version: int,
+    top_k: int = 1,
+    encoding: str = "tensor",
+) -> list[bytes]:
+    """Cut ``images`` (N, C, H, W) into requests of ``per_request`` images, serialized."""
+    n = max(1, min(MAX_PAYLOADS, len(images) // per_request))
+    out = []
+    for i in range(n):
+        chunk = images[i * per_request : (i + 1) * per_request]
+        if api == "kserve":
+            out.append(kserve_request(chunk, model, version))
+        else:
+            out.append(classify_request(chunk, model, version, top_k, encoding))
+    return out
+
+
+def method_for(api: str) -> str:
+    return KSERVE_METHOD if api == "kserve" else CLASSIFY_METHOD
