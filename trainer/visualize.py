@@ -61,7 +61,10 @@ def conv_outputs(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Ten
     """Run ``x`` (1, C, H, W) and return every Conv2d's output by module name, plus the logits."""
     maps: dict[str, torch.Tensor] = {}
     hooks = [
-        module.register_forward_hook(lambda _m, _i, out, name=name: maps.__setitem__(name, out.detach()))
+        # clone: an inplace ReLU right after the conv would otherwise rewrite the stored map
+        module.register_forward_hook(
+            lambda _m, _i, out, name=name: maps.__setitem__(name, out.detach().clone())
+        )
         for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d)
     ]

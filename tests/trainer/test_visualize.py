@@ -13,7 +13,7 @@ from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
 from trainer.data import load_dataset
 from trainer.meta import ModelMeta
 from trainer.models import get_model
-from trainer.visualize import main, mosaic
+from trainer.visualize import conv_outputs, main, mosaic
 
 
 def _lenet_checkpoint(path: Path, dataset: str = "synthetic") -> tuple[Path, nn.Module]:
@@ -89,3 +89,16 @@ def test_mosaic_tiles_and_scales_each_channel() -> None:
     assert (grid[3:5, 4:7] == 0.0).all()  # channel 4 (row 1, col 1) constant -> 0
     grid, rows, cols = mosaic(fmaps, max_channels=2)
     assert (rows, cols) == (1, 2)
+
+
+def test_conv_outputs_are_the_convs_own_outputs() -> None:
+    # LeNet with inplace ReLU after each conv: the captured maps must still be pre-activation.
+    model = get_model("lenet5", in_channels=1, num_classes=10, image_size=28, activation="relu").eval()
+    x = torch.randn(1, 1, 28, 28)
+    maps, logits = conv_outputs(model, x)
+    assert list(maps) == _conv_names(model)
+    first = model.features[0](x)
+    torch.testing.assert_close(maps["features.0"], first)
+    assert (maps["features.0"] < 0).any()  # not overwritten by the ReLU
+    torch.testing.assert_close(logits, model(x))
+    assert all(not h for h in (m._forward_hooks for m in model.modules()))  # hooks removed
