@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from prometheus_client.parser import text_string_to_metric_families
 
 # Server metric names (server/metrics.py). Histograms are given without the _sum/_count suffix.
-QUEUE_WAIT = "cnn_serve_queue_wait_seconds"
-COMPUTE = "cnn_serve_compute_seconds"
-BATCH_SIZE = "cnn_serve_batch_size"
-REQUESTS = "cnn_serve_requests_total"
+QUEUE_WAIT = "cnn_queue_wait_seconds"
+COMPUTE = "cnn_compute_seconds"
+BATCH_SIZE = "cnn_batch_size"
+REQUESTS = "cnn_requests_total"  # labels rpc, model, version, code
 
-Samples = dict[str, float]  # sample name -> value summed over series matching the label filter
+# Sample name (``name:CODE`` for series with a ``code`` label) -> value summed over the series
+# whose labels match the filter (e.g. over versions and RPCs of one model).
+Samples = dict[str, float]
 
 
 def fetch(url: str, timeout_s: float = 5.0) -> str:
@@ -34,7 +36,8 @@ def parse(text: str, labels: Mapping[str, str] | None = None) -> Samples:
         for s in family.samples:
             if any(s.labels.get(k) != v for k, v in want.items() if k in s.labels):
                 continue
-            out[s.name] = out.get(s.name, 0.0) + float(s.value)
+            key = f"{s.name}:{s.labels['code']}" if "code" in s.labels else s.name
+            out[key] = out.get(key, 0.0) + float(s.value)
     return out
 
 
@@ -50,7 +53,8 @@ def _mean_delta(before: Samples, after: Samples, name: str) -> float | None:
 
 
 def step_summary(before: Samples, after: Samples) -> dict[str, float]:
-    """Mean queue wait and compute time (ms), mean batch size and requests served in the step."""
+    """Mean queue wait and compute time (ms), mean batch size, batches run and requests answered
+    OK in the step."""
     out: dict[str, float] = {}
     if (q := _mean_delta(before, after, QUEUE_WAIT)) is not None:
         out["queue_wait_ms"] = q * 1e3
@@ -59,6 +63,7 @@ def step_summary(before: Samples, after: Samples) -> dict[str, float]:
     if (b := _mean_delta(before, after, BATCH_SIZE)) is not None:
         out["batch_size"] = b
         out["batches"] = after.get(f"{BATCH_SIZE}_count", 0.0) - before.get(f"{BATCH_SIZE}_count", 0.0)
-    if REQUESTS in after:
-        out["requests"] = after[REQUESTS] - before.get(REQUESTS, 0.0)
+    ok = f"{REQUESTS}:OK"
+    if ok in after:
+        out["requests_ok"] = after[ok] - before.get(ok, 0.0)
     return out

@@ -1,0 +1,104 @@
+"""The CLI end to end against the fake server: reports written, multi-process, errors, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from lt_fakes import FAKE_MODEL, FakeServer
+
+from loadtest.__main__ import main
+from loadtest.config import parse_args
+
+FAST = ["--warmup", "0.1", "--window", "0.3", "--duration", "0.9", "--quiet"]
+
+
+def test_cli_writes_json_csv_and_plot(fake_server: FakeServer, tmp_path: Path) -> None:
+    fake_server.behaviour.delay_s = 0.002
+    out, table, plot = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "1,4",
+            "--request-rate", "100", "--images-per-request", "2", "--out", str(out), "--csv", str(table),
+            "--plot", str(plot), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert doc["input_shape"] == [1, 8, 8] and doc["images_per_request"] == 2
+    assert doc["percentile_method"] == "nearest-rank"
+    steps = doc["steps"]
+    assert [(s["mode"], s["load"]) for s in steps] == [("closed", 1.0), ("closed", 4.0), ("open", 100.0)]
+    for s in steps:
+        assert s["images_per_s"] == pytest.approx(2 * s["requests_per_s"])
+        lat = s["latency_ms"]
+        assert 2.0 <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p95_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+        assert s["sent"] == s["ok"] and s["errors_total"] == {}
+    # The server answered every request the client counted (the pre-flight request is one more).
+    assert fake_server.behaviour.answered["OK"] == 1 + sum(s["ok"] for s in steps)
+    assert steps[2]["send_lag_ms"]["p99_ms"] < 50.0
+    rows = list(csv.DictReader(table.open()))
+    assert [r["mode"] for r in rows] == ["closed", "closed", "open"]
+    assert float(rows[1]["requests_per_s"]) == pytest.approx(steps[1]["requests_per_s"], rel=1e-3)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+
+
+def test_cli_prints_a_table(fake_server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "2", *FAST[:-1]]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "req/s" in out and "p99" in out
+    assert any(line.strip().startswith("c=2") for line in out.splitlines())
+
+
+def test_two_client_processes_share_the_load(fake_server: FakeServer, tmp_path: Path) -> None:
+    fake_server.behaviour.delay_s = 0.01
+    out = tmp_path / "r.json"
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "4", "--processes", "2",
+            "--max-requests", "60", "--duration", "10", "--window", "0.5", "--warmup", "0", "--quiet",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["processes"] == 2
+    assert step["sent"] == step["ok"] == 120  # --max-requests bounds each process
+    assert fake_server.behaviour.answered["OK"] == 1 + 120
+
+
+def test_cli_reports_target_problems_with_status_1(
+    fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--target", fake_server.target, "--model", "missing", *FAST]) == 1
+    assert "no model 'missing'" in capsys.readouterr().err
+    # A server that rejects the request: the pre-flight request fails before any load is sent.
+    fake_server.behaviour.fail_every = 1
+    assert main(["--target", fake_server.target, "--model", FAKE_MODEL, *FAST]) == 1
+    assert "pre-flight" in capsys.readouterr().err
+    assert fake_server.behaviour.received == 1
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "m"],  # no target
+        ["--target", "localhost", "--model", "m"],  # no port
+        ["--target", "h:1", "--model", "m", "--concurrency", "0"],
+        ["--target", "h:1", "--model", "m", "--concurrency", "a,b"],
+        ["--target", "h:1", "--model", "m", "--request-rate", "-5"],
+        ["--target", "h:1", "--model", "m", "--api", "rest"],
+        ["--target", "h:1", "--model", "m", "--api", "kserve", "--encoding", "png"],
+        ["--target", "h:1", "--model", "m", "--window", "5", "--duration", "2"],
+        ["--target", "h:1", "--model", "m", "--concurrency", "1,4", "--processes", "2"],
+        ["--target", "h:1", "--model", "m", "--input", "/nonexistent/images.gz"],
+        ["--target", "h:1", "--model", "m", "--metrics-url", "localhost:8002/metrics"],
+    ],
+)
+def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_defaults_sweep_the_issue_concurrencies() -> None:
+    cfg = parse_args(["--target", "h:1", "--model", "m"])
+    assert cfg.concurrency == (1, 4, 16, 64) and cfg.request_rates == ()
+    cfg = parse_args(["--target", "h:1", "--model", "m", "--request-rate", "10,20.5"])
+    assert cfg.concurrency == () and cfg.request_rates == (10.0, 20.5)
