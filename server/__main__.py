@@ -1,0 +1,30 @@
+"""``cnn-serve`` / ``python -m server``: serve a model repository over gRPC.
+
+Prints one JSON line ``{"event": "listening", "port": ..., "metrics_port": ...}`` on stdout once
+ready, and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
+Exit codes: 0 after SIGTERM/SIGINT, 2 when it cannot start (bad flags, no CUDA for --device cuda,
+missing repository).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from server.app import run
+from server.config import ServerConfig
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = ServerConfig.from_args(argv)
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Assembly: ``create_server(cfg)`` (tests, load tests, embedding) and ``serve(cfg)`` (the CLI:
+signals, the "listening" line, graceful shutdown).
+
+Shutdown (SIGTERM/SIGINT, or ``handle.stop()``): health goes NOT_SERVING, new calls are refused
+(UNAVAILABLE), open streams stop reading, queued and in-flight calls finish within the grace
+period, then model versions are drained and the metrics endpoint closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+
+from protos.cnnstack.classifier.v1 import classifier_pb2_grpc
+from protos.inference import grpc_service_pb2_grpc
+from server.classifier_service import ClassifierService
+from server.common import Inference, ServerState
+from server.config import ServerConfig
+from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
+from server.kserve_service import KServeService
+from server.metrics import ServerMetrics, start_metrics_http
+from server.models import ModelManager
+from server.repository import RepositoryError
+from server.runtime import DeviceError, resolve_device, usable_cpus
+from server.served import ServingSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerHandle:
+    """A running server. ``await stop(grace)`` shuts it down gracefully (idempotent)."""
+
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int | None
+    manager: ModelManager
+    metrics: ServerMetrics
+    state: ServerState
+    health: object
+    provider: str
+    grace_s: float
+    _background: list[asyncio.Task] = field(default_factory=list)
+    _decode_executor: ThreadPoolExecutor | None = None
+    _httpd: object | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    _stopping: bool = False
+
+    async def stop(self, grace: float | None = None) -> dict:
+        """Returns the admission summary: ``admitted``, ``admitted_ok``, ``admitted_failed``."""
+        if self._stopping:
+            await self._stopped.wait()
+            return self.state.summary()
+        self._stopping = True
+        grace = self.grace_s if grace is None else grace
+        t0 = time.monotonic()
+        self.state.begin_shutdown()
+        await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
+        for task in self._background:
+            task.cancel()
+        await self.server.stop(grace)  # refuses new RPCs, waits for in-flight ones up to `grace`
+        await self.manager.close()
+        if self._decode_executor is not None:
+            self._decode_executor.shutdown(wait=False)
+        if self._httpd is not None:
+            self._httpd.shutdown()  # type: ignore[attr-defined]
+            self._httpd.server_close()  # type: ignore[attr-defined]
+        summary = self.state.summary()
+        log.info("stopped in %.2fs: %s", time.monotonic() - t0, summary)
+        self._stopped.set()
+        return summary
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
+    return ServingSettings(
+        provider=provider,
+        max_batch_size=cfg.max_batch_size,
+        max_queue_delay_s=cfg.max_queue_delay_ms / 1000,
+        max_queue_size=cfg.max_queue_size,
+        instances=cfg.instances,
+        intra_op_threads=cfg.intra_op_threads,
+        drain_timeout_s=cfg.grace_s,
+    )
+
+
+def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+    ]
+
+
+async def create_server(cfg: ServerConfig, metrics: ServerMetrics | None = None) -> tuple[ServerHandle, int]:
+    """Load the repository, start gRPC (+ /metrics and polling); returns (handle, bound gRPC port).
+
+    Raises DeviceError (``--device cuda`` without a working CUDA provider) or RepositoryError
+    (repository missing) before binding anything.
+    """
+    if not cfg.repository.is_dir():
+        raise RepositoryError(f"model repository {cfg.repository} is not a directory")
+    provider = await asyncio.to_thread(resolve_device, cfg.device)
+    log.info("device %s -> onnxruntime %s; %d usable CPU core(s)", cfg.device, provider, usable_cpus())
+    metrics = metrics if metrics is not None else ServerMetrics()
+    metrics.set_server_info(cfg.device, provider)
+    health = create_health()
+    state = ServerState()
+
+    async def on_health(name: str, serving: bool) -> None:
+        await health.set(name, SERVING if serving else NOT_SERVING)
+
+    manager = ModelManager(cfg.repository, serving_settings(cfg, provider), metrics, on_health)
+    await manager.sync()
+
+    server = grpc.aio.server(options=grpc_options(cfg), maximum_concurrent_rpcs=cfg.concurrent_rpc_limit)
+    inference = Inference(manager, metrics, state)
+    decode_executor = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="decode")
+    classifier_pb2_grpc.add_ClassifierServicer_to_server(
+        ClassifierService(inference, decode_executor), server
+    )
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(inference), server)
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    enable_reflection(server)
+    for name in SERVICE_NAMES:
+        await health.set(name, SERVING)
+    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
+    try:
+        port = server.add_insecure_port(f"{host}:{cfg.port}")
+    except RuntimeError as e:
+        await manager.close()
+        raise OSError(f"cannot bind gRPC to {host}:{cfg.port}: {e}") from e
+    await server.start()
+
+    httpd, metrics_port = None, None
+    if cfg.metrics_port >= 0:
+        try:
+            httpd, metrics_port = start_metrics_http(metrics, cfg.host, cfg.metrics_port)
+        except OSError:
+            await server.stop(0)
+            await manager.close()
+            raise
+    background = [asyncio.create_task(manager.poll_forever(cfg.poll_interval_s), name="repository-poll")]
+    state.ready = True
+    handle = ServerHandle(
+        server=server, port=port, metrics_port=metrics_port, manager=manager, metrics=metrics, state=state,
+        health=health, provider=provider, grace_s=cfg.grace_s, _background=background,
+        _decode_executor=decode_executor, _httpd=httpd,
+    )  # fmt: skip
+    return handle, port
+
+
+def event(name: str, **fields) -> None:
+    """One machine-readable JSON line on stdout (the 'listening' line is how scripts find the ports)."""
+    print(json.dumps({"event": name, **fields}), flush=True)
+
+
+async def serve(cfg: ServerConfig) -> int:
+    loop = asyncio.get_running_loop()
+    try:
+        handle, port = await create_server(cfg)
+    except (DeviceError, RepositoryError, OSError) as e:
+        log.error("cannot start: %s", e)
+        return 2
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, handle.manager.request_reload)
+    models = [
+        {"name": e.name, "versions": sorted(e.versions), "provider": e.latest.provider}
+        for e in handle.manager.entries()
+    ]
+    event(
+        "listening",
+        host=cfg.host,
+        port=port,
+        metrics_port=handle.metrics_port,
+        provider=handle.provider,
+        models=models,
+    )
+    await stop.wait()
+    log.info("signal received: draining (grace %.1fs)", cfg.grace_s)
+    summary = await handle.stop(cfg.grace_s)
+    event("stopped", **summary)
+    return 0
+
+
+def run(cfg: ServerConfig) -> int:
+    """Run ``serve`` on uvloop when it is installed (~15% more RPC/s), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(cfg))
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(cfg))
+
+
+__all__ = ["ServerHandle", "create_server", "run", "serve"]

@@ -1,0 +1,232 @@
+"""Dynamic batching: one small ``Batcher`` per model instance, all instances of a model version
+sharing one bounded ``asyncio.Queue`` of ``WorkItem`` (inputs + future).
+
+Batch formation, per instance:
+
+1. Wait for a request; then take every request already waiting, up to ``max_batch_size`` images
+   (a request that would overflow the batch is carried over to the next one, never split).
+2. Idle fast path: if that first request was alone in the queue and the previous batch was a
+   lone request too, run it at once: concurrency 1 pays no batching delay.
+3. Otherwise (the server is under load), keep collecting until the batch is full or the *oldest*
+   request has waited ``max_delay_s``.
+4. Drop requests that were cancelled or whose deadline passed, then run the batch in the
+   instance's executor (onnxruntime releases the GIL, so the event loop keeps doing I/O) and hand
+   each request its slice of every output.
+
+If a batch fails, its requests are re-run one by one so that only the bad one fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.errors import ServeError, deadline_exceeded, internal, overloaded, unavailable
+
+log = logging.getLogger(__name__)
+
+STOP = object()  # queue sentinel: the batcher that takes it finishes its batch and exits
+
+RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]  # (B, C, H, W) -> [(B, ...), ...]
+# (images in the batch, compute seconds, queue wait of each request in seconds)
+BatchObserver = Callable[[int, float, list[float]], None]
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    inputs: np.ndarray  # (n, C, H, W) float32
+    future: asyncio.Future
+    n: int
+    enqueued: float  # loop.time()
+    deadline: float | None  # loop.time() after which the result is useless
+
+
+def submit(queue: asyncio.Queue, inputs: np.ndarray, deadline: float | None = None) -> asyncio.Future:
+    """Enqueue one request; its future gets the list of per-output slices ``[(n, ...), ...]``.
+
+    Raises RESOURCE_EXHAUSTED at once when the queue is full: under overload the caller learns it
+    immediately instead of piling up (memory stays bounded by the queue size).
+    """
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    try:
+        queue.put_nowait(WorkItem(inputs, fut, int(inputs.shape[0]), loop.time(), deadline))
+    except asyncio.QueueFull:
+        raise overloaded(
+            f"server overloaded: {queue.maxsize} requests already waiting for this model; retry with backoff"
+        ) from None
+    return fut
+
+
+class Batcher:
+    def __init__(
+        self,
+        queue: asyncio.Queue,
+        run_batch: RunBatch,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_delay_s: float,
+        observe: BatchObserver | None = None,
+    ) -> None:
+        self._queue = queue
+        self._run_batch = run_batch
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self._observe = observe
+        self._carry: WorkItem | None = None
+        self._last_batch_requests = 1
+        self._buf: np.ndarray | None = None  # (max_batch_size, C, H, W), reused across batches
+        self.busy = False
+        self.batches = 0
+
+    async def run(self) -> None:
+        """Serve batches until a ``STOP`` is taken from the queue; every queued item is answered."""
+        batch: list[WorkItem] = []
+        try:
+            while True:
+                batch, stop = await self._collect()
+                if batch:
+                    self.busy = True
+                    try:
+                        await self._execute(batch)
+                    except Exception:  # a bug here must not take the instance down
+                        log.exception("batch execution failed unexpectedly")
+                        _fail(batch, internal("internal error while running the batch"))
+                    finally:
+                        self.busy = False
+                    batch = []
+                if stop:
+                    return
+        except asyncio.CancelledError:
+            # Hard stop (grace period over): whoever is still waiting learns why.
+            err = unavailable("server shutting down; the request was not run")
+            _fail(batch, err)
+            if self._carry is not None:
+                _fail([self._carry], err)
+            raise
+
+    async def _collect(self) -> tuple[list[WorkItem], bool]:
+        q = self._queue
+        max_n = self.max_batch_size
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            first = await q.get()
+            if first is STOP:
+                return [], True
+        batch = [first]
+        n = first.n
+        # 1. Everything already waiting, up to a full batch.
+        while n < max_n and not q.empty():
+            item = q.get_nowait()
+            if item is STOP:
+                return self._done(batch), True
+            if n + item.n > max_n:
+                self._carry = item
+                return self._done(batch), False
+            batch.append(item)
+            n += item.n
+        # 2. Idle fast path: a lone request after a lone request runs now.
+        if n >= max_n or self.max_delay_s <= 0 or (len(batch) == 1 and self._last_batch_requests == 1):
+            return self._done(batch), False
+        # 3. Under load: wait for more until the oldest request has waited max_delay_s.
+        loop = asyncio.get_running_loop()
+        fill_deadline = first.enqueued + self.max_delay_s
+        while n < max_n:
+            if loop.time() >= fill_deadline:
+                break
+            try:
+                async with asyncio.timeout_at(fill_deadline):
+                    item = await q.get()
+            except TimeoutError:
+                break
+            if item is STOP:
+                return self._done(batch), True
+            if n + item.n > max_n:
+                self._carry = item
+                break
+            batch.append(item)
+            n += item.n
+        return self._done(batch), False
+
+    def _done(self, batch: list[WorkItem]) -> list[WorkItem]:
+        self._last_batch_requests = len(batch)
+        return batch
+
+    async def _execute(self, batch: list[WorkItem]) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live = []
+        for item in batch:
+            if item.future.done():  # cancelled by the client while queued
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(deadline_exceeded("deadline expired while the request was queued"))
+                continue
+            live.append(item)
+        if not live:
+            return
+        # A lone request runs on its own array (no copy); a batch is built in the reused buffer.
+        x = live[0].inputs if len(live) == 1 else self._concat([item.inputs for item in live])
+        waits = [now - item.enqueued for item in live]
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run_batch, x)
+        except Exception as e:
+            if len(live) == 1:
+                _fail(live, _as_serve_error(e))
+            else:
+                await self._isolate(live)
+            return
+        compute = loop.time() - now
+        self.batches += 1
+        if self._observe is not None:
+            self._observe(int(x.shape[0]), compute, waits)
+        start = 0
+        for item in live:
+            stop = start + item.n
+            if not item.future.done():
+                item.future.set_result([out[start:stop] for out in outputs])
+            start = stop
+
+    def _concat(self, arrays: list[np.ndarray]) -> np.ndarray:
+        total = sum(a.shape[0] for a in arrays)
+        shape = arrays[0].shape[1:]
+        if self._buf is None or self._buf.shape[1:] != shape or self._buf.shape[0] < total:
+            self._buf = np.empty((max(self.max_batch_size, total), *shape), dtype=np.float32)
+        out = self._buf[:total]
+        np.concatenate(arrays, axis=0, out=out)
+        return out
+
+    async def _isolate(self, live: list[WorkItem]) -> None:
+        """The batch failed: run each request alone so that only the bad ones fail."""
+        loop = asyncio.get_running_loop()
+        for item in live:
+            if item.future.done():
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run_batch, item.inputs)
+            except Exception as e:
+                if not item.future.done():
+                    item.future.set_exception(_as_serve_error(e))
+                continue
+            if not item.future.done():
+                item.future.set_result(list(outputs))
+
+
+def _as_serve_error(e: BaseException) -> ServeError:
+    if isinstance(e, ServeError):
+        return e
+    return internal(f"inference failed: {type(e).__name__}: {e}")
+
+
+def _fail(items: list[WorkItem], err: ServeError) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(err)

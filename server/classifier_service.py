@@ -1,0 +1,150 @@
+"""``cnnstack.classifier.v1.Classifier``: Classify, ClassifyStream, ListModels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+
+import grpc
+
+from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
+from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from server.common import Call, Inference, deadline_of, error_code, pipelined, probabilities_of, top_k
+from server.errors import ServeError, invalid
+from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
+from server.served import ServedVersion
+
+log = logging.getLogger(__name__)
+perf_counter = time.perf_counter
+
+
+class ClassifierService(pb_grpc.ClassifierServicer):
+    def __init__(self, inference: Inference, decode_executor: Executor) -> None:
+        self.inference = inference
+        self.manager = inference.manager
+        self.state = inference.state
+        self._decode_executor = decode_executor
+
+    # ---- Classify ----
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        t0 = perf_counter()
+        call = Call()
+        code = "OK"
+        try:
+            return await self._classify(request, call, deadline_of(context))
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status, message = error_code(e)
+            code = status.name
+            await context.abort(status, message)
+        finally:
+            self.inference.finish(call, "Classify", code, perf_counter() - t0)
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, call: Call, deadline: float | None
+    ) -> pb.ClassifyResponse:
+        k = request.top_k or 1
+        images = request.images
+
+        def make_input(served: ServedVersion):
+            if not 1 <= k <= served.num_classes:
+                raise invalid(
+                    f"top_k must be between 1 and {served.num_classes} (the model's classes), got {request.top_k}"
+                )
+            return build_batch(images, served.input_shape, served.max_batch_size)
+
+        offload = self._offload if encoded_bytes(images) > OFFLOAD_BYTES else None
+        outputs = await self.inference.run(
+            call, request.model, request.version, make_input, deadline, offload
+        )
+        return self._response(call.served, request, outputs, k)  # type: ignore[arg-type]
+
+    def _offload(self, fn):
+        return asyncio.get_running_loop().run_in_executor(self._decode_executor, fn)
+
+    @staticmethod
+    def _response(served: ServedVersion, request: pb.ClassifyRequest, outputs, k: int) -> pb.ClassifyResponse:
+        idx, probs = top_k(probabilities_of(served, outputs), k)
+        names = served.class_names
+        Prediction, Classification = pb.Prediction, pb.Classification
+        results = [
+            Classification(
+                predictions=[
+                    Prediction(class_index=i, class_name=names[i], probability=p)
+                    for i, p in zip(ri, rp, strict=True)
+                ]
+            )
+            for ri, rp in zip(idx, probs, strict=True)
+        ]
+        return pb.ClassifyResponse(
+            model=served.name, version=served.version, results=results, request_id=request.request_id
+        )
+
+    # ---- ClassifyStream ----
+
+    async def ClassifyStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """Responses come back in request order; up to STREAM_WINDOW requests are in flight at once.
+
+        A failed request gets a response with ``error_code``/``error_message`` and the stream stays
+        open. On shutdown the requests already read are answered, then the stream ends UNAVAILABLE.
+        """
+        async for response in pipelined(request_iterator, self._stream_one, self.state, deadline_of(context)):
+            yield response
+        if self.state.stopping:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream elsewhere"
+            )
+
+    async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+        t0 = perf_counter()
+        call = Call()
+        code = "OK"
+        try:
+            return await self._classify(request, call, deadline)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status, message = error_code(e)
+            code = status.name
+            return pb.ClassifyResponse(
+                model=request.model,
+                request_id=request.request_id,
+                error_code=status.value[0],
+                error_message=message,
+            )
+        finally:
+            self.inference.finish(call, "ClassifyStream", code, perf_counter() - t0)
+
+    # ---- ListModels ----
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        models = []
+        for entry in self.manager.entries():
+            s = entry.latest
+            models.append(
+                pb.ModelDescription(
+                    name=entry.name,
+                    version=s.version,
+                    versions=sorted(entry.versions),
+                    arch=s.meta.arch,
+                    dataset=s.meta.dataset,
+                    input_shape=list(s.input_shape),
+                    class_names=list(s.class_names),
+                    provider=s.provider,
+                    max_batch_size=s.max_batch_size,
+                )  # fmt: skip
+            )
+        return pb.ListModelsResponse(models=models)
+
+
+__all__ = ["ClassifierService", "ServeError"]

@@ -1,0 +1,206 @@
+"""What both inference APIs share: server state (shutdown, admission counts), lookup-and-submit
+with the version-swap retry, deadlines, and the per-call bookkeeping (metrics + statistics)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from server.errors import ServeError, unavailable
+from server.metrics import ServerMetrics
+from server.models import ModelManager
+from server.served import Retired, ServedVersion
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 128  # requests one stream may have in flight; beyond, we stop reading it
+
+
+@dataclass
+class ServerState:
+    """Shared by the services and the shutdown sequence."""
+
+    ready: bool = False  # initial repository load done
+    stopping: bool = False
+    admitted: int = 0  # requests handed to a batcher
+    admitted_ok: int = 0
+    admitted_failed: int = 0  # admitted, then failed for any reason (must stay 0 on SIGTERM)
+    streams: set[asyncio.Queue] = field(default_factory=set)  # pending queues of open streams
+
+    def begin_shutdown(self) -> None:
+        self.stopping = True
+        for pending in list(self.streams):
+            pending.put_nowait(None)  # wakes each stream writer: finish what was read, then end
+
+    def summary(self) -> dict:
+        return {
+            "admitted": self.admitted,
+            "admitted_ok": self.admitted_ok,
+            "admitted_failed": self.admitted_failed,
+        }
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None or remaining > 1e8:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+class Call:
+    """One inference request's bookkeeping: which version served it, and whether it was admitted."""
+
+    __slots__ = ("served", "admitted")
+
+    def __init__(self) -> None:
+        self.served: ServedVersion | None = None
+        self.admitted = False
+
+
+class Inference:
+    """Resolve -> build input -> submit -> await outputs, retried once across a version swap."""
+
+    def __init__(self, manager: ModelManager, metrics: ServerMetrics, state: ServerState) -> None:
+        self.manager = manager
+        self.metrics = metrics
+        self.state = state
+
+    async def run(
+        self,
+        call: Call,
+        name: str,
+        version: int,
+        make_input: Callable[[ServedVersion], np.ndarray],
+        deadline: float | None,
+        offload: Callable[[Callable[[], np.ndarray]], asyncio.Future] | None = None,
+    ) -> list[np.ndarray]:
+        if self.state.stopping:
+            raise unavailable("server is shutting down; retry on another replica")
+        for attempt in (0, 1):
+            served = self.manager.resolve(name, version)
+            call.served = served
+            if offload is None:
+                x = make_input(served)
+            else:
+                x = await offload(lambda s=served: make_input(s))
+            try:
+                fut = served.submit(x, deadline)
+            except Retired:
+                # A newer version was swapped in while we decoded; a pinned version is gone for good.
+                if version or attempt:
+                    raise unavailable(
+                        f"model {name!r} version {served.version} was just unloaded; retry"
+                    ) from None
+                continue
+            return await self._await(call, served, fut)
+        raise AssertionError("unreachable")
+
+    async def _await(self, call: Call, served: ServedVersion, fut: asyncio.Future) -> list[np.ndarray]:
+        call.admitted = True
+        self.state.admitted += 1
+        inflight = served.metrics.inflight
+        inflight.inc()  # type: ignore[attr-defined]
+        try:
+            return await fut
+        finally:
+            inflight.dec()  # type: ignore[attr-defined]
+
+    def finish(self, call: Call, rpc: str, code: str, seconds: float) -> None:
+        served = call.served
+        if served is None:
+            self.metrics.unknown.observe_request(rpc, code, seconds)
+        else:
+            served.metrics.observe_request(rpc, code, seconds)
+            served.record_request(code == "OK", seconds)
+        if call.admitted:
+            if code == "OK":
+                self.state.admitted_ok += 1
+            else:
+                self.state.admitted_failed += 1
+
+
+def error_code(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Map an exception from the inference path to (status code, message) for the caller."""
+    if isinstance(e, ServeError):
+        return e.code, e.message
+    log.exception("unexpected error while serving a request", exc_info=e)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def probabilities_of(served: ServedVersion, outputs: list[np.ndarray]) -> np.ndarray:
+    """(n, K) class probabilities: the model's ``probabilities`` output, else softmax(logits)."""
+    names = served.output_names
+    if "probabilities" in names:
+        return outputs[names.index("probabilities")]
+    return softmax(outputs[names.index("logits")])
+
+
+def top_k(probs: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """probs (n, K) -> (indices (n, k), probabilities (n, k)) highest first, as Python lists."""
+    idx = probs.argmax(axis=1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return idx.tolist(), np.take_along_axis(probs, idx, axis=1).tolist()
+
+
+async def pipelined(request_iterator, handle_one, state: ServerState, deadline: float | None):
+    """Bidirectional-stream engine: read requests as they come, run up to STREAM_WINDOW at once
+    (``handle_one(request, deadline)`` returns the response, errors included), yield responses in
+    request order. When the window is full we stop reading, so HTTP/2 flow control pushes back on
+    the client and memory stays bounded. On shutdown, requests already read are still answered.
+    """
+    pending: asyncio.Queue = asyncio.Queue()
+    window = asyncio.Semaphore(STREAM_WINDOW)
+    state.streams.add(pending)
+
+    async def reader() -> None:
+        try:
+            async for request in request_iterator:
+                await window.acquire()
+                if state.stopping:
+                    break
+                pending.put_nowait(asyncio.ensure_future(handle_one(request, deadline)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the client's half of the stream broke
+            log.debug("stream reader ended: %r", e)
+        finally:
+            pending.put_nowait(None)
+
+    reader_task = asyncio.create_task(reader())
+    try:
+        while True:
+            item = await pending.get()
+            if item is None:
+                if not state.stopping:
+                    break
+                reader_task.cancel()  # shutdown: stop reading, answer what was read
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader_task
+                while not pending.empty():
+                    item = pending.get_nowait()
+                    if item is not None:
+                        yield await item
+                break
+            response = await item
+            window.release()
+            yield response
+    finally:
+        state.streams.discard(pending)
+        reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await reader_task
+        while not pending.empty():
+            item = pending.get_nowait()
+            if item is not None:
+                item.cancel()

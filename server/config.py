@@ -1,0 +1,140 @@
+"""The server's one config: ``ServerConfig``, built only in ``main()`` from the command line + env.
+
+Every flag has an environment variable ``CNN_SERVE_<FLAG>`` (``--max-batch-size`` ->
+``CNN_SERVE_MAX_BATCH_SIZE``) for docker-compose; a flag on the command line wins over the env.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+DEVICES = ("auto", "cpu", "cuda")
+ENV_PREFIX = "CNN_SERVE_"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8001  # 0: any free port (tests)
+    metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
+    device: str = "auto"
+    # Ceilings: a model's config.pbtxt may lower max batch size, queue delay and queue size.
+    max_batch_size: int = 64  # images per executed batch
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 256  # waiting requests per model version; beyond: RESOURCE_EXHAUSTED
+    instances: int = 1  # sessions (+ batcher + executor thread) per model version
+    intra_op_threads: int = 0  # 0: usable cores / instances
+    poll_interval_s: float = 10.0  # 0: never poll (SIGHUP still reloads)
+    grace_s: float = 30.0
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_args(
+        cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+    ) -> ServerConfig:
+        environ = os.environ if environ is None else environ
+        parser = build_parser(environ)
+        args = parser.parse_args(argv)
+        if args.repository is None:
+            parser.error(f"--repository is required (or set {ENV_PREFIX}REPOSITORY)")
+        cfg = cls(**{k: v for k, v in vars(args).items()})
+        problems = cfg.problems()
+        if problems:
+            parser.error("; ".join(problems))
+        return cfg
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.device not in DEVICES:
+            out.append(f"--device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("max_batch_size", "max_queue_size", "instances", "max_message_bytes"):
+            if getattr(self, name) < 1:
+                out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "max_queue_delay_ms",
+            "poll_interval_s",
+            "grace_s",
+            "intra_op_threads",
+            "max_concurrent_rpcs",
+        ):
+            if getattr(self, name) < 0:
+                out.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.port < 65536 or not -1 <= self.metrics_port < 65536:
+            out.append(
+                f"ports must be in [0, 65535] (metrics: -1 disables), got {self.port}/{self.metrics_port}"
+            )
+        return out
+
+    @property
+    def concurrent_rpc_limit(self) -> int:
+        # Every admitted RPC holds at most one decoded message, so this bounds memory even when
+        # clients send faster than the queues drain; the queue itself answers RESOURCE_EXHAUSTED
+        # long before this in normal overload.
+        return self.max_concurrent_rpcs or max(1024, 8 * self.max_queue_size)
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-serve",
+        description="gRPC server for a model repository: dynamic batching on onnxruntime, "
+        "cnnstack.classifier.v1 + KServe v2 + grpc.health.v1 + reflection, Prometheus metrics.",
+        epilog=f"Every flag can be set by environment variable {ENV_PREFIX}<FLAG> "
+        f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=32); the command line wins.",
+    )
+    d = ServerConfig(repository=Path("."))
+
+    def add(flag: str, type_, default, help_: str, **kw) -> None:
+        dest = flag.lstrip("-").replace("-", "_")
+        env = ENV_PREFIX + dest.upper()
+        if env in environ:
+            try:
+                default = type_(environ[env])
+            except ValueError:
+                p.error(f"{env}={environ[env]!r} is not a valid {type_.__name__}")
+        p.add_argument(flag, type=type_, default=default, dest=dest, help=f"{help_} [env {env}]", **kw)
+
+    add(
+        "--repository",
+        Path,
+        None,
+        "model repository (Triton layout: NAME/config.pbtxt, NAME/<version>/model.onnx)",
+    )
+    add("--host", str, d.host, "address to bind (0.0.0.0 in containers)")
+    add("--port", int, d.port, "gRPC port; 0 picks a free one (printed in the 'listening' log line)")
+    add("--metrics-port", int, d.metrics_port, "Prometheus /metrics port; 0 picks a free one, -1 disables")
+    add("--device", str, d.device, "onnxruntime execution provider: cuda fails start if CUDA does not load",
+        choices=DEVICES)  # fmt: skip
+    add("--max-batch-size", int, d.max_batch_size, "most images one model execution takes")
+    add("--max-queue-delay-ms", float, d.max_queue_delay_ms,
+        "under load, how long the oldest request may wait for a batch to fill")  # fmt: skip
+    add(
+        "--max-queue-size",
+        int,
+        d.max_queue_size,
+        "waiting requests per model version before RESOURCE_EXHAUSTED",
+    )
+    add("--instances", int, d.instances, "model instances (session + batcher + thread) per version")
+    add(
+        "--intra-op-threads",
+        int,
+        d.intra_op_threads,
+        "onnxruntime threads per instance; 0: cores / instances",
+    )
+    add("--poll-interval-s", float, d.poll_interval_s, "repository poll period; 0 disables (SIGHUP reloads)")
+    add("--grace-s", float, d.grace_s, "on SIGTERM, how long queued and in-flight calls may take to finish")
+    add("--max-message-bytes", int, d.max_message_bytes, "largest request or response message")
+    add(
+        "--max-concurrent-rpcs",
+        int,
+        d.max_concurrent_rpcs,
+        "RPCs handled at once; 0: max(1024, 8 * queue size)",
+    )
+    add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
+    return p

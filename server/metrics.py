@@ -1,0 +1,157 @@
+"""Every Prometheus metric of the server, defined here and nowhere else.
+
+Labels are small and bounded: ``model`` and ``version`` come from the repository (a request naming
+an unknown model is counted under ``model=""``), ``rpc`` and ``code`` from fixed lists. All label
+combinations of a model version are created when it loads, so a dashboard sees zeros rather than
+missing series. The hot path talks to pre-resolved children (``VersionMetrics``), never to
+``.labels()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# 100 us .. 10 s: a LeNet batch of 1 takes ~100 us on a CPU, a queued ResNet batch seconds.
+LATENCY_BUCKETS = (
+    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RPCS = ("Classify", "ClassifyStream", "ModelInfer", "ModelStreamInfer")
+CODES = (
+    "OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED",
+    "UNAVAILABLE", "INTERNAL",
+)  # fmt: skip
+UNKNOWN_MODEL = ""
+
+
+@dataclass(frozen=True)
+class VersionMetrics:
+    """Pre-resolved children for one (model, version); ``observe_*`` are the hot-path calls."""
+
+    model: str
+    version: str
+    latency: dict[str, object]  # rpc -> histogram child
+    requests: dict[tuple[str, str], object]  # (rpc, code) -> counter child
+    queue_wait: object
+    compute: object
+    batch_size: object
+    images: object
+    inflight: object
+
+    def observe_request(self, rpc: str, code: str, seconds: float) -> None:
+        self.latency[rpc].observe(seconds)  # type: ignore[attr-defined]
+        self.requests[(rpc, code)].inc()  # type: ignore[attr-defined]
+
+    def observe_batch(self, images: int, compute_s: float, queue_waits: list[float]) -> None:
+        self.batch_size.observe(images)  # type: ignore[attr-defined]
+        self.compute.observe(compute_s)  # type: ignore[attr-defined]
+        self.images.inc(images)  # type: ignore[attr-defined]
+        observe = self.queue_wait.observe  # type: ignore[attr-defined]
+        for w in queue_waits:
+            observe(w)
+
+
+class ServerMetrics:
+    """Owns the registry; ``registry`` may be passed by a test to read values directly."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        mv = ["model", "version"]
+        self.request_latency = Histogram(
+            "cnn_request_latency_seconds", "Server-side latency of inference RPCs (per request, "
+            "or per stream message), from arrival to response.", ["rpc", *mv], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.queue_wait = Histogram(
+            "cnn_queue_wait_seconds", "Time a request waited in its model's queue before its batch started.",
+            mv, buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.compute = Histogram(
+            "cnn_compute_seconds",
+            "onnxruntime time per executed batch.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "cnn_batch_size", "Images per executed batch.", mv, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "cnn_requests", "Inference requests by RPC, model, version and gRPC status code.",
+            ["rpc", *mv, "code"], registry=r,
+        )  # fmt: skip
+        self.images = Counter("cnn_images", "Images inferred.", mv, registry=r)
+        self.queue_depth = Gauge("cnn_queue_depth", "Requests waiting in the model's queue.", mv, registry=r)
+        self.inflight = Gauge(
+            "cnn_inflight_requests", "Inference requests admitted and not yet answered.", mv, registry=r
+        )
+        self.model_info = Gauge(
+            "cnn_model_info", "1 for every loaded model version; its execution provider and architecture.",
+            [*mv, "provider", "arch", "dataset"], registry=r,
+        )  # fmt: skip
+        self.load_failures = Counter(
+            "cnn_model_load_failures", "Model versions rejected at load (corrupt file, failed export report, ...).",
+            ["model"], registry=r,
+        )  # fmt: skip
+        self.server_info = Gauge(
+            "cnn_server_info", "1; the device asked for and the execution provider in use.",
+            ["device", "provider"], registry=r,
+        )  # fmt: skip
+        self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._lock = threading.Lock()
+        self.unknown = self.for_version(UNKNOWN_MODEL, "")
+
+    def for_version(self, model: str, version: str) -> VersionMetrics:
+        """Create (pre-initialise) every series of one model version and return its children."""
+        with self._lock:
+            return VersionMetrics(
+                model=model,
+                version=version,
+                latency={rpc: self.request_latency.labels(rpc, model, version) for rpc in RPCS},
+                requests={
+                    (rpc, c): self.requests.labels(rpc, model, version, c) for rpc in RPCS for c in CODES
+                },
+                queue_wait=self.queue_wait.labels(model, version),
+                compute=self.compute.labels(model, version),
+                batch_size=self.batch_size.labels(model, version),
+                images=self.images.labels(model, version),
+                inflight=self.inflight.labels(model, version),
+            )
+
+    def version_loaded(
+        self, model: str, version: str, provider: str, arch: str, dataset: str, queue_size: Callable[[], int]
+    ) -> VersionMetrics:
+        children = self.for_version(model, version)
+        with self._lock:
+            self.model_info.labels(model, version, provider, arch, dataset).set(1)
+            self._info_labels[(model, version)] = (model, version, provider, arch, dataset)
+            self.queue_depth.labels(model, version).set_function(queue_size)
+            self.load_failures.labels(model)
+        return children
+
+    def version_unloaded(self, model: str, version: str) -> None:
+        """Drop the gauges of a retired version (counters and histograms keep their totals)."""
+        with self._lock:
+            info = self._info_labels.pop((model, version), None)
+            for gauge, labels in (
+                (self.model_info, info),
+                (self.queue_depth, (model, version)),
+                (self.inflight, (model, version)),
+            ):
+                if labels is not None:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*labels)
+
+    def set_server_info(self, device: str, provider: str) -> None:
+        self.server_info.labels(device, provider).set(1)
+
+
+def start_metrics_http(metrics: ServerMetrics, host: str, port: int) -> tuple[object, int]:
+    """Serve ``/metrics`` from a daemon thread; returns (server with ``.shutdown()``, bound port)."""
+    httpd, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return httpd, int(httpd.server_port)

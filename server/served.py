@@ -1,0 +1,288 @@
+"""One loaded model version: its sessions, its bounded queue, one batcher per instance, its stats.
+
+Lifecycle: ``load_version`` (blocking: sessions, metadata checks, warm-up; run in a thread) ->
+``ServedVersion.start()`` -> requests via ``submit`` -> ``drain()`` once a newer version has been
+swapped in (or at shutdown): it stops accepting, answers everything queued, then frees the sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos.inference import model_config_pb2 as mc
+from server.batcher import STOP, Batcher, submit
+from server.errors import ServeError, unavailable
+from server.metrics import ServerMetrics, VersionMetrics
+from server.repository import PLATFORM, RepositoryError, VersionFiles, check_report, meta_from_props
+from server.runtime import CUDA, Instance, create_instances, threads_per_instance
+from trainer.meta import ModelMeta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What loading and batching need from ServerConfig (after the device was resolved)."""
+
+    provider: str
+    max_batch_size: int
+    max_queue_delay_s: float
+    max_queue_size: int
+    instances: int
+    intra_op_threads: int  # 0: cores / instances
+    drain_timeout_s: float
+
+
+class Retired(Exception):
+    """The version stopped accepting requests between lookup and submit (a newer one took over)."""
+
+
+@dataclass
+class VersionStats:
+    """Cumulative counters for KServe ModelStatistics (durations in ns)."""
+
+    success: list[int] = field(default_factory=lambda: [0, 0])
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+    queue: list[int] = field(default_factory=lambda: [0, 0])
+    compute: list[int] = field(default_factory=lambda: [0, 0])
+    inference_count: int = 0  # images
+    execution_count: int = 0  # batches
+    last_inference_ms: int = 0
+    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute ns]
+
+
+@dataclass
+class LoadedModel:
+    """Result of the blocking part of loading: ready-to-run instances and what they serve."""
+
+    meta: ModelMeta
+    config: mc.ModelConfig  # effective config (what ModelConfig returns)
+    instances: list[Instance]
+    output_names: list[str]
+    max_batch_size: int
+    max_delay_s: float
+    max_queue_size: int
+
+
+def load_version(
+    name: str, repo_config: mc.ModelConfig, files: VersionFiles, s: ServingSettings
+) -> LoadedModel:
+    """Sessions + checks + warm-up for one version; raises RepositoryError (with the file) if unusable."""
+    check_report(files)
+    count = (
+        repo_config.instance_group[0].count
+        if repo_config.instance_group and repo_config.instance_group[0].count > 0
+        else s.instances
+    )
+    threads = threads_per_instance(s.intra_op_threads, count)
+    try:
+        instances = create_instances(files.model_path, s.provider, count, threads, f"{name}-v{files.version}")
+    except Exception as e:
+        raise RepositoryError(
+            f"{files.model_path}: onnxruntime cannot load it: {type(e).__name__}: {e}"
+        ) from e
+    try:
+        session = instances[0].session
+        meta = meta_from_props(dict(session.get_modelmeta().custom_metadata_map), str(files.model_path))
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
+            raise RepositoryError(
+                f"{files.model_path}: expected one float32 input (N, C, H, W), got "
+                f"{[(i.name, i.type, i.shape) for i in inputs]}"
+            )
+        static = [d for d in inputs[0].shape[1:]]
+        if all(isinstance(d, int) for d in static) and tuple(static) != meta.input_shape:
+            raise RepositoryError(
+                f"{files.model_path}: input dims {static} disagree with metadata {meta.input_shape}"
+            )
+        names = [o.name for o in outputs]
+        if "probabilities" not in names and "logits" not in names:
+            raise RepositoryError(
+                f"{files.model_path}: needs a 'probabilities' or 'logits' output, has {names}"
+            )
+        max_batch = int(min(s.max_batch_size, repo_config.max_batch_size or s.max_batch_size))
+        delay_us = repo_config.dynamic_batching.max_queue_delay_microseconds
+        delay_s = (
+            min(s.max_queue_delay_s, delay_us / 1e6)
+            if repo_config.HasField("dynamic_batching")
+            else s.max_queue_delay_s
+        )
+        qsize = repo_config.dynamic_batching.default_queue_policy.max_queue_size
+        max_queue = min(s.max_queue_size, qsize) if qsize > 0 else s.max_queue_size
+        for inst in instances:
+            _warm_up(inst, meta, max_batch, str(files.model_path))
+    except Exception:
+        for inst in instances:
+            inst.close()
+        raise
+    config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, count, s.provider)
+    return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue)
+
+
+def _warm_up(inst: Instance, meta: ModelMeta, max_batch: int, source: str) -> None:
+    # Runs batch 1 and the largest batch: proves the graph executes, checks output shapes, and
+    # moves onnxruntime's first-run allocation cost out of the first user request.
+    for b in sorted({1, max_batch}):
+        try:
+            outs = inst.run(np.zeros((b, *meta.input_shape), dtype=np.float32))
+        except Exception as e:
+            raise RepositoryError(f"{source}: fails to run a batch of {b}: {type(e).__name__}: {e}") from e
+        for name, out in zip(inst.output_names, outs, strict=True):
+            if name in ("probabilities", "logits") and out.shape != (b, meta.num_classes):
+                raise RepositoryError(
+                    f"{source}: output {name!r} has shape {list(out.shape)} for a batch of {b}, "
+                    f"expected [{b}, {meta.num_classes}] ({meta.num_classes} class names in the metadata)"
+                )
+
+
+def _effective_config(
+    name: str, repo: mc.ModelConfig, meta: ModelMeta, outputs: list[str], max_batch: int, delay_s: float,
+    instances: int, provider: str,
+) -> mc.ModelConfig:  # fmt: skip
+    config = mc.ModelConfig()
+    config.CopyFrom(repo)
+    config.name = name
+    config.platform = PLATFORM
+    config.max_batch_size = max_batch
+    if not config.input:
+        config.input.add(name="input", data_type=mc.TYPE_FP32, dims=list(meta.input_shape))
+    if not config.output:
+        for out in outputs:
+            config.output.add(name=out, data_type=mc.TYPE_FP32, dims=[meta.num_classes])
+    config.dynamic_batching.max_queue_delay_microseconds = int(round(delay_s * 1e6))
+    del config.instance_group[:]
+    kind = mc.ModelInstanceGroup.KIND_GPU if provider == CUDA else mc.ModelInstanceGroup.KIND_CPU
+    config.instance_group.add(count=instances, kind=kind)
+    return config
+
+
+class ServedVersion:
+    def __init__(
+        self, name: str, files: VersionFiles, loaded: LoadedModel, provider: str, metrics: ServerMetrics
+    ) -> None:
+        self.name = name
+        self.version = files.version
+        self.files = files
+        self.meta = loaded.meta
+        self.config = loaded.config
+        self.provider = provider
+        self.output_names = loaded.output_names
+        self.max_batch_size = loaded.max_batch_size
+        self.input_shape: tuple[int, int, int] = loaded.meta.input_shape
+        self.class_names = loaded.meta.class_names
+        self.num_classes = loaded.meta.num_classes
+        self.stats = VersionStats()
+        self.accepting = False
+        self.loaded_at = time.time()
+        self._loaded = loaded
+        self._metrics_owner = metrics
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=loaded.max_queue_size)
+        self.metrics: VersionMetrics = metrics.version_loaded(
+            name, str(self.version), provider, loaded.meta.arch, loaded.meta.dataset, self.queue.qsize
+        )
+        self.batchers = [
+            Batcher(
+                self.queue,
+                inst.run,
+                inst.executor,
+                max_batch_size=loaded.max_batch_size,
+                max_delay_s=loaded.max_delay_s,
+                observe=self._observe_batch,
+            )  # fmt: skip
+            for inst in loaded.instances
+        ]
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def instances(self) -> list[Instance]:
+        return self._loaded.instances
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(b.run(), name=f"batcher-{self.name}-v{self.version}-{i}")
+            for i, b in enumerate(self.batchers)
+        ]
+        self.accepting = True
+
+    def submit(self, x: np.ndarray, deadline: float | None) -> asyncio.Future:
+        """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]."""
+        if not self.accepting:
+            raise Retired(f"{self.name} version {self.version} is no longer accepting requests")
+        return submit(self.queue, x, deadline)
+
+    def _observe_batch(self, images: int, compute_s: float, waits: list[float]) -> None:
+        st = self.stats
+        compute_ns = int(compute_s * 1e9)
+        st.execution_count += 1
+        st.inference_count += images
+        st.compute[0] += 1
+        st.compute[1] += compute_ns
+        st.queue[0] += len(waits)
+        st.queue[1] += int(sum(waits) * 1e9)
+        st.last_inference_ms = int(time.time() * 1000)
+        b = st.batches.get(images)
+        if b is None:
+            st.batches[images] = [1, compute_ns]
+        else:
+            b[0] += 1
+            b[1] += compute_ns
+        self.metrics.observe_batch(images, compute_s, waits)
+
+    def record_request(self, ok: bool, seconds: float) -> None:
+        rec = self.stats.success if ok else self.stats.fail
+        rec[0] += 1
+        rec[1] += int(seconds * 1e9)
+
+    @property
+    def busy(self) -> bool:
+        return not self.queue.empty() or any(b.busy for b in self.batchers)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting; answer every queued request (within ``timeout``), then free the sessions."""
+        self.accepting = False
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        try:
+            for _ in self._tasks:
+                await asyncio.wait_for(self.queue.put(STOP), max(0.0, end - loop.time()))
+            if self._tasks:
+                done, pending = await asyncio.wait(self._tasks, timeout=max(0.0, end - loop.time()))
+            else:
+                pending = set()
+        except TimeoutError:
+            pending = {t for t in self._tasks if not t.done()}
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning(
+                "%s v%d: drain timed out after %.1fs; %d batcher(s) cancelled",
+                self.name,
+                self.version,
+                timeout,
+                len(pending),
+            )
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Anything still queued (only after a timeout) is told why instead of hanging.
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item is not STOP and not item.future.done():
+                item.future.set_exception(unavailable(f"{self.name} version {self.version} was unloaded"))
+        for inst in self.instances:
+            inst.close()
+        self._metrics_owner.version_unloaded(self.name, str(self.version))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "version": self.version, "provider": self.provider, "arch": self.meta.arch,
+                "max_batch_size": self.max_batch_size, "instances": len(self.instances)}  # fmt: skip
+
+
+def is_retired(e: BaseException) -> bool:
+    return isinstance(e, Retired)
+
+
+__all__ = ["LoadedModel", "Retired", "ServeError", "ServedVersion", "ServingSettings", "load_version"]
