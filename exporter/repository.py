@@ -204,6 +204,7 @@ def publish(
     lost race). config.pbtxt is replaced atomically before the version appears.
     """
     repo = Path(repo)
+    repo.mkdir(parents=True, exist_ok=True)
     model_dir = repo / name
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=repo))
     try:

@@ -1,0 +1,113 @@
+"""Helpers of the exporter tests. Checkpoints made by the tests themselves (schema v1, via trainer.checkpoint) and a fast exporter run.
+
+Untrained models get their BatchNorm statistics from a few batches of images (as training would):
+with the initial running stats (mean 0, var 1) activations of deep nets grow layer after layer, and
+logits of ~1e5 make an absolute parity tolerance meaningless.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from exporter.__main__ import main
+from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+from trainer.meta import ModelMeta
+from trainer.models import get_model
+
+# Fast settings: a parity batch of 64 (the smallest the gate allows), few batch-1 images, short timing.
+FAST = ["--parity-samples", "64", "--parity-batch", "64", "--batch1-samples", "4", "--bench-seconds", "0.05"]
+HEAVY_ARCHS = {"densenet121", "googlenet", "resnet34"}  # > ~5 s each on 2 busy cores
+
+
+def synthetic_meta(arch: str, dataset: str = "synthetic") -> ModelMeta:
+    from trainer.data import load_dataset
+
+    info, _, _ = load_dataset("synthetic")
+    return ModelMeta(arch, dataset, info.input_shape, info.mean, info.std, info.class_names)
+
+
+def calibrate_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> None:
+    """Running stats = statistics of one batch of noise images, layer by layer (train-mode pass)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, exactly that batch's stats
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(16, *shape, generator=g))
+    model.eval()
+
+
+def make_model(arch: str, meta: ModelMeta, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = get_model(
+        arch, in_channels=meta.channels, num_classes=meta.num_classes, image_size=meta.image_size
+    )
+    calibrate_batchnorm(model, meta.input_shape, seed)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, model: nn.Module, meta: ModelMeta, **overrides) -> Path:
+    ckpt = {
+        "schema_version": SCHEMA_VERSION,
+        "arch": meta.arch,
+        "model_args": {
+            "in_channels": meta.channels,
+            "num_classes": meta.num_classes,
+            "image_size": meta.image_size,
+        },
+        "meta": meta.to_dict(),
+        "state_dict": model.state_dict(),
+        "optimizer": None,
+        "scheduler": None,
+        "epoch": 1,
+        "metrics": {"test_acc": 0.5},
+        "config": {},
+        "torch_version": torch.__version__,
+        "git_commit": None,
+    }
+    ckpt.update(overrides)
+    save_checkpoint(path, ckpt)
+    return path
+
+
+def train_briefly(
+    model: nn.Module, dataset: str, steps: int, data_dir: Path | None = None, lr: float = 0.1
+) -> None:
+    """A few SGD steps on the dataset's training split (what a short training run gives)."""
+    from trainer.data import load_dataset, to_float
+
+    info, train, _ = load_dataset(dataset, data_dir=data_dir)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (64,), generator=g)
+        loss = nn.functional.cross_entropy(model(to_float(train.x[idx], info)), train.y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
+def run_export(*args: str | os.PathLike[str]) -> int:
+    return main([str(a) for a in args])
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (to prove a repository unchanged)."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def published_tree(root: Path) -> dict[str, bytes]:
+    """The part of a repository Triton reads: no hidden entries (.failed reports, .tmp-*)."""
+    return {k: v for k, v in tree(root).items() if not k.startswith(".")}
