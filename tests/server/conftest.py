@@ -1,160 +1,14 @@
-"""Server test fixtures: tiny ONNX models built with onnx.helper (no torch) published exactly the
-way cnn-export publishes them, and an in-process server running on its own event-loop thread.
-
-The tiny classifier is ``input (N, 1, 28, 28) -> Flatten -> Gemm(W, b) -> logits -> Softmax ->
-probabilities`` with seeded weights, so a test can compute the expected answer with numpy.
-``hidden`` adds that many (width x width) MatMul+Relu layers sharing one weight to make the model
-as slow as a test needs (overload, drain) without a big file.
-"""
+"""Fixtures of the server tests; the builders they use live in srv_helpers.py."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from srv_helpers import RunningServer, TinyModel, publish, server_config, tiny_model
 
 from server.config import ServerConfig
-from trainer.meta import ModelMeta
-
-FMNIST_CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
-
-@dataclass(frozen=True)
-class TinyModel:
-    """What the server should compute, for assertions: probabilities(x) for x (N, C, H, W)."""
-
-    meta: ModelMeta
-    weight: np.ndarray  # (C*H*W, K)
-    bias: np.ndarray  # (K,)
-    hidden: int
-    hidden_weight: np.ndarray | None
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        h = x.reshape(x.shape[0], -1).astype(np.float32)
-        if self.hidden:
-            raise NotImplementedError("reference output only for hidden=0 models")
-        return h @ self.weight + self.bias
-
-    def probabilities(self, x: np.ndarray) -> np.ndarray:
-        z = self.logits(x)
-        e = np.exp(z - z.max(axis=1, keepdims=True))
-        return e / e.sum(axis=1, keepdims=True)
-
-
-def tiny_model(
-    *,
-    input_shape: tuple[int, int, int] = (1, 28, 28),
-    class_names: tuple[str, ...] = FMNIST_CLASSES,
-    seed: int = 0,
-    hidden: int = 0,
-    width: int = 512,
-    arch: str = "tinynet",
-    dataset: str = "fashion-mnist",
-) -> tuple[bytes, TinyModel]:
-    rng = np.random.default_rng(seed)
-    c, h, w = input_shape
-    k = len(class_names)
-    features = c * h * w
-    inits, nodes = [], [helper.make_node("Flatten", ["input"], ["flat"], axis=1)]
-    x_name, x_dim, hidden_w = "flat", features, None
-    if hidden:
-        w_in = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
-        hidden_w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits += [numpy_helper.from_array(w_in, "w_in"), numpy_helper.from_array(hidden_w, "w_hidden")]
-        nodes.append(helper.make_node("MatMul", [x_name, "w_in"], ["h0"]))
-        for i in range(hidden):
-            nodes.append(helper.make_node("MatMul", [f"h{i}", "w_hidden"], [f"m{i}"]))
-            nodes.append(helper.make_node("Relu", [f"m{i}"], [f"h{i + 1}"]))
-        x_name, x_dim = f"h{hidden}", width
-    weight = (rng.standard_normal((x_dim, k)) * 0.05).astype(np.float32)
-    bias = (rng.standard_normal(k) * 0.1).astype(np.float32)
-    inits += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
-    nodes += [
-        helper.make_node("Gemm", [x_name, "W", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c, h, w])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k]),
-        ],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    meta = ModelMeta(arch, dataset, input_shape, (0.5,) * c, (0.5,) * c, class_names)
-    props = {
-        **meta.to_onnx_props(),
-        "test_accuracy": "0.9",
-        "source_sha256": "0" * 64,
-        "exporter_version": "test",
-        "torch_version": "none",
-        "onnx_version": "test",
-        "precision": "fp32",
-    }
-    helper.set_model_props(model, props)
-    return model.SerializeToString(), TinyModel(meta, weight, bias, hidden, hidden_w)
-
-
-def config_pbtxt(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, max_batch_size: int = 64,
-    max_queue_delay_us: int = 2000, num_versions: int = 1,
-) -> str:  # fmt: skip
-    """The config cnn-export writes (exporter.repository.render_config_pbtxt)."""
-    c, h, w = input_shape
-    return (
-        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-        f'input [\n  {{ name: "input" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }}\n]\n'
-        f'output [\n  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_classes} ] }},\n'
-        f'  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {num_classes} ] }}\n]\n'
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
-        f"version_policy: {{ latest {{ num_versions: {num_versions} }} }}\n"
-    )
-
-
-def publish(
-    repo: Path, name: str, version: int, model_bytes: bytes, meta: ModelMeta, *, passed: bool = True,
-    config: str | None = None,
-) -> Path:  # fmt: skip
-    """Atomic publish like the exporter: build in REPO/.tmp-*, write config, rename into place."""
-    repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=repo))
-    (tmp / "model.onnx").write_bytes(model_bytes)
-    report = {"passed": passed, "model": {"arch": meta.arch, "input_shape": list(meta.input_shape),
-              "num_classes": meta.num_classes}, "version": version}  # fmt: skip
-    if not passed:
-        report["failure"] = "parity gate: max abs diff 0.3 > 1e-4"
-    (tmp / "export_report.json").write_text(json.dumps(report))
-    model_dir = repo / name
-    model_dir.mkdir(exist_ok=True)
-    cfg_text = config if config is not None else config_pbtxt(name, meta.input_shape, meta.num_classes)
-    (model_dir / "config.pbtxt").write_text(cfg_text)
-    target = model_dir / str(version)
-    os.rename(tmp, target)
-    return target
 
 
 @pytest.fixture
@@ -164,43 +18,6 @@ def repo(tmp_path: Path) -> tuple[Path, TinyModel]:
     data, tm = tiny_model()
     publish(root, "tiny", 1, data, tm.meta)
     return root, tm
-
-
-class RunningServer:
-    """create_server(cfg) on a private event loop thread; tests talk to it with sync gRPC clients."""
-
-    def __init__(self, cfg: ServerConfig) -> None:
-        from server.app import create_server
-
-        self.cfg = cfg
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server-loop", daemon=True)
-        self.thread.start()
-        self.handle, self.port = self.run(create_server(cfg), timeout=60)
-        self.target = f"127.0.0.1:{self.port}"
-        self.summary: dict | None = None
-
-    def run(self, coro, timeout: float = 30):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call_soon(self, fn, *args) -> None:
-        self.loop.call_soon_threadsafe(fn, *args)
-
-    def stop(self, grace: float = 2.0) -> dict:
-        if self.summary is None:
-            self.summary = self.run(self.handle.stop(grace), timeout=grace + 30)
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-        return self.summary
-
-
-def server_config(repository: Path, **overrides) -> ServerConfig:
-    base = ServerConfig(
-        repository=repository, host="127.0.0.1", port=0, metrics_port=0, device="cpu", poll_interval_s=0,
-        grace_s=5.0, intra_op_threads=1,
-    )  # fmt: skip
-    return replace(base, **overrides)
 
 
 @pytest.fixture
@@ -222,8 +39,3 @@ def start_server() -> Iterator:
 def tiny_server(repo, start_server) -> tuple[RunningServer, TinyModel]:
     root, tm = repo
     return start_server(server_config(root)), tm
-
-
-def copy_repo(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst

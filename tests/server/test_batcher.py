@@ -1,0 +1,221 @@
+"""The batcher on a bare asyncio.Queue with a fake model: batch formation, max delay, idle fast
+path, error isolation, backpressure, deadline and cancellation drops, draining on STOP."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from server.batcher import STOP, Batcher, submit
+from server.errors import ServeError
+
+
+class FakeModel:
+    """run(x) -> [x * 2, x.sum per row]; records batch sizes; optional delay; -1 pixels make it fail."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
+        self.batches: list[int] = []
+        self.started = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray):
+        with self.lock:
+            self.batches.append(int(x.shape[0]))
+        self.started.set()
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        if (x == -1).any():
+            raise RuntimeError("bad pixel value -1")
+        return [x * 2, x.reshape(x.shape[0], -1).sum(axis=1)]
+
+
+def image(value: float, n: int = 1) -> np.ndarray:
+    return np.full((n, 1, 2, 2), value, dtype=np.float32)  # (n, C, H, W)
+
+
+def run(coro, timeout: float = 20):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def start(
+    model: FakeModel, queue: asyncio.Queue, **kw
+) -> tuple[Batcher, asyncio.Task, ThreadPoolExecutor]:
+    ex = ThreadPoolExecutor(1)
+    kw.setdefault("max_batch_size", 4)
+    kw.setdefault("max_delay_s", 0.05)
+    b = Batcher(queue, model, ex, **kw)
+    return b, asyncio.create_task(b.run()), ex
+
+
+async def stop(queue: asyncio.Queue, task: asyncio.Task, ex: ThreadPoolExecutor) -> None:
+    await queue.put(STOP)
+    await asyncio.wait_for(task, 10)
+    ex.shutdown()
+
+
+def test_batches_fill_to_max_images_and_each_request_gets_its_own_slice() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        futs = [submit(q, image(i)) for i in range(10)]  # queued before the batcher starts
+        b, task, ex = await start(model, q, max_batch_size=4)
+        results = await asyncio.gather(*futs)
+        await stop(q, task, ex)
+        return model, results
+
+    model, results = run(main())
+    assert model.batches == [4, 4, 2]
+    for i, (doubled, sums) in enumerate(results):
+        assert doubled.shape == (1, 1, 2, 2) and np.all(doubled == 2 * i)
+        assert sums.tolist() == [4.0 * i]
+
+
+def test_requests_are_never_split_across_batches() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        futs = [submit(q, image(v, n)) for v, n in ((1, 3), (2, 3), (3, 1), (4, 2))]
+        b, task, ex = await start(model, q, max_batch_size=4)
+        results = await asyncio.gather(*futs)
+        await stop(q, task, ex)
+        return model, results
+
+    model, results = run(main())
+    assert model.batches == [3, 4, 2]  # 3 | 3+1 | 2: the 3-image request never straddles a batch
+    assert [r[0].shape[0] for r in results] == [3, 3, 1, 2]
+    assert [float(r[0][0, 0, 0, 0]) for r in results] == [2, 4, 6, 8]
+
+
+def test_under_load_a_batch_waits_for_more_until_the_oldest_waited_max_delay() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        futs = [submit(q, image(1)), submit(q, image(2))]  # two waiting: not idle
+        b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.3)
+        await asyncio.sleep(0.1)
+        futs.append(submit(q, image(3)))  # arrives within the delay: joins the batch
+        await asyncio.gather(*futs)
+        elapsed = loop.time() - t0
+        await stop(q, task, ex)
+        return model, elapsed
+
+    model, elapsed = run(main())
+    assert model.batches == [3]
+    assert 0.28 <= elapsed < 1.5
+
+
+def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        loop = asyncio.get_running_loop()
+        futs = [submit(q, image(i)) for i in range(4)]
+        t0 = loop.time()
+        b, task, ex = await start(model, q, max_batch_size=4, max_delay_s=5.0)
+        await asyncio.gather(*futs)
+        elapsed = loop.time() - t0
+        await stop(q, task, ex)
+        return model, elapsed
+
+    model, elapsed = run(main())
+    assert model.batches == [4] and elapsed < 1.0
+
+
+def test_idle_fast_path_runs_a_lone_request_at_once() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=2.0)
+        loop = asyncio.get_running_loop()
+        latencies = []
+        for i in range(3):  # concurrency 1: each request alone in an idle queue
+            t0 = loop.time()
+            await submit(q, image(i))
+            latencies.append(loop.time() - t0)
+        await stop(q, task, ex)
+        return model, latencies
+
+    model, latencies = run(main())
+    assert model.batches == [1, 1, 1]
+    assert max(latencies) < 0.5  # far below the 2 s max delay
+
+
+def test_one_bad_request_fails_alone_and_its_batch_mates_succeed() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        futs = [submit(q, image(1)), submit(q, image(-1)), submit(q, image(3))]
+        b, task, ex = await start(model, q, max_batch_size=8)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        # The instance keeps serving after the failure.
+        after = await submit(q, image(5))
+        await stop(q, task, ex)
+        return model, results, after
+
+    model, results, after = run(main())
+    assert model.batches[0] == 3  # first tried together, then one by one
+    assert float(results[0][0][0, 0, 0, 0]) == 2.0 and float(results[2][0][0, 0, 0, 0]) == 6.0
+    assert isinstance(results[1], ServeError) and results[1].code == grpc.StatusCode.INTERNAL
+    assert "bad pixel value" in results[1].message
+    assert float(after[0][0, 0, 0, 0]) == 10.0
+
+
+def test_full_queue_rejects_at_once_with_resource_exhausted() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue(maxsize=2)
+        submit(q, image(1))
+        submit(q, image(2))
+        t0 = time.perf_counter()
+        with pytest.raises(ServeError) as info:
+            submit(q, image(3))
+        return info.value, time.perf_counter() - t0, q.qsize()
+
+    err, elapsed, depth = run(main())
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in err.message
+    assert elapsed < 0.05 and depth == 2  # rejected immediately, nothing queued beyond the bound
+
+
+def test_expired_and_cancelled_requests_are_dropped_before_inference() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel(delay_s=0.3)
+        loop = asyncio.get_running_loop()
+        b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.0)
+        first = submit(q, image(1))
+        await loop.run_in_executor(None, model.started.wait, 5)  # the instance is busy for 0.3 s
+        late = submit(q, image(2), deadline=loop.time() + 0.05)
+        cancelled = submit(q, image(3))
+        ok = submit(q, image(4))
+        cancelled.cancel()
+        results = await asyncio.gather(first, late, ok, return_exceptions=True)
+        await stop(q, task, ex)
+        return model, results
+
+    model, (first, late, ok) = run(main())
+    assert isinstance(late, ServeError) and late.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert float(first[0][0, 0, 0, 0]) == 2.0 and float(ok[0][0, 0, 0, 0]) == 8.0
+    assert model.batches == [1, 1]  # the expired and the cancelled request never reached the model
+
+
+def test_stop_answers_everything_queued_before_it() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel(delay_s=0.01)
+        futs = [submit(q, image(i)) for i in range(7)]
+        await q.put(STOP)
+        b, task, ex = await start(model, q, max_batch_size=2)
+        await asyncio.wait_for(task, 10)
+        ex.shutdown()
+        return model, [f.done() and not f.cancelled() and f.exception() is None for f in futs]
+
+    model, answered = run(main())
+    assert all(answered) and sum(model.batches) == 7
