@@ -1,0 +1,221 @@
+"""``python -m trainer`` / ``cnn-train``: parse flags into a TrainConfig and run ``trainer.train.main``.
+
+Precedence of settings: TrainConfig defaults < the checkpoint's config (``--resume``) < ``--preset``
+< flags given on the command line. Exit codes: 0 done, 2 bad input (unknown arch/dataset/preset,
+invalid or conflicting flags, unusable --out, a --resume that does not match), 3 the loss diverged,
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from trainer import config as C
+from trainer.config import ConfigError, TrainConfig
+from trainer.presets import PRESETS, get_preset
+
+# (channels, image size, classes) per dataset, so --list-archs/--summary need no data on disk.
+DATASET_SHAPES = {
+    "fashion-mnist": (1, 28, 10),
+    "mnist": (1, 28, 10),
+    "cifar10": (3, 32, 10),
+    "cifar100": (3, 32, 100),
+    "cifar100-coarse": (3, 32, 20),
+    "synthetic": (1, 28, 10),
+    "synthetic-rgb": (3, 32, 10),
+}
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnn-train",
+        description="Train a classic CNN on MNIST / Fashion-MNIST / CIFAR. Presets: "
+        + "; ".join(f"{n}: {pr.description}" for n, pr in PRESETS.items()),
+        # Only flags actually given land in the namespace: that is how presets know what to fill in.
+        argument_default=argparse.SUPPRESS,
+    )
+
+    def add(*flags: str, help: str, **kw: Any) -> None:
+        name = flags[-1].lstrip("-").replace("-", "_")
+        if name in _DEFAULTS:
+            help += f" (default: {_DEFAULTS[name]})"
+        p.add_argument(*flags, help=help, **kw)
+
+    boolean = {"action": argparse.BooleanOptionalAction}
+    add("--preset", help="named recipe filling in defaults; explicit flags override it", metavar="NAME")
+    add("--arch", help="model architecture (see --list-archs)")
+    add(
+        "--dataset", help="fashion-mnist, mnist, cifar10, cifar100, cifar100-coarse, synthetic, synthetic-rgb"
+    )
+    add("--data-dir", help="folder holding the dataset files")
+    add("--download", help="download the dataset with torchvision if it is missing", **boolean)
+    add("--max-train", help="train on a seeded random subset of this many images", type=int)
+    add("--activation", help="lenet5/alexnet: sigmoid, relu or tanh")
+    add("--pool", help="lenet5/alexnet: avg or max")
+    add("--batchnorm", help="lenet5/alexnet: BatchNorm after each conv and hidden FC layer", **boolean)
+    add("--dropout", help="lenet5/alexnet/fmnist_net: dropout probability", type=float)
+    add(
+        "--width",
+        help="lenet5/alexnet/fmnist_net: channel width multiplier (fmnist_net: base channels)",
+        type=int,
+    )
+    add("--fc-width", help="lenet5: hidden FC width multiplier", type=int)
+    add("--init", help="weight init", choices=C.INITS)
+    add("--epochs", help="epochs to train", type=int)
+    add("-b", "--batch-size", help="global batch size (split across DDP processes)", type=int)
+    add("--eval-batch-size", help="batch size of evaluation", type=int)
+    add("--optimizer", help="optimizer", choices=C.OPTIMIZERS)
+    add("--lr", help="peak learning rate", type=float)
+    add("--momentum", help="SGD momentum", type=float)
+    add("--nesterov", help="Nesterov momentum (SGD)", **boolean)
+    add("--weight-decay", help="L2 weight decay on conv/linear weights", type=float)
+    add("--schedule", help="learning-rate schedule, stepped every batch", choices=C.SCHEDULES)
+    add("--warmup-epochs", help="linear warmup (fractions allowed; onecycle: its ramp-up)", type=float)
+    add("--lr-step-epochs", help="schedule=step: decay every this many epochs", type=int)
+    add("--lr-gamma", help="schedule=step: decay factor", type=float)
+    add("--label-smoothing", help="cross-entropy label smoothing", type=float)
+    add("--augment", help="batched random crop (+ horizontal flip where labels allow)", **boolean)
+    add(
+        "--ema-decay",
+        help="EMA of the weights per step (0 = off); the EMA weights are evaluated and saved",
+        type=float,
+    )
+    add(
+        "--tta-flip",
+        help="also report accuracy averaged with the mirrored image (summary: test_acc_tta)",
+        **boolean,
+    )
+    add("--seed", help="random seed (init, batch order, augmentation)", type=int)
+    add("--device", help="where to train", choices=C.DEVICES)
+    add(
+        "--precision",
+        help="auto = bf16 where the hardware has it (CUDA, AVX512-BF16/AMX CPUs), else fp32",
+        choices=C.PRECISIONS,
+    )
+    add(
+        "--channels-last",
+        help="NHWC memory format (faster convolutions on CPU oneDNN and tensor cores)",
+        **boolean,
+    )
+    add("--compile", help="torch.compile the model", **boolean)
+    add("--threads", help="torch intra-op threads", type=int)
+    add("--out", help="output folder")
+    add(
+        "--resume",
+        help="continue the run in this folder (or checkpoint file) from its last epoch",
+        metavar="DIR",
+    )
+    add("--overwrite", help="replace a previous run in --out instead of refusing", **boolean)
+    add("--quiet", help="no progress bar (the per-epoch log line stays)", **boolean)
+    p.add_argument(
+        "--list-archs", action="store_true", default=False, help="list architectures with parameter counts"
+    )
+    p.add_argument(
+        "--summary", action="store_true", default=False, help="print the layer table of --arch and exit"
+    )
+    return p
+
+
+def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    """Defaults < resumed run's config < preset < explicit flags, validated."""
+    explicit = {k: v for k, v in vars(args).items() if k in _DEFAULTS}
+    values: dict[str, Any] = {}
+    if explicit.get("resume"):
+        values.update(resumed_config(explicit["resume"]))
+        values.update(resume=explicit["resume"], overwrite=False)
+        if "out" not in explicit:  # continue in place
+            path = Path(explicit["resume"])
+            values["out"] = str(path if path.is_dir() else path.parent)
+    if explicit.get("preset"):
+        values.update(get_preset(explicit["preset"]).values)
+    values.update(explicit)
+    from trainer.data import list_datasets
+    from trainer.models import list_models
+
+    cfg_arch, cfg_dataset = values.get("arch", _DEFAULTS["arch"]), values.get("dataset", _DEFAULTS["dataset"])
+    if cfg_arch not in list_models():
+        parser.error(f"unknown arch '{cfg_arch}'; choose one of: {', '.join(list_models())}")
+    if cfg_dataset not in list_datasets():
+        parser.error(f"unknown dataset '{cfg_dataset}'; choose one of: {', '.join(list_datasets())}")
+    return TrainConfig(**values)
+
+
+def resumed_config(resume: str) -> dict[str, Any]:
+    from trainer.checkpoint import load_checkpoint
+
+    path = Path(resume)
+    ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in (ckpt.get("config") or {}).items() if k in known}
+
+
+def list_archs(dataset: str) -> str:
+    from trainer.models.summary import describe_archs
+
+    c, s, k = DATASET_SHAPES[dataset]
+    rows = describe_archs(in_channels=c, image_size=s, num_classes=k)
+    lines = [f"architectures for {dataset} ({c}x{s}x{s}, {k} classes):"]
+    lines += [f"  {name:<14} {params:>12,} params" for name, params in rows]
+    return "\n".join(lines)
+
+
+def arch_summary(cfg: TrainConfig) -> str:
+    from trainer.models import get_model
+    from trainer.models.summary import summarize
+
+    c, s, k = DATASET_SHAPES[cfg.dataset]
+    model = get_model(cfg.arch, in_channels=c, num_classes=k, image_size=s, **cfg.model_knobs())
+    return summarize(model, (c, s, s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from trainer.checkpoint import CheckpointError
+    from trainer.data import DatasetError
+    from trainer.engine import NonFiniteLossError
+    from trainer.outputs import OutputDirError
+    from trainer.train import ResumeError
+
+    try:
+        cfg = make_config(args, parser)
+        if args.list_archs:
+            print(list_archs(cfg.dataset))
+            return 0
+        if args.summary:
+            print(arch_summary(cfg))
+            return 0
+        from trainer.train import main as train_main
+
+        train_main(cfg)
+    except (ConfigError, OutputDirError, ResumeError, CheckpointError, DatasetError, ValueError) as e:
+        print(f"cnn-train: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except NonFiniteLossError as e:
+        ckpt = Path(cfg.out) / "checkpoint.pt"
+        kept = (
+            f"the last good checkpoint is kept in {ckpt}"
+            if ckpt.is_file()
+            else "no epoch finished, so no checkpoint was written"
+        )
+        print(
+            f"cnn-train: error: {e}; training stopped, {kept}. The learning rate is probably too high: "
+            f"try a lower --lr (e.g. {cfg.lr / 10:g}), a --warmup-epochs, or --precision fp32",
+            file=sys.stderr,
+        )
+        return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        out = args.out if "out" in args else "DIR"
+        print(f"\ncnn-train: interrupted; continue with --resume {out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The per-epoch work: ``train_one_epoch`` and ``evaluate``, plus mixed precision and the weight EMA.
+
+The whole dataset lives on the training device as uint8 tensors. An epoch is a seeded permutation of
+the row indices, sliced into batches; each batch is gathered, normalized and augmented on the device
+in one batched call. There is no DataLoader and no per-sample Python in the hot loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from trainer.data import DatasetInfo, Split, augment, to_float
+from trainer.distributed import DistInfo, all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN/Inf; raised before the diverged weights are saved anywhere."""
+
+    def __init__(self, epoch: int, step: int, lr: float) -> None:
+        super().__init__(f"training loss became NaN/Inf at epoch {epoch}, step {step} (lr {lr:.4g})")
+        self.epoch, self.step, self.lr = epoch, step, lr
+
+
+def cpu_supports_bf16() -> bool:
+    """oneDNN has fast bf16 kernels on this CPU (AVX512-BF16 / AMX); otherwise bf16 is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where the hardware runs it natively, else 'fp32'; fp16 only on CUDA."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ValueError("--precision fp16 needs CUDA (on CPU use bf16 or fp32)")
+    return requested
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int = 0) -> int:
+    """A distinct, reproducible seed per (run seed, epoch, stream): resume needs no generator state."""
+    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63)
+
+
+class ModelEMA:
+    """Exponential moving average of a model's parameters and buffers, updated every step.
+
+    ``decay`` ramps up as min(decay, (1 + n) / (10 + n)) so that a short run is not dominated by the
+    random initial weights.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_f, cur_f = [], []
+        for e, c in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if e.is_floating_point():
+                ema_f.append(e)
+                cur_f.append(c)
+            else:
+                e.copy_(c)  # BatchNorm's num_batches_tracked
+        torch._foreach_lerp_(ema_f, cur_f, 1.0 - d)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+def shard_permutation(n: int, generator: torch.Generator, dist_info: DistInfo) -> Tensor:
+    """This rank's share of a seeded permutation of range(n): equal sizes on every rank."""
+    perm = torch.randperm(n, generator=generator)  # (N,) identical on every rank (same seed)
+    per_rank = n // dist_info.world_size
+    return perm[: per_rank * dist_info.world_size][dist_info.rank :: dist_info.world_size]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    train: Split,
+    info: DatasetInfo,
+    *,
+    epoch: int,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    do_augment: bool,
+    precision: str,
+    channels_last: bool,
+    dist_info: DistInfo,
+    ema: ModelEMA | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    progress: bool = False,
+) -> EpochStats:
+    """One pass over this rank's shard of the training set (``train`` already on the device).
+
+    ``batch_size`` is per process; the last partial batch is dropped so every step has the same shape
+    (BatchNorm, torch.compile and DDP all prefer it).
+    """
+    device = train.x.device
+    model.train()
+    perm = shard_permutation(len(train), torch.Generator().manual_seed(epoch_seed(seed, epoch)), dist_info)
+    perm = perm.to(device)
+    aug_gen = torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, 1 + dist_info.rank))
+    steps = len(perm) // batch_size
+    # A host sync per step is free on CPU; on an accelerator check for NaN every few steps only.
+    check_every = 1 if device.type == "cpu" and not dist_info.enabled else 25
+    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    bad = torch.zeros((), dtype=torch.float32, device=device)
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress, unit="batch")
+    for step in range(steps):
+        idx = perm[step * batch_size : (step + 1) * batch_size]  # (B,)
+        x = to_float(train.x[idx], info)  # (B, C, H, W) float32, normalized
+        if do_augment:
+            x = augment(x, info, generator=aug_gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = train.y[idx]  # (B,)
+        with autocast(device, precision):
+            logits = model(x)  # (B, K)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update(raw_model)
+        with torch.no_grad():
+            loss_d = loss.detach()
+            loss_sum += loss_d.double() * len(idx)
+            correct += (logits.argmax(1) == y).sum()
+            bad += (~torch.isfinite(loss_d)).float()
+        checkpoint_step = (step + 1) % check_every == 0 or step + 1 == steps
+        if checkpoint_step and all_reduce_sum(bad, dist_info).item() > 0:
+            bar.close()
+            raise NonFiniteLossError(epoch, step + 1, optimizer.param_groups[0]["lr"])
+        if progress and (step % 10 == 0 or step + 1 == steps):
+            bar.set_postfix(loss=f"{loss_d.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        bar.update(1)
+    bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), dist_info)
+    images = steps * batch_size * dist_info.world_size
+    return EpochStats(
+        loss=float(totals[0]) / max(images, 1),
+        acc=float(totals[1]) / max(images, 1),
+        images=images,
+        seconds=seconds,
+    )
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    confusion: Tensor  # (K, K) int64 counts, rows = true class, columns = predicted (on CPU)
+    acc_tta: float | None = None  # accuracy of logits averaged over the image and its mirror
+
+    def per_class_acc(self) -> list[float]:
+        totals = self.confusion.sum(1).clamp(min=1)
+        return (self.confusion.diagonal().double() / totals).tolist()
+
+
+def _batches(n: int, batch_size: int, dist_info: DistInfo) -> Iterator[tuple[int, int]]:
+    """Contiguous [start, stop) chunks of this rank's contiguous share of range(n)."""
+    share = math.ceil(n / dist_info.world_size)
+    lo, hi = dist_info.rank * share, min(n, (dist_info.rank + 1) * share)
+    for s in range(lo, hi, batch_size):
+        yield s, min(s + batch_size, hi)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    test: Split,
+    info: DatasetInfo,
+    *,
+    batch_size: int,
+    precision: str,
+    channels_last: bool,
+    dist_info: DistInfo,
+    tta_flip: bool = False,
+) -> EvalResult:
+    """Cross-entropy, accuracy and confusion matrix on ``test`` (already on the device), all ranks merged."""
+    device = test.x.device
+    model.eval()
+    k = info.num_classes
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(k * k, dtype=torch.int64, device=device)
+    correct_tta = torch.zeros((), dtype=torch.int64, device=device)
+    for s, e in _batches(len(test), batch_size, dist_info):
+        x = to_float(test.x[s:e], info)  # (b, C, H, W)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = test.y[s:e]  # (b,)
+        with autocast(device, precision):
+            logits = model(x).float()  # (b, K)
+            if tta_flip:
+                logits_tta = (logits + model(x.flip(-1)).float()) / 2
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        confusion += torch.bincount(y * k + logits.argmax(1), minlength=k * k)
+        if tta_flip:
+            correct_tta += (logits_tta.argmax(1) == y).sum()
+    all_reduce_sum(confusion, dist_info)
+    all_reduce_sum(loss_sum, dist_info)
+    all_reduce_sum(correct_tta, dist_info)
+    n = len(test)
+    cm = confusion.view(k, k).cpu()
+    return EvalResult(
+        loss=float(loss_sum) / n,
+        acc=float(cm.diagonal().sum()) / n,
+        confusion=cm,
+        acc_tta=float(correct_tta) / n if tta_flip else None,
+    )

@@ -1,0 +1,100 @@
+"""Everything a run writes into ``--out``, each file replaced atomically (temp file + rename).
+
+checkpoint.pt          the latest epoch (schema v1, see trainer.checkpoint), what --resume reads
+best.pt                the epoch with the best plain test accuracy so far
+metrics.jsonl          one JSON object per epoch
+summary.json           final accuracy (plain and flip-TTA), per-class accuracy, params, wall time
+confusion_matrix.csv   counts, rows = true class, columns = predicted
+confusion_matrix.png, curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.checkpoint import atomic_write_bytes
+
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json")
+
+
+class OutputDirError(RuntimeError):
+    """--out cannot be used: not writable, or it holds a run that would be overwritten."""
+
+
+def check_output_dir(out: Path, *, resuming: bool, overwrite: bool) -> None:
+    """Fail before any training if ``out`` cannot take the outputs or would lose a previous run."""
+    if out.exists() and not out.is_dir():
+        raise OutputDirError(f"--out {out} exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-probe-"):
+            pass
+    except OSError as e:
+        raise OutputDirError(f"cannot write to --out {out}: {e.strerror or e}") from e
+    if not resuming and not overwrite and (out / "checkpoint.pt").exists():
+        raise OutputDirError(
+            f"--out {out} already holds a run (checkpoint.pt); pass --resume {out} to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Weights on CPU in plain contiguous layout (channels_last is a training-time choice)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def write_metrics_jsonl(path: Path, history: list[dict[str, Any]]) -> None:
+    """The whole history each epoch: a crash mid-write leaves the previous complete file."""
+    data = "".join(json.dumps(r) + "\n" for r in history).encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_confusion_csv(path: Path, confusion: list[list[int]], class_names: tuple[str, ...]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["true\\predicted", *class_names])
+    for name, row in zip(class_names, confusion, strict=True):
+        w.writerow([name, *row])
+    data = buf.getvalue().encode()
+    atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def read_confusion_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[list[int]]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0][1:], [[int(v) for v in r[1:]] for r in rows[1:]]
