@@ -48,6 +48,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch1-samples", type=int, default=128, help="test images compared at batch 1")
     p.add_argument("--atol", type=float, default=1e-4, help="parity gate on max abs diff of logits")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="fp16/int8 gate, percentage points")
     p.add_argument(
         "--data-dir", type=Path, default=None, help="dataset root (default: trainer's search path)"
     )
@@ -72,7 +73,6 @@ def export_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="publish fp16/int8 even if accuracy drops more than --max-accuracy-drop (or is unknown)",
     )
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points vs FP32")
     p.add_argument(
         "--calibration-samples", type=int, default=256, help="training images for INT8 calibration"
     )
@@ -111,7 +111,6 @@ def parse_config(argv: list[str]) -> ExportConfig:
             fp16=a.fp16,
             int8=a.int8,
             force_precision=a.force_precision,
-            max_accuracy_drop=a.max_accuracy_drop,
             calibration_samples=a.calibration_samples,
             max_batch_size=a.max_batch_size,
             max_queue_delay_us=a.max_queue_delay_us,
@@ -131,6 +130,7 @@ def _common(a: argparse.Namespace) -> dict:
         "parity_batch": a.parity_batch,
         "batch1_samples": a.batch1_samples,
         "atol": a.atol,
+        "max_accuracy_drop": a.max_accuracy_drop,
         "data_dir": a.data_dir,
         "seed": a.seed,
         "progress": not a.no_progress,
@@ -145,6 +145,8 @@ def validate(cfg: ExportConfig) -> list[str]:
         problems.append("--parity-samples must be >= 0 and --batch1-samples >= 1")
     if cfg.atol <= 0:
         problems.append("--atol must be > 0")
+    if cfg.max_accuracy_drop < 0:
+        problems.append("--max-accuracy-drop must be >= 0 (percentage points)")
     if cfg.max_batch_size < 1:
         problems.append("--max-batch-size must be >= 1")
     if not 7 <= cfg.opset <= 23:

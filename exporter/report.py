@@ -59,6 +59,8 @@ def summary_row(
 
 def _fmt(key: str, row: dict[str, Any]) -> str:
     v = row.get(key)
+    if key == "model" and v is None:  # a source that never got a name (bad input): show the source
+        v = row.get("source")
     if key == "images_per_s":
         vals = [row.get(f"images_per_s_{p}") for p in ("fp32", "fp16", "int8")]
         return " / ".join("-" if x is None else f"{x:.0f}" for x in vals)
