@@ -1,0 +1,228 @@
+"""``python -m server`` as a real process: SIGTERM under load (0 failed admitted calls, exit 0),
+SIGHUP reload, start-up failures with exit code 2, and the process never importing torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from srv_helpers import publish, tiny_model
+
+from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
+from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+X = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
+
+
+def request(model: str = "tiny") -> pb.ClassifyRequest:
+    return pb.ClassifyRequest(
+        model=model, images=[pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], data=X.tobytes()))]
+    )
+
+
+class ServerProcess:
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.events: list[dict] = []
+        self.stderr: list[str] = []
+        self._listening = threading.Event()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            self.events.append(event)
+            if event["event"] == "listening":
+                self._listening.set()
+
+    def wait_listening(self, timeout: float = 60) -> dict:
+        if not self._listening.wait(timeout):
+            self.kill()
+            raise AssertionError(f"server did not start: {''.join(self.stderr)[-3000:]}")
+        return next(e for e in self.events if e["event"] == "listening")
+
+    def event(self, name: str) -> dict:
+        return next(e for e in self.events if e["event"] == name)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def spawn():
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **kw) -> ServerProcess:
+        p = ServerProcess(*args, **kw)
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()
+
+
+def test_sigterm_under_load_finishes_every_admitted_call_and_exits_0(tmp_path, spawn) -> None:
+    root = tmp_path / "repo"
+    data, tm = tiny_model(hidden=100, width=1024)  # a few ms per batch: work is queued at SIGTERM
+    publish(root, "tiny", 1, data, tm.meta)
+    server = spawn("--repository", str(root), "--port", "0", "--metrics-port", "0", "--device", "cpu",
+                   "--max-batch-size", "4", "--poll-interval-s", "0", "--grace-s", "20")  # fmt: skip
+    listening = server.wait_listening()
+    target = f"127.0.0.1:{listening['port']}"
+    results: Counter = Counter()
+    lock = threading.Lock()
+    loaded = threading.Barrier(9)
+
+    def client() -> None:
+        with grpc.insecure_channel(target) as ch:
+            stub = pb_grpc.ClassifierStub(ch)
+            stub.Classify(request(), timeout=30)
+            with lock:
+                results["OK"] += 1
+            loaded.wait(30)
+            end = time.monotonic() + 40
+            while time.monotonic() < end:
+                try:
+                    stub.Classify(request(), timeout=30)
+                    code = "OK"
+                except grpc.RpcError as e:
+                    code = e.code().name
+                with lock:
+                    results[code] += 1
+                if code != "OK":
+                    return  # refused: the server is going away
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    loaded.wait(30)
+    time.sleep(0.5)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert server.proc.wait(60) == 0
+    time.sleep(0.2)  # the stdout reader thread catches the last line
+    stopped = server.event("stopped")
+    assert stopped["admitted_failed"] == 0
+    assert (
+        stopped["admitted"] == stopped["admitted_ok"] == results["OK"]
+    )  # every admitted call reached its client
+    assert results["OK"] > 8
+    assert set(results) <= {"OK", "UNAVAILABLE"}  # after SIGTERM: refused, never failed mid-way
+
+
+def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
+    root = tmp_path / "repo"
+    v1, tm1 = tiny_model(seed=1)
+    publish(root, "tiny", 1, v1, tm1.meta)
+    server = spawn(env={"CNN_SERVE_REPOSITORY": str(root), "CNN_SERVE_PORT": "0", "CNN_SERVE_METRICS_PORT": "-1",
+                        "CNN_SERVE_DEVICE": "cpu", "CNN_SERVE_POLL_INTERVAL_S": "0"})  # fmt: skip
+    listening = server.wait_listening()
+    assert listening["models"] == [{"name": "tiny", "versions": [1], "provider": "CPUExecutionProvider"}]
+    assert listening["metrics_port"] is None
+    v2, tm2 = tiny_model(seed=2)
+    publish(root, "tiny", 2, v2, tm2.meta)
+    with grpc.insecure_channel(f"127.0.0.1:{listening['port']}") as ch:
+        stub = pb_grpc.ClassifierStub(ch)
+        time.sleep(0.3)
+        assert stub.Classify(request(), timeout=10).version == 1  # polling is off: no change by itself
+        server.proc.send_signal(signal.SIGHUP)
+        end = time.monotonic() + 20
+        while stub.Classify(request(), timeout=10).version != 2:
+            assert time.monotonic() < end, "SIGHUP did not load version 2"
+            time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0
+
+
+def test_device_cuda_without_a_working_cuda_provider_fails_start_clearly(tmp_path, spawn) -> None:
+    import onnxruntime as ort
+
+    from server.runtime import CUDA, DeviceError, resolve_device
+
+    try:
+        if resolve_device("auto") == CUDA:
+            pytest.skip("CUDA works here; the failure path needs a machine without it")
+    except DeviceError:
+        pass
+    root = tmp_path / "repo"
+    data, tm = tiny_model()
+    publish(root, "tiny", 1, data, tm.meta)
+    server = spawn("--repository", str(root), "--port", "0", "--metrics-port", "-1", "--device", "cuda")
+    assert server.proc.wait(60) == 2
+    time.sleep(0.2)
+    err = "".join(server.stderr)
+    assert "--device cuda" in err and ("did not load" in err or "no CUDAExecutionProvider" in err)
+    assert "--device auto" in err or "onnxruntime-gpu" in err
+    assert ort.get_device() in ("CPU", "GPU")
+
+
+def test_missing_repository_and_bad_flags_exit_2(tmp_path, spawn) -> None:
+    missing = spawn(
+        "--repository", str(tmp_path / "nope"), "--port", "0", "--metrics-port", "-1", "--device", "cpu"
+    )
+    assert missing.proc.wait(60) == 2
+    bad = spawn("--repository", str(tmp_path), "--max-batch-size", "0")
+    assert bad.proc.wait(60) == 2
+    time.sleep(0.2)
+    assert "is not a directory" in "".join(missing.stderr)
+    assert "--max-batch-size must be >= 1" in "".join(bad.stderr)
+
+
+def test_server_process_never_imports_torch(tmp_path) -> None:
+    root = tmp_path / "repo"
+    data, tm = tiny_model()
+    publish(root, "tiny", 1, data, tm.meta)
+    script = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        import server, server.__main__, server.app, server.healthcheck
+        from server.config import ServerConfig
+        import grpc
+        from protos.cnnstack.classifier.v1 import classifier_pb2 as pb, classifier_pb2_grpc as pbg
+
+        async def main():
+            cfg = ServerConfig.from_args(["--repository", {str(root)!r}, "--port", "0", "--metrics-port", "0"], {{}})
+            handle, port = await server.app.create_server(cfg)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{{port}}") as ch:
+                img = pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], data=bytes(4 * 784)))
+                reply = await pbg.ClassifierStub(ch).Classify(pb.ClassifyRequest(model="tiny", images=[img]))
+                assert reply.results[0].predictions[0].class_name
+            await handle.stop(1)
+
+        asyncio.run(main())
+        loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
+        assert not loaded, loaded
+        print("torch-free")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("torch-free")
