@@ -42,7 +42,7 @@ def export_all(cfg: ExportConfig) -> int:
             result = export_one(given, cfg)
         except BadInput as e:
             failures += 1
-            _err(f"cnn-export: {given}: bad input: {e}")
+            _err(f"cnn-export: {given}: bad input: {str(e).splitlines()[0]}")
             rows.append(summary_row(str(given), None, None, {}, f"bad input: {e}"[:200]))
             continue
         except ExportFailed as e:
@@ -63,10 +63,13 @@ def export_all(cfg: ExportConfig) -> int:
         rows.append(summary_row(str(given), result.name, result.report, result.published, status))
     bar.close()
 
-    doc, markdown = summary_document(rows, failures)
-    json_path, md_path = repository.write_summary(repo, doc, markdown)
     print(text_table(rows))
-    print(f"\nsummary: {json_path} {md_path}; {len(rows) - failures} ok, {failures} failed")
+    if any(row["published"] for row in rows):
+        doc, markdown = summary_document(rows, failures)
+        json_path, md_path = repository.write_summary(repo, doc, markdown)
+        print(f"\nsummary: {json_path} {md_path}; {len(rows) - failures} ok, {failures} failed")
+    else:  # nothing was published: leave the repository as it was
+        print(f"\nnothing published; {failures} failed")
     return 1 if failures else 0
 
 

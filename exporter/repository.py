@@ -121,14 +121,21 @@ def render_config_pbtxt(
 
 
 def ensure_writable(repo: str | os.PathLike[str]) -> Path:
-    """Create ``repo`` if needed and prove we can create (and remove) a directory in it."""
+    """Prove we can create (and remove) a directory in ``repo``, or in its nearest existing parent
+    when it does not exist yet (it is created on the first publish, so bad input leaves no trace).
+    """
     repo = Path(repo)
+    probe_in = repo
+    while not probe_in.exists() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
     try:
-        repo.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=TMP_PREFIX + "probe-", dir=repo)
-        os.rmdir(probe)
+        if not probe_in.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(probe_in))
+        os.rmdir(tempfile.mkdtemp(prefix=TMP_PREFIX + "probe-", dir=probe_in))
     except OSError as e:
-        raise RepositoryError(f"model repository {repo} is not writable: {e.strerror or e}") from e
+        raise RepositoryError(
+            f"model repository {repo} is not writable: {e.strerror or e} ({probe_in})"
+        ) from e
     return repo
 
 
