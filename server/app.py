@@ -90,6 +90,7 @@ def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
         instances=cfg.instances,
         intra_op_threads=cfg.intra_op_threads,
         drain_timeout_s=cfg.grace_s,
+        inline_compute_s=cfg.inline_compute_us / 1e6,
     )
 
 

@@ -11,7 +11,10 @@ Batch formation, per instance:
    request has waited ``max_delay_s``.
 4. Drop requests that were cancelled or whose deadline passed, then run the batch in the
    instance's executor (onnxruntime releases the GIL, so the event loop keeps doing I/O) and hand
-   each request its slice of every output.
+   each request its slice of every output. Exception: a batch of at most ``inline_max_images``
+   runs on the event loop itself. That limit comes from timing the model at load: it covers only
+   batches that compute faster than a thread hand-off costs (``--inline-compute-us``, ~100 us; a
+   LeNet batch of a few images), where the hop, not the model, would be the latency.
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 """
@@ -73,6 +76,7 @@ class Batcher:
         max_batch_size: int,
         max_delay_s: float,
         observe: BatchObserver | None = None,
+        inline_max_images: int = 0,
     ) -> None:
         self._queue = queue
         self._run_batch = run_batch
@@ -80,6 +84,7 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self._observe = observe
+        self.inline_max_images = inline_max_images
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
         self._buf: np.ndarray | None = None  # (max_batch_size, C, H, W), reused across batches
@@ -177,7 +182,7 @@ class Batcher:
         x = live[0].inputs if len(live) == 1 else self._concat([item.inputs for item in live])
         waits = [now - item.enqueued for item in live]
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, x)
+            outputs = await self._run(x)
         except Exception as e:
             if len(live) == 1:
                 _fail(live, _as_serve_error(e))
@@ -195,6 +200,11 @@ class Batcher:
                 item.future.set_result([out[start:stop] for out in outputs])
             start = stop
 
+    async def _run(self, x: np.ndarray):
+        if x.shape[0] <= self.inline_max_images:
+            return self._run_batch(x)  # cheaper than the thread hand-off (see module doc)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)
+
     def _concat(self, arrays: list[np.ndarray]) -> np.ndarray:
         total = sum(a.shape[0] for a in arrays)
         shape = arrays[0].shape[1:]
@@ -206,12 +216,11 @@ class Batcher:
 
     async def _isolate(self, live: list[WorkItem]) -> None:
         """The batch failed: run each request alone so that only the bad ones fail."""
-        loop = asyncio.get_running_loop()
         for item in live:
             if item.future.done():
                 continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self._run_batch, item.inputs)
+                outputs = await self._run(item.inputs)
             except Exception as e:
                 if not item.future.done():
                     item.future.set_exception(_as_serve_error(e))

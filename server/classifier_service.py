@@ -44,6 +44,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             status, message = error_code(e)
             code = status.name
             await context.abort(status, message)
+            raise  # not reached: abort() raises
         finally:
             self.inference.finish(call, "Classify", code, perf_counter() - t0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ class Inference:
             if offload is None:
                 x = make_input(served)
             else:
-                x = await offload(lambda s=served: make_input(s))
+                x = await offload(functools.partial(make_input, served))
             try:
                 fut = served.submit(x, deadline)
             except Retired:

@@ -29,6 +29,7 @@ class ServerConfig:
     max_queue_size: int = 256  # waiting requests per model version; beyond: RESOURCE_EXHAUSTED
     instances: int = 1  # sessions (+ batcher + executor thread) per model version
     intra_op_threads: int = 0  # 0: usable cores / instances
+    inline_compute_us: float = 100.0  # batches measured faster than this skip the thread hand-off
     poll_interval_s: float = 10.0  # 0: never poll (SIGHUP still reloads)
     grace_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
@@ -127,6 +128,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         d.intra_op_threads,
         "onnxruntime threads per instance; 0: cores / instances",
     )
+    add("--inline-compute-us", float, d.inline_compute_us,
+        "batches that the load-time measurement says compute faster than this run on the event loop "
+        "(a thread hand-off costs about as much); 0: always use the instance's thread")  # fmt: skip
     add("--poll-interval-s", float, d.poll_interval_s, "repository poll period; 0 disables (SIGHUP reloads)")
     add("--grace-s", float, d.grace_s, "on SIGTERM, how long queued and in-flight calls may take to finish")
     add("--max-message-bytes", int, d.max_message_bytes, "largest request or response message")

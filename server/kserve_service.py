@@ -206,6 +206,7 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
             status, message = error_code(e)
             code = status.name
             await context.abort(status, message)
+            raise  # not reached: abort() raises
         finally:
             self.inference.finish(call, "ModelInfer", code, perf_counter() - t0)
 

@@ -69,14 +69,14 @@ def decode_image(data: bytes, expected: tuple[int, int, int], index: int) -> np.
         )
     mode = "L" if c == 1 else "RGB"
     try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-        if img.width * img.height > MAX_IMAGE_PIXELS:
+        src = Image.open(io.BytesIO(data), formats=FORMATS)
+        if src.width * src.height > MAX_IMAGE_PIXELS:
             raise invalid(
-                f"image {index}: {img.width}x{img.height} pixels is over the {MAX_IMAGE_PIXELS} limit; downscale it"
+                f"image {index}: {src.width}x{src.height} pixels is over the {MAX_IMAGE_PIXELS} limit; downscale it"
             )
-        if img.format == "JPEG":
-            img.draft(mode, (w, h))  # let the JPEG decoder downscale by 1/2..1/8 for free
-        img = img.convert(mode)
+        if src.format == "JPEG":
+            src.draft(mode, (w, h))  # let the JPEG decoder downscale by 1/2..1/8 for free
+        img = src.convert(mode)
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,7 @@ class ServingSettings:
     instances: int
     intra_op_threads: int  # 0: cores / instances
     drain_timeout_s: float
+    inline_compute_s: float = 0.0  # batches measured faster than this run on the event loop
 
 
 class Retired(Exception):
@@ -67,6 +69,7 @@ class LoadedModel:
     max_batch_size: int
     max_delay_s: float
     max_queue_size: int
+    inline_max_images: int = 0
 
 
 def load_version(
@@ -114,30 +117,59 @@ def load_version(
         )
         qsize = repo_config.dynamic_batching.default_queue_policy.max_queue_size
         max_queue = min(s.max_queue_size, qsize) if qsize > 0 else s.max_queue_size
-        for inst in instances:
-            _warm_up(inst, meta, max_batch, str(files.model_path))
+        timings = [
+            _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s) for inst in instances
+        ]
+        inline_max = _inline_limit(timings[0], max_batch, s.inline_compute_s)
     except Exception:
         for inst in instances:
             inst.close()
         raise
     config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, count, s.provider)
-    return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue)
+    return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue, inline_max)
 
 
-def _warm_up(inst: Instance, meta: ModelMeta, max_batch: int, source: str) -> None:
-    # Runs batch 1 and the largest batch: proves the graph executes, checks output shapes, and
-    # moves onnxruntime's first-run allocation cost out of the first user request.
+def _warm_up(
+    inst: Instance, meta: ModelMeta, max_batch: int, source: str, inline_s: float
+) -> dict[int, float]:
+    """Run batch 1 and the largest batch: proves the graph executes, checks output shapes, moves
+    onnxruntime's first-run allocations out of the first request; returns {batch: best seconds}."""
+    timings: dict[int, float] = {}
     for b in sorted({1, max_batch}):
+        x = np.zeros((b, *meta.input_shape), dtype=np.float32)
+        # Time (after the first, allocating run) only what the inline decision needs.
+        timed = 5 if b == 1 else (2 if timings.get(1, math.inf) <= inline_s else 0)
         try:
-            outs = inst.run(np.zeros((b, *meta.input_shape), dtype=np.float32))
+            outs = inst.run(x)
+            best = math.inf
+            for _ in range(timed):
+                t0 = time.perf_counter()
+                inst.run(x)
+                best = min(best, time.perf_counter() - t0)
         except Exception as e:
             raise RepositoryError(f"{source}: fails to run a batch of {b}: {type(e).__name__}: {e}") from e
+        timings[b] = best
         for name, out in zip(inst.output_names, outs, strict=True):
             if name in ("probabilities", "logits") and out.shape != (b, meta.num_classes):
                 raise RepositoryError(
                     f"{source}: output {name!r} has shape {list(out.shape)} for a batch of {b}, "
                     f"expected [{b}, {meta.num_classes}] ({meta.num_classes} class names in the metadata)"
                 )
+    return timings
+
+
+def _inline_limit(timings: dict[int, float], max_batch: int, budget_s: float) -> int:
+    """Largest batch whose compute, interpolated linearly between the measured batch 1 and max
+    batch, stays under ``budget_s``; 0 when even batch 1 is slower (then every batch uses a thread)."""
+    t1 = timings[1]
+    if budget_s <= 0 or t1 > budget_s:
+        return 0
+    if max_batch == 1:
+        return 1
+    per_image = max(0.0, (timings[max_batch] - t1) / (max_batch - 1))
+    if per_image == 0:
+        return max_batch
+    return int(min(max_batch, 1 + (budget_s - t1) // per_image))
 
 
 def _effective_config(

@@ -22,12 +22,14 @@ class FakeModel:
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
         self.batches: list[int] = []
+        self.threads: list[int] = []
         self.started = threading.Event()
         self.lock = threading.Lock()
 
     def __call__(self, x: np.ndarray):
         with self.lock:
             self.batches.append(int(x.shape[0]))
+            self.threads.append(threading.get_ident())
         self.started.set()
         if self.delay_s:
             time.sleep(self.delay_s)
@@ -219,3 +221,28 @@ def test_stop_answers_everything_queued_before_it() -> None:
 
     model, answered = run(main())
     assert all(answered) and sum(model.batches) == 7
+
+
+def test_batches_cheaper_than_a_thread_hop_run_inline_and_the_rest_on_the_instance_thread() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=2)
+        await submit(q, image(1))  # lone request: inline
+        await asyncio.gather(*[submit(q, image(i)) for i in range(5)])  # a batch of 5: over the limit
+        await stop(q, task, ex)
+        return model, threading.get_ident()
+
+    model, loop_thread = run(main())
+    assert model.batches == [1, 5]
+    assert model.threads[0] == loop_thread and model.threads[1] != loop_thread
+
+
+def test_inline_limit_from_load_time_measurements() -> None:
+    from server.served import _inline_limit
+
+    lenet = {1: 20e-6, 64: 800e-6}  # ~12.4 us per extra image
+    assert _inline_limit(lenet, 64, 100e-6) == 7
+    assert _inline_limit(lenet, 64, 0.0) == 0  # disabled
+    assert _inline_limit({1: 5e-3, 64: 0.4}, 64, 100e-6) == 0  # ResNet-18: always the thread
+    assert _inline_limit({1: 10e-6, 64: 10e-6}, 64, 100e-6) == 64
