@@ -123,3 +123,26 @@ def test_reflection_lists_every_service_and_describes_kserve_messages(tiny_serve
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     } <= services
+
+
+def test_tritonclient_stream_infer_answers_every_request_and_reports_errors_in_band(tiny_server) -> None:
+    import queue
+
+    server, tm = tiny_server
+    client = tc.InferenceServerClient(server.target)
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    xs = np.random.default_rng(9).random((6, 2, 1, 28, 28), dtype=np.float32)
+    try:
+        for i, x in enumerate(xs):
+            client.async_stream_infer("tiny", [infer_input(x)], request_id=str(i))
+        client.async_stream_infer("nope", [infer_input(xs[0])], request_id="bad")
+        got = [results.get(timeout=30) for _ in range(len(xs) + 1)]
+    finally:
+        client.stop_stream()
+    answers = {r.get_response().id: r for r, e in got if e is None}
+    errors = [e for _, e in got if e is not None]
+    assert sorted(answers) == [str(i) for i in range(len(xs))]
+    for i, x in enumerate(xs):
+        np.testing.assert_allclose(answers[str(i)].as_numpy("probabilities"), tm.probabilities(x), atol=1e-6)
+    assert len(errors) == 1 and "NOT_FOUND" in str(errors[0]) and "nope" in str(errors[0])
