@@ -156,8 +156,18 @@ def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
         while stub.Classify(request(), timeout=10).version != 2:
             assert time.monotonic() < end, "SIGHUP did not load version 2"
             time.sleep(0.05)
+    health = subprocess.run(
+        [sys.executable, "-m", "server.healthcheck", "--port", str(listening["port"])],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert (health.returncode, health.stdout.strip()) == (0, "SERVING")  # the docker-compose healthcheck
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
+    after = subprocess.run(
+        [sys.executable, "-m", "server.healthcheck", "--port", str(listening["port"]), "--timeout-s", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert after.returncode == 1 and "unhealthy: UNAVAILABLE" in after.stderr
 
 
 def test_device_cuda_without_a_working_cuda_provider_fails_start_clearly(tmp_path, spawn) -> None:
