@@ -12,7 +12,7 @@ import grpc
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from server.common import Call, Inference, deadline_of, error_code, pipelined, probabilities_of, top_k
-from server.errors import ServeError, invalid
+from server.errors import invalid
 from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
 from server.served import ServedVersion
 
@@ -146,6 +146,3 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                 )  # fmt: skip
             )
         return pb.ListModelsResponse(models=models)
-
-
-__all__ = ["ClassifierService", "ServeError"]

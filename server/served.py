@@ -17,7 +17,7 @@ import numpy as np
 
 from protos.inference import model_config_pb2 as mc
 from server.batcher import STOP, Batcher, submit
-from server.errors import ServeError, unavailable
+from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
 from server.repository import PLATFORM, RepositoryError, VersionFiles, check_report, meta_from_props
 from server.runtime import CUDA, Instance, create_instances, threads_per_instance
@@ -307,14 +307,3 @@ class ServedVersion:
         for inst in self.instances:
             inst.close()
         self._metrics_owner.version_unloaded(self.name, str(self.version))
-
-    def describe(self) -> dict:
-        return {"name": self.name, "version": self.version, "provider": self.provider, "arch": self.meta.arch,
-                "max_batch_size": self.max_batch_size, "instances": len(self.instances)}  # fmt: skip
-
-
-def is_retired(e: BaseException) -> bool:
-    return isinstance(e, Retired)
-
-
-__all__ = ["LoadedModel", "Retired", "ServeError", "ServedVersion", "ServingSettings", "load_version"]
