@@ -133,7 +133,12 @@ def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Tr
             path = Path(explicit["resume"])
             values["out"] = str(path if path.is_dir() else path.parent)
     if explicit.get("preset"):
-        values.update(get_preset(explicit["preset"]).values)
+        preset = dict(get_preset(explicit["preset"]).values)
+        if explicit.get("arch", preset.get("arch")) != preset.get("arch"):
+            # The preset's model knobs describe its own arch; another --arch keeps only the recipe.
+            preset = {k: v for k, v in preset.items() if k not in C.MODEL_KNOBS}
+        values.update(preset)
+        values["preset"] = explicit["preset"]
     values.update(explicit)
     from trainer.data import list_datasets
     from trainer.models import list_models

@@ -69,7 +69,7 @@ _PRESETS = (
         {
             "arch": "fmnist_net",
             "dataset": "fashion-mnist",
-            "width": 32,
+            "width": 16,
             "optimizer": "sgd",
             "lr": 0.2,
             "momentum": 0.9,
