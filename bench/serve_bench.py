@@ -263,7 +263,7 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     return out
 
 
-def client_ceiling(cfg: BenchConfig) -> dict[str, Any]:
+def client_ceiling(cfg: BenchConfig) -> dict[int, Any]:
     """The load tool's own limit: requests/s it drives into the bare echo server."""
     port = free_port()
     target = f"127.0.0.1:{port}"

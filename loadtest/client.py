@@ -105,12 +105,18 @@ class LocalClient:
         self._channel: grpc.aio.Channel | None = None
         self._call: Any = None
         self._target, self._method = target, method_for(api)
+        self.connect_timeout_s = 30.0
 
     async def _step(self, spec: StepSpec) -> StepResult:
         if self._channel is None:
             self._channel = open_channel(self._target)
             self._call = raw_call(self._channel, self._method)
-            await self._channel.channel_ready()
+            try:
+                await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout_s)
+            except TimeoutError:
+                raise TargetError(
+                    f"{self._target}: not reachable within {self.connect_timeout_s:g}s"
+                ) from None
         ctl = StepController(spec, 1, *self.stability, images_per_request=self.k)
         t0 = time.perf_counter() + START_DELAY_S
         totals = await run_process_step(

@@ -50,7 +50,7 @@ def _to_chw(img: Any, shape: tuple[int, int, int]) -> np.ndarray:
     c, h, w = shape
     img = img.convert("L" if c == 1 else "RGB")
     if img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
+        img = img.resize((w, h), Image.Resampling.BILINEAR)
     arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)
 

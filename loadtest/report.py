@@ -18,7 +18,7 @@ CSV_FIELDS = (
 )  # fmt: skip
 
 
-def _fmt(v: float, digits: int = 2) -> str:
+def _fmt(v: float | None, digits: int = 2) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 

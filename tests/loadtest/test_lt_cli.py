@@ -102,3 +102,13 @@ def test_defaults_sweep_the_issue_concurrencies() -> None:
     assert cfg.concurrency == (1, 4, 16, 64) and cfg.request_rates == ()
     cfg = parse_args(["--target", "h:1", "--model", "m", "--request-rate", "10,20.5"])
     assert cfg.concurrency == () and cfg.request_rates == (10.0, 20.5)
+
+
+def test_unreachable_target_fails_fast_with_status_1(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["--target", f"127.0.0.1:{port}", "--model", "m", "--timeout", "2", *FAST]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
