@@ -98,21 +98,25 @@ def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for mode, marker in (("closed", "o"), ("open", "s")):
+    colors = {"p50_ms": "tab:blue", "p90_ms": "tab:orange", "p99_ms": "tab:red"}
+    for mode, style in (("closed", "-o"), ("open", "--s")):
         rs = sorted((r for r in results if r.mode == mode), key=lambda r: r.images_per_s)
         if not rs:
             continue
         x = [r.images_per_s for r in rs]
-        for key in ("p50_ms", "p90_ms", "p99_ms"):
-            ax.plot(x, [r.latency_ms[key] for r in rs], marker=marker, label=f"{mode} {key[:-3]}")
+        for key, color in colors.items():
+            ax.plot(x, [r.latency_ms[key] for r in rs], style, color=color, label=f"{mode} loop {key[:-3]}")
         for r in rs:
             ax.annotate(r.label, (r.images_per_s, r.latency_ms["p99_ms"]), fontsize=7, xytext=(3, 3),
                         textcoords="offset points")  # fmt: skip
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(title)
