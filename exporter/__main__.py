@@ -92,7 +92,16 @@ def verify(cfg: ExportConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(list(sys.argv[1:] if argv is None else argv))
-    return verify(cfg) if cfg.command == "verify" else export_all(cfg)
+    if not cfg.threads:
+        return verify(cfg) if cfg.command == "verify" else export_all(cfg)
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return verify(cfg) if cfg.command == "verify" else export_all(cfg)
+    finally:
+        torch.set_num_threads(before)  # main() may run inside a longer-lived process (tests)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,16 @@ CPU = ["CPUExecutionProvider"]
 REL_FLOOR = 1e-3
 
 
+@dataclass(frozen=True)
+class Gate:
+    """How the parity checks run: the large batch, how many images at batch 1, the tolerance."""
+
+    batch: int
+    batch1_samples: int
+    atol: float
+    threads: int = 0  # intra-op threads of onnxruntime sessions; 0 = onnxruntime's default
+
+
 @dataclass
 class CheckResult:
     name: str
@@ -134,27 +144,24 @@ def _summarize(
     return CheckResult(name, passed, numbers, msg)
 
 
-def parity_check(
-    wrapper, model_bytes: bytes, x: np.ndarray, batch: int, batch1_samples: int, atol: float
-) -> tuple[CheckResult, np.ndarray]:
+def parity_check(wrapper, model_bytes: bytes, x: np.ndarray, gate: Gate) -> tuple[CheckResult, np.ndarray]:
     """PyTorch (eval, fp32, CPU) vs onnxruntime CPU at batch 1 and at ``batch``.
 
     Returns the check and the ORT logits of all of x at the large batch (reused for accuracy).
     """
-    sess = session(model_bytes, optimized=True)
-    x1 = x[:batch1_samples]
+    sess = session(model_bytes, optimized=True, threads=gate.threads)
+    x1, atol = x[: gate.batch1_samples], gate.atol
     per_batch = {"batch_1": compare(torch_logits(wrapper, x1, 1), ort_logits(sess, x1, 1), atol)}
-    got = ort_logits(sess, x, batch)
-    per_batch[f"batch_{batch}"] = compare(torch_logits(wrapper, x, batch), got, atol)
+    got = ort_logits(sess, x, gate.batch)
+    per_batch[f"batch_{gate.batch}"] = compare(torch_logits(wrapper, x, gate.batch), got, atol)
     return _summarize("parity", per_batch, atol, "pytorch", "onnxruntime"), got
 
 
-def optimization_check(
-    model_bytes: bytes, x: np.ndarray, batch: int, batch1_samples: int, atol: float
-) -> CheckResult:
+def optimization_check(model_bytes: bytes, x: np.ndarray, gate: Gate) -> CheckResult:
     """onnxruntime with all graph optimizations vs none: the fused graph must compute the same."""
-    plain, fused = session(model_bytes, optimized=False), session(model_bytes, optimized=True)
-    x1 = x[:batch1_samples]
+    plain = session(model_bytes, optimized=False, threads=gate.threads)
+    fused = session(model_bytes, optimized=True, threads=gate.threads)
+    x1, atol, batch = x[: gate.batch1_samples], gate.atol, gate.batch
     per_batch = {
         "batch_1": compare(ort_logits(plain, x1, 1), ort_logits(fused, x1, 1), atol),
         f"batch_{batch}": compare(ort_logits(plain, x, batch), ort_logits(fused, x, batch), atol),
@@ -166,9 +173,11 @@ def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
     return None if labels is None else float((logits.argmax(1) == labels).mean())
 
 
-def images_per_second(model_bytes: bytes, x: np.ndarray, batch: int = 64, seconds: float = 1.0) -> float:
+def images_per_second(
+    model_bytes: bytes, x: np.ndarray, batch: int = 64, seconds: float = 1.0, threads: int = 0
+) -> float:
     """CPU onnxruntime throughput at ``batch`` (after one warm-up run), measured for ~``seconds``."""
-    sess = session(model_bytes, optimized=True)
+    sess = session(model_bytes, optimized=True, threads=threads)
     xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))  # (batch, C, H, W), repeats if N < batch
     sess.run(["logits"], {"input": xb})
     done, start = 0, time.perf_counter()

@@ -33,6 +33,7 @@ class ExportConfig:
     report_dir: Path | None = None  # failed-export reports; default REPO/.failed
     bench_seconds: float = 1.0
     seed: int = 0
+    threads: int = 0  # torch and onnxruntime intra-op threads; 0 = their defaults
     progress: bool = True
 
 
@@ -53,6 +54,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
         "--data-dir", type=Path, default=None, help="dataset root (default: trainer's search path)"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch/onnxruntime intra-op threads (0 = default)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -133,6 +135,7 @@ def _common(a: argparse.Namespace) -> dict:
         "max_accuracy_drop": a.max_accuracy_drop,
         "data_dir": a.data_dir,
         "seed": a.seed,
+        "threads": a.threads,
         "progress": not a.no_progress,
     }
 
@@ -143,6 +146,8 @@ def validate(cfg: ExportConfig) -> list[str]:
         problems.append(f"--parity-batch must be >= {MIN_PARITY_BATCH}, got {cfg.parity_batch}")
     if cfg.parity_samples < 0 or cfg.batch1_samples < 1:
         problems.append("--parity-samples must be >= 0 and --batch1-samples >= 1")
+    if cfg.threads < 0:
+        problems.append("--threads must be >= 0")
     if cfg.atol <= 0:
         problems.append("--atol must be > 0")
     if cfg.max_accuracy_drop < 0:

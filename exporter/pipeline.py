@@ -67,6 +67,10 @@ class ExportResult:
     problems: list[str] = field(default_factory=list)  # empty when everything asked for was published
 
 
+def gate_of(cfg: ExportConfig) -> checks.Gate:
+    return checks.Gate(cfg.parity_batch, cfg.batch1_samples, cfg.atol, cfg.threads)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -178,17 +182,13 @@ def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cf
     t = time.perf_counter()
     _gate(report, checks.check_onnx(proto, src.meta.input_shape, src.meta.num_classes))
     model_bytes = proto.SerializeToString()
-    parity, logits = checks.parity_check(
-        wrapper, model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol
-    )
+    parity, logits = checks.parity_check(wrapper, model_bytes, data.x, gate_of(cfg))
     _gate(report, parity)
-    _gate(
-        report, checks.optimization_check(model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol)
-    )
+    _gate(report, checks.optimization_check(model_bytes, data.x, gate_of(cfg)))
     _timed(report, "checks", t)
 
     t = time.perf_counter()
-    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds)
+    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds, cfg.threads)
     _timed(report, "speed_fp32", t)
     acc = checks.accuracy(logits, data.y)
     source = f"onnxruntime on the {data.source}" if acc is not None else "unavailable (no test set)"
@@ -237,9 +237,9 @@ def export_variant(
         return cand
 
     model_bytes = proto.SerializeToString()
-    logits = checks.ort_logits(checks.session(model_bytes), data.x, cfg.parity_batch)
+    logits = checks.ort_logits(checks.session(model_bytes, threads=cfg.threads), data.x, cfg.parity_batch)
     acc = checks.accuracy(logits, data.y)
-    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds)
+    speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds, cfg.threads)
     fp32_acc = fp32.numbers["accuracy"]
     numbers.update(
         accuracy=acc,

@@ -11,7 +11,7 @@ from typing import Any
 from exporter import checks, onnx_export, repository
 from exporter.config import ExportConfig
 from exporter.inputs import load_eval_data
-from exporter.pipeline import BadInput, build_wrapper, load_source
+from exporter.pipeline import BadInput, build_wrapper, gate_of, load_source
 
 
 def verify_published(cfg: ExportConfig) -> dict[str, Any]:
@@ -46,14 +46,10 @@ def verify_published(cfg: ExportConfig) -> dict[str, Any]:
     results = [checks.check_onnx(proto, src.meta.input_shape, src.meta.num_classes)]
     model_bytes = model_path.read_bytes()
     if results[0].passed and precision == "fp32":
-        parity, _ = checks.parity_check(
-            wrapper, model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol
-        )
+        parity, _ = checks.parity_check(wrapper, model_bytes, data.x, gate_of(cfg))
         results.append(parity)
         if parity.passed:
-            results.append(
-                checks.optimization_check(model_bytes, data.x, cfg.parity_batch, cfg.batch1_samples, cfg.atol)
-            )
+            results.append(checks.optimization_check(model_bytes, data.x, gate_of(cfg)))
     elif results[0].passed:
         results.append(_accuracy_gate(wrapper, model_bytes, data, cfg, precision))
     report["checks"] = [r.to_dict() for r in results]
@@ -66,7 +62,9 @@ def _accuracy_gate(
     wrapper, model_bytes: bytes, data, cfg: ExportConfig, precision: str
 ) -> checks.CheckResult:
     ref = checks.accuracy(checks.torch_logits(wrapper, data.x, cfg.parity_batch), data.y)
-    got = checks.accuracy(checks.ort_logits(checks.session(model_bytes), data.x, cfg.parity_batch), data.y)
+    got = checks.accuracy(
+        checks.ort_logits(checks.session(model_bytes, threads=cfg.threads), data.x, cfg.parity_batch), data.y
+    )
     if ref is None or got is None:
         return checks.CheckResult("accuracy_gate", False, {}, f"accuracy unknown: {data.source}")
     drop = 100.0 * (ref - got)
