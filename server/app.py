@@ -33,6 +33,8 @@ from server.served import ServingSettings
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 0.25  # after the last admitted call finished, keep refusing (UNAVAILABLE) this long
+
 
 @dataclass
 class ServerHandle:
@@ -65,7 +67,18 @@ class ServerHandle:
         await self.health.enter_graceful_shutdown()  # type: ignore[attr-defined]
         for task in self._background:
             task.cancel()
-        await self.server.stop(grace)  # refuses new RPCs, waits for in-flight ones up to `grace`
+        # Phase 1: our handlers answer new calls UNAVAILABLE (clients retry elsewhere) while the
+        # calls already admitted, and open streams, finish. Stopping gRPC right away would make
+        # grpc-core kill calls that arrived but were not yet dispatched with CANCELLED.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + grace
+        while not self.state.idle and loop.time() < end:
+            await asyncio.sleep(0.005)
+        # A client whose call just finished may send its next one now: answer it UNAVAILABLE too,
+        # for a moment, rather than racing the port closing (undispatched calls end CANCELLED).
+        await asyncio.sleep(max(0.0, min(LINGER_S, end - loop.time())))
+        # Phase 2: close the port; whatever is still running gets the rest of the grace period.
+        await self.server.stop(max(0.0, end - loop.time()))
         await self.manager.close()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False)

@@ -33,7 +33,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         t0 = perf_counter()
-        call = Call()
+        call = self.inference.begin()
         code = "OK"
         try:
             return await self._classify(request, call, deadline_of(context))
@@ -105,7 +105,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
         t0 = perf_counter()
-        call = Call()
+        call = self.inference.begin()
         code = "OK"
         try:
             return await self._classify(request, call, deadline)

@@ -29,6 +29,7 @@ class ServerState:
 
     ready: bool = False  # initial repository load done
     stopping: bool = False
+    active: int = 0  # inference calls (unary, or one stream message) being handled right now
     admitted: int = 0  # requests handed to a batcher
     admitted_ok: int = 0
     admitted_failed: int = 0  # admitted, then failed for any reason (must stay 0 on SIGTERM)
@@ -38,6 +39,10 @@ class ServerState:
         self.stopping = True
         for pending in list(self.streams):
             pending.put_nowait(None)  # wakes each stream writer: finish what was read, then end
+
+    @property
+    def idle(self) -> bool:
+        return self.active == 0 and not self.streams
 
     def summary(self) -> dict:
         return {
@@ -72,6 +77,11 @@ class Inference:
         self.metrics = metrics
         self.state = state
 
+    def begin(self) -> Call:
+        """Start one inference call's bookkeeping; ``finish`` ends it."""
+        self.state.active += 1
+        return Call()
+
     async def run(
         self,
         call: Call,
@@ -105,14 +115,14 @@ class Inference:
     async def _await(self, call: Call, served: ServedVersion, fut: asyncio.Future) -> list[np.ndarray]:
         call.admitted = True
         self.state.admitted += 1
-        inflight = served.metrics.inflight
-        inflight.inc()  # type: ignore[attr-defined]
+        served.inflight += 1
         try:
             return await fut
         finally:
-            inflight.dec()  # type: ignore[attr-defined]
+            served.inflight -= 1
 
     def finish(self, call: Call, rpc: str, code: str, seconds: float) -> None:
+        self.state.active -= 1
         served = call.served
         if served is None:
             self.metrics.unknown.observe_request(rpc, code, seconds)
@@ -150,8 +160,11 @@ def probabilities_of(served: ServedVersion, outputs: list[np.ndarray]) -> np.nda
 
 def top_k(probs: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
     """probs (n, K) -> (indices (n, k), probabilities (n, k)) highest first, as Python lists."""
+    if k == 1 and probs.shape[0] == 1:  # the common case, without numpy's fancy-indexing overhead
+        i = int(probs[0].argmax())
+        return [[i]], [[float(probs[0, i])]]
     idx = probs.argmax(axis=1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return idx.tolist(), np.take_along_axis(probs, idx, axis=1).tolist()
+    return idx.tolist(), probs[np.arange(probs.shape[0])[:, None], idx].tolist()
 
 
 async def pipelined(request_iterator, handle_one, state: ServerState, deadline: float | None):

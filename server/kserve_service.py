@@ -195,7 +195,7 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: ks.ModelInferRequest, context) -> ks.ModelInferResponse:
         t0 = perf_counter()
-        call = Call()
+        call = self.inference.begin()
         code = "OK"
         try:
             return await self._infer(request, call, deadline_of(context))
@@ -236,7 +236,7 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         self, request: ks.ModelInferRequest, deadline: float | None
     ) -> ks.ModelStreamInferResponse:
         t0 = perf_counter()
-        call = Call()
+        call = self.inference.begin()
         code = "OK"
         try:
             return ks.ModelStreamInferResponse(infer_response=await self._infer(request, call, deadline))

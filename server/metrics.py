@@ -124,13 +124,24 @@ class ServerMetrics:
             )
 
     def version_loaded(
-        self, model: str, version: str, provider: str, arch: str, dataset: str, queue_size: Callable[[], int]
+        self,
+        model: str,
+        version: str,
+        provider: str,
+        arch: str,
+        dataset: str,
+        queue_size: Callable[[], int],
+        inflight: Callable[[], int] | None = None,
     ) -> VersionMetrics:
+        """Pre-initialise a loaded version's series. The two gauges are read at scrape time from
+        the callables (plain ints on the event loop), so the hot path takes no metric lock for them."""
         children = self.for_version(model, version)
         with self._lock:
             self.model_info.labels(model, version, provider, arch, dataset).set(1)
             self._info_labels[(model, version)] = (model, version, provider, arch, dataset)
             self.queue_depth.labels(model, version).set_function(queue_size)
+            if inflight is not None:
+                self.inflight.labels(model, version).set_function(inflight)
             self.load_failures.labels(model)
         return children
 

@@ -209,14 +209,16 @@ class ServedVersion:
         self.class_names = loaded.meta.class_names
         self.num_classes = loaded.meta.num_classes
         self.stats = VersionStats()
+        self.inflight = 0  # admitted, not yet answered (read by the cnn_inflight_requests gauge)
         self.accepting = False
         self.loaded_at = time.time()
         self._loaded = loaded
         self._metrics_owner = metrics
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=loaded.max_queue_size)
         self.metrics: VersionMetrics = metrics.version_loaded(
-            name, str(self.version), provider, loaded.meta.arch, loaded.meta.dataset, self.queue.qsize
-        )
+            name, str(self.version), provider, loaded.meta.arch, loaded.meta.dataset, self.queue.qsize,
+            lambda: self.inflight,
+        )  # fmt: skip
         self.batchers = [
             Batcher(
                 self.queue,

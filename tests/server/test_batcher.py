@@ -246,3 +246,15 @@ def test_inline_limit_from_load_time_measurements() -> None:
     assert _inline_limit(lenet, 64, 0.0) == 0  # disabled
     assert _inline_limit({1: 5e-3, 64: 0.4}, 64, 100e-6) == 0  # ResNet-18: always the thread
     assert _inline_limit({1: 10e-6, 64: 10e-6}, 64, 100e-6) == 64
+
+
+def test_top_k_orders_by_probability_on_every_path() -> None:
+    from server.common import top_k
+
+    probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
+    assert top_k(probs[:1], 1) == ([[1]], [[pytest.approx(0.6)]])
+    idx, vals = top_k(probs, 1)
+    assert idx == [[1], [0]] and vals == [[pytest.approx(0.6)], [pytest.approx(0.5)]]
+    idx, vals = top_k(probs, 3)
+    assert idx == [[1, 2, 0], [0, 2, 1]]
+    assert vals[1] == [pytest.approx(0.5), pytest.approx(0.3), pytest.approx(0.2)]

@@ -133,7 +133,10 @@ def test_sigterm_under_load_finishes_every_admitted_call_and_exits_0(tmp_path, s
         stopped["admitted"] == stopped["admitted_ok"] == results["OK"]
     )  # every admitted call reached its client
     assert results["OK"] > 8
-    assert set(results) <= {"OK", "UNAVAILABLE"}  # after SIGTERM: refused, never failed mid-way
+    # After SIGTERM new calls are refused: UNAVAILABLE from our handlers, or, for a call racing the
+    # port closing, CANCELLED from grpc-core (never admitted: the server's counts above prove it).
+    assert set(results) <= {"OK", "UNAVAILABLE", "CANCELLED"}
+    assert results["UNAVAILABLE"] >= 1
 
 
 def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
