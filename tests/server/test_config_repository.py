@@ -131,3 +131,18 @@ def test_a_models_config_can_lower_the_server_ceilings(tmp_path, start_server) -
     assert config.instance_group[0].count == 2
     served = server.handle.manager.resolve("tiny")
     assert len(served.instances) == 2 and served.max_batch_size == 4
+
+
+@pytest.mark.integration
+def test_only_models_faster_than_a_thread_hop_run_inline(tmp_path, start_server) -> None:
+    root = tmp_path / "repo"
+    fast, tm = tiny_model()  # ~10 us per batch
+    slow, tm_slow = tiny_model(hidden=300, width=1024)  # ~10 ms per image
+    publish(root, "fast", 1, fast, tm.meta)
+    publish(root, "slow", 1, slow, tm_slow.meta)
+    server = start_server(server_config(root, max_batch_size=8))
+    manager = server.handle.manager
+    assert manager.resolve("fast").batchers[0].inline_max_images >= 1
+    assert manager.resolve("slow").batchers[0].inline_max_images == 0
+    off = start_server(server_config(root, inline_compute_us=0))
+    assert off.handle.manager.resolve("fast").batchers[0].inline_max_images == 0
