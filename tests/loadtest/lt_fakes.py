@@ -33,6 +33,9 @@ class Behaviour:
     received: int = 0
     answered: Counter = field(default_factory=Counter)  # status code name -> count
     arrivals: list[float] = field(default_factory=list)
+    last_request: pb.ClassifyRequest | None = None
+    inflight: int = 0
+    max_inflight: int = 0
 
 
 class FakeClassifier(pb_grpc.ClassifierServicer):
@@ -43,9 +46,21 @@ class FakeClassifier(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         b = self.b
+        b.inflight += 1
+        b.max_inflight = max(b.max_inflight, b.inflight)
+        try:
+            return await self._classify(request, context)
+        finally:
+            b.inflight -= 1
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        b = self.b
         b.received += 1
         n = b.received
         b.arrivals.append(time.perf_counter())
+        b.last_request = request
         if request.model != FAKE_MODEL:
             b.answered["NOT_FOUND"] += 1
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")

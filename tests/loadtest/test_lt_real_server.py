@@ -99,3 +99,14 @@ def test_bounded_load_test_counts_match_the_servers_counter(real_server: RealSer
         assert step["images_per_s"] == pytest.approx(2 * step["requests_per_s"])
     # With 8 in flight the server batches (2 images per request, up to 8 images per batch).
     assert closed8["server"]["batch_size"] > closed1["server"]["batch_size"]
+
+
+def test_kserve_api_against_the_real_server(real_server: RealServer, tmp_path: Path) -> None:
+    out = tmp_path / "kserve.json"
+    argv = ["--target", real_server.target, "--model", "tiny", "--api", "kserve", "--concurrency", "4",
+            "--max-requests", "100", "--duration", "5", "--window", "0.5", "--warmup", "0",
+            "--stability-windows", "100", "--metrics-url", real_server.metrics_url, "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["sent"] == step["ok"] == 100 and step["errors_total"] == {}
+    assert step["server"]["requests_ok"] == 100

@@ -40,23 +40,25 @@ def test_closed_loop_sends_exactly_max_requests(fake_server: FakeServer) -> None
 
 
 def test_closed_loop_keeps_concurrency_requests_in_flight(fake_server: FakeServer) -> None:
-    # Each request takes 20 ms, so C in flight gives about C / 0.02 requests/s; latency ~20 ms.
-    fake_server.behaviour.delay_s = 0.02
+    # Each request takes >= 20 ms, so C in flight gives at most C / 0.02 requests/s.
+    b = fake_server.behaviour
+    b.delay_s = 0.02
     client = _client(fake_server)
     try:
         r1 = client.run_step(_spec("closed", 1, duration_s=1.5))
+        one_at_a_time = b.max_inflight
         r8 = client.run_step(_spec("closed", 8, duration_s=1.5))
     finally:
         client.close()
-    assert 30 <= r1.requests_per_s <= 52
-    assert 8 * 30 <= r8.requests_per_s <= 8 * 52
-    assert 20.0 <= r8.latency_ms["p50_ms"] < 40.0
-    assert r8.sent == r8.ok == fake_server.behaviour.answered["OK"] - r1.ok
+    assert one_at_a_time == 1 and b.max_inflight == 8  # exactly C in flight, never more
+    assert 0 < r1.requests_per_s <= 52 and 0 < r8.requests_per_s <= 8 * 52
+    assert r8.latency_ms["p50_ms"] >= 20.0
+    assert r8.sent == r8.ok == b.answered["OK"] - r1.ok
 
 
 def test_step_stops_early_once_stable(fake_server: FakeServer) -> None:
     fake_server.behaviour.delay_s = 0.005
-    client = _client(fake_server, stability=(3, 25.0))
+    client = _client(fake_server, stability=(3, 60.0))  # lenient: CI boxes are noisy; the rule is unit-tested
     start = time.perf_counter()
     try:
         r = client.run_step(_spec("closed", 4, window_s=0.4, duration_s=8.0))
@@ -94,8 +96,11 @@ def test_open_loop_keeps_its_rate_while_the_server_stalls(fake_server: FakeServe
     finally:
         client.close()
     assert r.mode == "open" and r.errors_total == {}
-    # Sends did not slip: the client kept sending on schedule through the stall.
-    assert r.send_lag_ms is not None and r.send_lag_ms["p99_ms"] < 30.0
+    # Sends did not slip: the client kept sending on schedule through the 0.8 s stall. (A sender
+    # that waited for answers would be ~800 ms late; the bounds leave room for a busy CI box and
+    # for the fake server, which shares this process's GIL, flushing its backlog after the stall.)
+    assert r.send_lag_ms is not None
+    assert r.send_lag_ms["p50_ms"] < 5.0 and r.send_lag_ms["max_ms"] < 250.0
     arrivals = np.array(b.arrivals)
     assert len(arrivals) == r.sent
     stall_part = arrivals[arrivals < b.stall_until]
