@@ -11,10 +11,11 @@ Batch formation, per instance:
    request has waited ``max_delay_s``.
 4. Drop requests that were cancelled or whose deadline passed, then run the batch in the
    instance's executor (onnxruntime releases the GIL, so the event loop keeps doing I/O) and hand
-   each request its slice of every output. Exception: a batch of at most ``inline_max_images``
-   runs on the event loop itself. That limit comes from timing the model at load: it covers only
-   batches that compute faster than a thread hand-off costs (``--inline-compute-us``, ~100 us; a
-   LeNet batch of a few images), where the hop, not the model, would be the latency.
+   each request its slice of every output. Exception: on the idle fast path, a request of at most
+   ``inline_max_images`` runs on the event loop itself. That limit comes from timing the model at
+   load: it covers only batches that compute faster than a thread hand-off costs
+   (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model, is the latency. Under
+   load the thread is always used: then compute overlaps the loop's gRPC work on another core.
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 """
@@ -87,6 +88,7 @@ class Batcher:
         self.inline_max_images = inline_max_images
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
+        self._idle = False  # the batch being run came through the idle fast path
         self._buf: np.ndarray | None = None  # (max_batch_size, C, H, W), reused across batches
         self.busy = False
         self.batches = 0
@@ -118,6 +120,7 @@ class Batcher:
             raise
 
     async def _collect(self) -> tuple[list[WorkItem], bool]:
+        self._idle = False
         q = self._queue
         max_n = self.max_batch_size
         if self._carry is not None:
@@ -139,7 +142,9 @@ class Batcher:
             batch.append(item)
             n += item.n
         # 2. Idle fast path: a lone request after a lone request runs now.
-        if n >= max_n or self.max_delay_s <= 0 or (len(batch) == 1 and self._last_batch_requests == 1):
+        idle = len(batch) == 1 and self._last_batch_requests == 1
+        if n >= max_n or self.max_delay_s <= 0 or idle:
+            self._idle = idle
             return self._done(batch), False
         # 3. Under load: wait for more until the oldest request has waited max_delay_s.
         loop = asyncio.get_running_loop()
@@ -165,6 +170,10 @@ class Batcher:
         self._last_batch_requests = len(batch)
         return batch
 
+    def _take_idle(self) -> bool:
+        idle, self._idle = self._idle, False
+        return idle
+
     async def _execute(self, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -182,7 +191,7 @@ class Batcher:
         x = live[0].inputs if len(live) == 1 else self._concat([item.inputs for item in live])
         waits = [now - item.enqueued for item in live]
         try:
-            outputs = await self._run(x)
+            outputs = await self._run(x, self._take_idle())
         except Exception as e:
             if len(live) == 1:
                 _fail(live, _as_serve_error(e))
@@ -200,8 +209,8 @@ class Batcher:
                 item.future.set_result([out[start:stop] for out in outputs])
             start = stop
 
-    async def _run(self, x: np.ndarray):
-        if x.shape[0] <= self.inline_max_images:
+    async def _run(self, x: np.ndarray, idle: bool = False):
+        if idle and x.shape[0] <= self.inline_max_images:
             return self._run_batch(x)  # cheaper than the thread hand-off (see module doc)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)
 

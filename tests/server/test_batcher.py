@@ -223,19 +223,21 @@ def test_stop_answers_everything_queued_before_it() -> None:
     assert all(answered) and sum(model.batches) == 7
 
 
-def test_batches_cheaper_than_a_thread_hop_run_inline_and_the_rest_on_the_instance_thread() -> None:
+def test_only_idle_lone_requests_cheaper_than_a_thread_hop_run_inline() -> None:
     async def main():
         q: asyncio.Queue = asyncio.Queue()
         model = FakeModel()
         b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=2)
-        await submit(q, image(1))  # lone request: inline
-        await asyncio.gather(*[submit(q, image(i)) for i in range(5)])  # a batch of 5: over the limit
+        await submit(q, image(1, n=2))  # idle, within the limit: inline
+        await submit(q, image(1, n=3))  # idle, over the limit: thread
+        await asyncio.gather(submit(q, image(2)), submit(q, image(3)))  # under load: thread
         await stop(q, task, ex)
         return model, threading.get_ident()
 
     model, loop_thread = run(main())
-    assert model.batches == [1, 5]
-    assert model.threads[0] == loop_thread and model.threads[1] != loop_thread
+    assert model.batches == [2, 3, 2]
+    on_loop = [t == loop_thread for t in model.threads]
+    assert on_loop == [True, False, False]
 
 
 def test_inline_limit_from_load_time_measurements() -> None:
