@@ -142,3 +142,33 @@ def test_classify_stream_answers_in_order_and_keeps_going_after_an_error(tiny_se
     expected = tm.probabilities(xs).argmax(axis=1)
     assert [r.results[0].predictions[0].class_index for r in good] == expected.tolist()
     assert all(r.error_code == 0 and r.version == 1 for r in good)
+
+
+def test_shutdown_ends_an_open_stream_after_answering_what_it_read(repo, start_server) -> None:
+    import queue
+    import threading
+    import time
+
+    root, tm = repo
+    server = start_server(server_config(root, grace_s=20))
+    outbox: queue.Queue = queue.Queue()
+
+    def requests():
+        while (item := outbox.get(timeout=30)) is not None:
+            yield item
+
+    x = np.random.default_rng(11).random((1, 28, 28), dtype=np.float32)
+    with grpc.insecure_channel(server.target) as ch:
+        replies = pb_grpc.ClassifierStub(ch).ClassifyStream(requests(), timeout=60)
+        for i in range(3):
+            outbox.put(pb.ClassifyRequest(model="tiny", images=[tensor_image(x)], request_id=str(i)))
+            assert next(replies).request_id == str(i)
+        t0 = time.monotonic()
+        stopper = threading.Thread(target=server.stop, args=(20,))
+        stopper.start()
+        with pytest.raises(grpc.RpcError) as info:
+            next(replies)  # the idle stream is closed by the server, not left to the grace period
+        outbox.put(None)
+        stopper.join(30)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
+    assert time.monotonic() - t0 < 5 and server.summary is not None and server.summary["admitted_failed"] == 0
