@@ -109,11 +109,21 @@ class MultiProcClient:
                 ready += 1
 
     def _get(self, deadline: float) -> tuple[str, int, Any]:
-        try:
-            kind, index, payload = self._results.get(timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Empty:
-            self.close()
-            raise RuntimeError("client processes did not answer in time") from None
+        """Next message from the children; fails fast if one died (e.g. crashed while starting)."""
+        while True:
+            try:
+                kind, index, payload = self._results.get(
+                    timeout=min(0.5, max(0.0, deadline - time.monotonic()))
+                )
+                break
+            except queue.Empty:
+                dead = [p for p in self._procs if p.exitcode is not None]
+                if dead or time.monotonic() >= deadline:
+                    self.close()
+                    why = (
+                        f"{dead[0].name} exited with code {dead[0].exitcode}" if dead else "no answer in time"
+                    )
+                    raise RuntimeError(f"client processes failed: {why}") from None
         if kind == "error":
             self.close()
             raise RuntimeError(f"client process {index} failed:\n{payload}")
