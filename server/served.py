@@ -19,7 +19,14 @@ from protos.inference import model_config_pb2 as mc
 from server.batcher import STOP, Batcher, submit
 from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
-from server.repository import PLATFORM, RepositoryError, VersionFiles, check_report, meta_from_props
+from server.repository import (
+    PLATFORM,
+    RepositoryError,
+    VersionFiles,
+    check_report,
+    effective_limit,
+    meta_from_props,
+)
 from server.runtime import CUDA, Instance, create_instances, threads_per_instance
 from trainer.meta import ModelMeta
 
@@ -108,15 +115,13 @@ def load_version(
             raise RepositoryError(
                 f"{files.model_path}: needs a 'probabilities' or 'logits' output, has {names}"
             )
-        max_batch = int(min(s.max_batch_size, repo_config.max_batch_size or s.max_batch_size))
-        delay_us = repo_config.dynamic_batching.max_queue_delay_microseconds
-        delay_s = (
-            min(s.max_queue_delay_s, delay_us / 1e6)
-            if repo_config.HasField("dynamic_batching")
-            else s.max_queue_delay_s
-        )
-        qsize = repo_config.dynamic_batching.default_queue_policy.max_queue_size
-        max_queue = min(s.max_queue_size, qsize) if qsize > 0 else s.max_queue_size
+        # The server flags are ceilings; a model's config.pbtxt may only lower them.
+        batching = repo_config.dynamic_batching
+        max_batch = int(effective_limit(s.max_batch_size, repo_config.max_batch_size))
+        delay_s = s.max_queue_delay_s
+        if repo_config.HasField("dynamic_batching"):  # an explicit 0 us means "do not wait"
+            delay_s = min(delay_s, batching.max_queue_delay_microseconds / 1e6)
+        max_queue = int(effective_limit(s.max_queue_size, batching.default_queue_policy.max_queue_size))
         timings = [
             _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s) for inst in instances
         ]
