@@ -1,8 +1,9 @@
 """Helpers of the exporter tests. Checkpoints made by the tests themselves (schema v1, via trainer.checkpoint) and a fast exporter run.
 
-Untrained models get their BatchNorm statistics from a few batches of images (as training would):
-with the initial running stats (mean 0, var 1) activations of deep nets grow layer after layer, and
-logits of ~1e5 make an absolute parity tolerance meaningless.
+Untrained models get their BatchNorm statistics from the images they are checked on (as training
+would): with the initial running stats (mean 0, var 1), or stats of other images, activations of
+deep nets grow layer after layer, and logits of 1e2..1e5 put fp32 rounding (~1e-6 relative) above
+the absolute 1e-4 parity tolerance. Trained nets have logits of order 10.
 """
 
 from __future__ import annotations
@@ -31,27 +32,36 @@ def synthetic_meta(arch: str, dataset: str = "synthetic") -> ModelMeta:
     return ModelMeta(arch, dataset, info.input_shape, info.mean, info.std, info.class_names)
 
 
-def calibrate_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> None:
-    """Running stats = statistics of one batch of noise images, layer by layer (train-mode pass)."""
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> None:
+    """Running stats = the statistics of ``x`` (normalized images), layer by layer, as training sets them."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average: after one batch, exactly that batch's stats
-    g = torch.Generator().manual_seed(seed)
     model.train()
     with torch.no_grad():
-        model(torch.rand(16, *shape, generator=g))
+        model(x)
     model.eval()
 
 
 def make_model(arch: str, meta: ModelMeta, seed: int = 0) -> nn.Module:
+    """Untrained ``arch`` whose BatchNorm stats come from the images it will be checked on: the
+    synthetic training split, or noise when the checkpoint's dataset is another one (whose files the
+    tests hide, so the exporter checks on noise too)."""
+    from trainer.data import load_dataset
+
     torch.manual_seed(seed)
     model = get_model(
         arch, in_channels=meta.channels, num_classes=meta.num_classes, image_size=meta.image_size
     )
-    calibrate_batchnorm(model, meta.input_shape, seed)
+    if meta.dataset == "synthetic":
+        pixels = load_dataset("synthetic")[1].x[:64].float() / 255  # (64, 1, 28, 28) in [0, 1]
+    else:
+        pixels = torch.rand(64, *meta.input_shape, generator=torch.Generator().manual_seed(seed))
+    mean, std = torch.tensor(meta.mean).view(1, -1, 1, 1), torch.tensor(meta.std).view(1, -1, 1, 1)
+    calibrate_batchnorm(model, (pixels - mean) / std)
     return model.eval()
 
 
