@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lr-step-epochs", help="schedule=step: decay every this many epochs", type=int)
     add("--lr-gamma", help="schedule=step: decay factor", type=float)
     add("--label-smoothing", help="cross-entropy label smoothing", type=float)
-    add("--augment", help="batched random crop (+ horizontal flip where labels allow)", **boolean)
+    add("--augment", help="batched on-device augmentation (flip only where labels allow)", choices=C.AUGMENTS)
     add(
         "--ema-decay",
         help="EMA of the weights per step (0 = off); the EMA weights are evaluated and saved",

@@ -15,6 +15,7 @@ SCHEDULES = ("cosine", "onecycle", "step", "constant")
 INITS = ("default", "xavier", "kaiming")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUGMENTS = ("none", "flip", "crop", "crop-flip")
 
 # Seed 004's ablation knobs exist on these builders only; anything else rejects them.
 KNOB_ARCHS: dict[str, tuple[str, ...]] = {
@@ -60,7 +61,7 @@ class TrainConfig:
     lr_step_epochs: int = 30  # schedule=step: multiply by lr_gamma every lr_step_epochs
     lr_gamma: float = 0.1
     label_smoothing: float = 0.0
-    augment: bool = False  # batched random crop (+ flip where the dataset allows it)
+    augment: str = "none"  # batched random crop and/or horizontal flip (flip only where labels allow)
     ema_decay: float = 0.0  # per-step EMA of the weights; 0 disables; the EMA weights are evaluated and saved
     tta_flip: bool = False  # also report accuracy averaged over the image and its mirror
     # execution
@@ -89,6 +90,7 @@ class TrainConfig:
         choose("init", INITS)
         choose("device", DEVICES)
         choose("precision", PRECISIONS)
+        choose("augment", AUGMENTS)
         positive = {
             "epochs": self.epochs,
             "batch_size": self.batch_size,

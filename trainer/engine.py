@@ -77,16 +77,20 @@ class ModelEMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        if getattr(self, "_source", None) is not model:
+            # state_dict() values alias the live parameters/buffers: collect the pairs once.
+            pairs = list(zip(self.module.state_dict().values(), model.state_dict().values(), strict=True))
+            self._floats = (
+                [e for e, _ in pairs if e.is_floating_point()],
+                [c for e, c in pairs if e.is_floating_point()],
+            )
+            self._others = [(e, c) for e, c in pairs if not e.is_floating_point()]  # num_batches_tracked
+            self._source = model
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_f, cur_f = [], []
-        for e, c in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if e.is_floating_point():
-                ema_f.append(e)
-                cur_f.append(c)
-            else:
-                e.copy_(c)  # BatchNorm's num_batches_tracked
-        torch._foreach_lerp_(ema_f, cur_f, 1.0 - d)
+        torch._foreach_lerp_(self._floats[0], self._floats[1], 1.0 - d)
+        for e, c in self._others:
+            e.copy_(c)
 
 
 @dataclass
@@ -120,7 +124,7 @@ def train_one_epoch(
     epochs: int,
     batch_size: int,
     seed: int,
-    do_augment: bool,
+    aug_info: DatasetInfo | None,
     precision: str,
     channels_last: bool,
     dist_info: DistInfo,
@@ -139,6 +143,7 @@ def train_one_epoch(
     perm = perm.to(device)
     aug_gen = torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, 1 + dist_info.rank))
     steps = len(perm) // batch_size
+    black = -sum(m / s for m, s in zip(info.mean, info.std, strict=True)) / info.channels
     # A host sync per step is free on CPU; on an accelerator check for NaN every few steps only.
     check_every = 1 if device.type == "cpu" and not dist_info.enabled else 25
     raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -151,8 +156,9 @@ def train_one_epoch(
     for step in range(steps):
         idx = perm[step * batch_size : (step + 1) * batch_size]  # (B,)
         x = to_float(train.x[idx], info)  # (B, C, H, W) float32, normalized
-        if do_augment:
-            x = augment(x, info, generator=aug_gen)
+        if aug_info is not None:
+            # Pad with black (0 in pixel space is -mean/std after normalization), like torchvision's RandomCrop.
+            x = augment(x, aug_info, generator=aug_gen, fill=black)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = train.y[idx]  # (B,)

@@ -62,6 +62,15 @@ def load_data(cfg: TrainConfig, device: torch.device) -> tuple[DatasetInfo, Spli
     return info, train, test
 
 
+def augmentation(mode: str, info: DatasetInfo) -> DatasetInfo | None:
+    """The DatasetInfo that ``data.augment`` reads for this mode (None: no augmentation)."""
+    flip = "flip" in mode and info.hflip
+    crop = info.crop_padding if "crop" in mode else 0
+    if not flip and not crop:
+        return None
+    return dataclasses.replace(info, hflip=flip, crop_padding=crop)
+
+
 def init_weights(model: nn.Module, scheme: str) -> None:
     """'xavier' is seed 000's d2l init (uniform on conv/linear weights); 'kaiming' suits ReLU nets."""
     if scheme == "default":
@@ -188,8 +197,12 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
             f"--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)"
         )
     tta_flip = cfg.tta_flip and info.hflip
-    if cfg.tta_flip and not tta_flip:
-        log(f"note: --tta-flip ignored, a mirrored image of {info.name} may change its label", dist_info)
+    if (cfg.tta_flip or "flip" in cfg.augment) and not info.hflip:
+        log(
+            f"note: no flips (augmentation or TTA): a mirrored {info.name} image may change its label",
+            dist_info,
+        )
+    aug_info = augmentation(cfg.augment, info)
     meta = ModelMeta(cfg.arch, info.name, info.input_shape, info.mean, info.std, info.class_names)
 
     model, model_args = build_model(cfg, info)
@@ -247,7 +260,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(
             train_model, criterion, optimizer, scheduler, train, info,
-            epoch=epoch, epochs=cfg.epochs, batch_size=batch_size, seed=cfg.seed, do_augment=cfg.augment,
+            epoch=epoch, epochs=cfg.epochs, batch_size=batch_size, seed=cfg.seed, aug_info=aug_info,
             precision=precision, channels_last=cfg.channels_last, dist_info=dist_info, ema=ema,
             scaler=scaler, progress=progress,
         )  # fmt: skip

@@ -36,7 +36,7 @@ def test_preset_fills_defaults_and_explicit_flags_win() -> None:
         10,
         0.0,
     )
-    assert cfg.lr == 0.5 and cfg.preset == "seed-lenet5" and cfg.augment is False
+    assert cfg.lr == 0.5 and cfg.preset == "seed-lenet5" and cfg.augment == "none"
     # Another arch keeps the recipe but drops the preset's model knobs (they belong to its arch).
     cfg = config_of(["--preset", "fmnist-fast", "--arch", "resnet18"])
     assert cfg.arch == "resnet18" and cfg.width is None and cfg.nesterov and cfg.schedule == "onecycle"

@@ -130,7 +130,7 @@ def test_outputs_and_checkpoint_round_trip(tmp_path: Path) -> None:
 
 def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Dropout (global RNG), crop augmentation (per-epoch generator) and EMA all have to survive the restart.
-    changes = {"epochs": 3, "dropout": 0.2, "augment": True, "ema_decay": 0.9, "max_train": 512}
+    changes = {"epochs": 3, "dropout": 0.2, "augment": "crop", "ema_decay": 0.9, "max_train": 512}
     straight = tiny(tmp_path, out=str(tmp_path / "straight"), **changes)
     train.main(straight)
 
