@@ -15,6 +15,16 @@ Keys::
     torch_version   str
     git_commit      str or None
     rng             dict of RNG states for exact resume (may be absent)
+
+Optional keys the trainer adds (readers must not require them)::
+
+    history           list of the per-epoch metrics dicts so far (metrics.jsonl is rebuilt from it)
+    train_state_dict  with --ema-decay: the optimized weights (state_dict holds the EMA weights that
+                      were evaluated and are exported); --resume continues from these
+    ema_updates       with --ema-decay: number of EMA updates so far (the decay warms up)
+    scaler            with fp16: GradScaler state
+    precision         bf16 | fp16 | fp32 actually used
+    world_size        number of data-parallel processes
 """
 
 from __future__ import annotations
