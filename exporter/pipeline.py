@@ -330,35 +330,35 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
             variants.append(Candidate(precision, b"", [], publish=False, why_not=f"{type(e).__name__}: {e}"))
         _timed(report, f"variant_{precision}", t)
 
+    every = [fp32, *variants]
     report.update(
         passed=True,
-        accuracy={"fp32": fp32.numbers["accuracy"]},
-        precisions=_variant_summary([fp32, *variants]),
+        accuracy={c.precision: c.numbers.get("accuracy") for c in every},
+        precisions=_variant_summary(every),
     )
     result = ExportResult(given, name, report)
-    config = repository.render_config_pbtxt  # same interface for every precision: fp32 I/O
-    for cand in (fp32, *variants):
-        if not cand.publish:
-            result.problems.append(f"{names[cand.precision]} not published: {cand.why_not}")
-            continue
+    # fp16/int8 keep fp32 inputs/outputs: every precision gets the same interface in config.pbtxt.
+    for cand in every:
         model_name = names[cand.precision]
-        report_checks = report["checks"] + [c.to_dict() for c in cand.checks]
+        if not cand.publish:
+            result.problems.append(f"{model_name} not published: {cand.why_not}")
+            continue
+        checks_run = report["checks"] + [c.to_dict() for c in cand.checks]
+        own = {"name": model_name, "precision": cand.precision, "checks": checks_run}
+        _timed(report, "total", t0)
 
-        def report_for(version: int, cand: Candidate = cand, model_name: str = model_name, rc=report_checks):
-            _timed(report, "total", t0)
-            return {
-                **report,
-                "name": model_name,
-                "version": version,
-                "precision": cand.precision,
-                "checks": rc,
-            }
+        def report_for(version: int, own: dict[str, Any] = own) -> dict[str, Any]:
+            return {**report, **own, "version": version}
 
-        text = config(
+        text = repository.render_config_pbtxt(
             model_name, src.meta.input_shape, src.meta.num_classes, cfg.max_batch_size, cfg.max_queue_delay_us
         )
         result.published[model_name] = repository.publish(
-            cfg.repository, model_name, cand.model_bytes, report_for, text
+            cfg.repository,
+            model_name,
+            cand.model_bytes,
+            report_for,
+            text,
         )
     report["published"] = dict(result.published)
     return result
