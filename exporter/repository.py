@@ -214,6 +214,11 @@ def publish(
     repo.mkdir(parents=True, exist_ok=True)
     model_dir = repo / name
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{name}-", dir=repo))
+    # mkdtemp makes the folder 0700; once renamed into place it must be as readable as any other
+    # folder (the server image runs as another uid than the exporter): the usual mode under the umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         _write_file(tmp / MODEL_FILE, model_bytes)
         model_dir.mkdir(exist_ok=True)

@@ -215,11 +215,6 @@ def test_artifacts_flow_trainer_to_exporter_to_server_to_loadtest() -> None:
             assert run_user(svcs[name]) in ("0", "root"), f"{name} cannot write the host folder {source}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="exporter.repository.publish renames a tempfile.mkdtemp (0700) folder into place, so the "
-    "version is readable only by the exporter's uid (root) and not by the server image's USER 65534",
-)
 def test_published_versions_are_readable_by_the_server(tmp_path: Path) -> None:
     exporter_user, server_user = run_user(services()["exporter"]), run_user(services()["server"])
     version = repository.publish(tmp_path, "m", b"onnx", lambda v: {}, "config")
