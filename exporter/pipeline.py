@@ -81,7 +81,9 @@ def sha256_file(path: Path) -> str:
 
 def resolve_checkpoint(path: Path) -> Path:
     if path.is_dir():
-        for name in ("best.pt", "checkpoint.pt"):
+        # The last epoch first: best.pt is picked by test accuracy, and reporting the test accuracy of a
+        # model selected on the test set would flatter it. An explicit file path exports best.pt.
+        for name in ("checkpoint.pt", "best.pt"):
             if (path / name).is_file():
                 return path / name
     return path  # load_checkpoint names the problem
@@ -316,12 +318,17 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
 
     report = base_report(src, name, count_parameters(wrapper.model), cfg)
     t = time.perf_counter()
-    data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
+    try:  # a dataset that does not fit the metadata (channels, labels) is bad input, not a crash
+        data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
+        calib = (
+            load_calibration(src.meta, cfg.data_dir, cfg.calibration_samples, cfg.seed) if cfg.int8 else None
+        )
+    except ValueError as e:
+        raise BadInput(f"{src.path}: evaluation data for '{src.meta.dataset}': {e}") from e
     _timed(report, "load_data", t)
     fp32 = export_fp32(src, wrapper, data, report, cfg)
 
     variants = []
-    calib = load_calibration(src.meta, cfg.data_dir, cfg.calibration_samples, cfg.seed) if cfg.int8 else None
     for precision in precisions:
         t = time.perf_counter()
         try:

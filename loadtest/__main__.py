@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     except TargetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except (ValueError, OSError, EOFError) as e:  # --input is not a readable IDX file or image folder
+        print(f"error: --input {cfg.input}: {e}", file=sys.stderr)
+        return 1
     if not cfg.quiet:
         print(
             f"target {cfg.target} model {cfg.model} api {cfg.api} input {shape} x {cfg.images_per_request}/request, "

@@ -100,7 +100,9 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, random bytes, pickle of a foreign object...
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file): {e}") from e
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or not a torch file): {e}"
+        ) from e
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint: holds a {type(ckpt).__name__}, not a dict")
     version = ckpt.get("schema_version")

@@ -91,7 +91,9 @@ class ModelMeta:
     def from_onnx_props(cls, props: dict[str, str]) -> ModelMeta:
         missing = [k for k in ONNX_KEYS if k not in props]
         if missing:
-            raise ValueError(f"ONNX metadata_props is missing {missing}; was the model exported by cnn-export?")
+            raise ValueError(
+                f"ONNX metadata_props is missing {missing}; was the model exported by cnn-export?"
+            )
         return cls(
             arch=props["arch"],
             dataset=props["dataset"],

@@ -40,8 +40,33 @@ _PRESETS = (
         },
     ),
     Preset(
+        "lenet5-relu-bn",
+        "seed 004's best LeNet-5 configuration (ReLU, max-pool, BatchNorm) at LeNet's own width: SGD momentum "
+        "0.9 + Nesterov, cosine, lr 0.1, batch 256, 5 epochs, fp32 (about 0.90 test acc in well under a minute "
+        "on 2 cores; the pipeline's LeNet)",
+        {
+            "arch": "lenet5",
+            "dataset": "fashion-mnist",
+            "activation": "relu",
+            "pool": "max",
+            "batchnorm": True,
+            "optimizer": "sgd",
+            "lr": 0.1,
+            "momentum": 0.9,
+            "nesterov": True,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+            "batch_size": 256,
+            "eval_batch_size": 256,
+            "epochs": 5,
+            "augment": "none",
+            "precision": "fp32",
+        },
+    ),
+    Preset(
         "lenet5-bn",
-        "the widened LeNet-BN baseline (32/64 channels, FC 256, ReLU, max-pool) with SGD+Nesterov one-cycle",
+        "the widened LeNet-BN baseline (30/80 conv channels, FC 240/168, ReLU, max-pool, BatchNorm) with "
+        "SGD+Nesterov one-cycle and label smoothing",
         {
             "arch": "lenet5",
             "dataset": "fashion-mnist",
@@ -64,8 +89,9 @@ _PRESETS = (
     ),
     Preset(
         "fmnist-fast",
-        "fast accurate CPU recipe for Fashion-MNIST: fmnist_net, SGD+Nesterov one-cycle, label smoothing, "
-        "crop+flip augmentation, weight EMA, flip TTA, bf16 where native (>= 0.93 test acc in < 2 min on 2 cores)",
+        "fast accurate CPU recipe for Fashion-MNIST: fmnist_net (width 16), SGD+Nesterov one-cycle, label "
+        "smoothing, flip augmentation, weight EMA, flip TTA, bf16 where native, 8 epochs (about 0.93 test acc in "
+        "about 2 min on 2 cores)",
         {
             "arch": "fmnist_net",
             "dataset": "fashion-mnist",
@@ -78,8 +104,11 @@ _PRESETS = (
             "schedule": "onecycle",
             "label_smoothing": 0.1,
             "batch_size": 256,
-            "epochs": 10,
-            "augment": "crop-flip",
+            "eval_batch_size": 256,  # measured: faster than 1024 on a 2-core CPU
+            # Measured on 2 cores: 8 epochs with flips alone beat 10 with crop+flip (93.0 vs 92.5; the
+            # net underfits with random crops in so few epochs) and take 20% less time.
+            "epochs": 8,
+            "augment": "flip",
             "ema_decay": 0.999,
             "tta_flip": True,
             "channels_last": True,

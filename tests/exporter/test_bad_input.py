@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import FAST, run_export, tree
+from export_helpers import FAST, run_export, tree, write_checkpoint
 
 from trainer.checkpoint import load_checkpoint
+from trainer.meta import ModelMeta
+from trainer.models import get_model
 
 
 @pytest.fixture
@@ -120,3 +122,18 @@ def test_checkpoint_loads_as_written(make_checkpoint) -> None:
     """The helper's checkpoints are valid schema-v1 files (so the failures above are the bad parts)."""
     ckpt = load_checkpoint(make_checkpoint("lenet5"))
     assert ckpt["arch"] == "lenet5" and ckpt["meta"]["dataset"] == "synthetic"
+
+
+def test_a_test_set_that_does_not_fit_the_model_is_bad_input(
+    repo_with_a_model: Path, tmp_path: Path, fake_mnist_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A 5-class model whose metadata names Fashion-MNIST (10 labels): the parity set cannot be scored.
+    meta = ModelMeta("lenet5", "fashion-mnist", (1, 28, 28), (0.5,), (0.5,), tuple("abcde"))
+    model = get_model("lenet5", in_channels=1, num_classes=5, image_size=28)
+    ckpt = write_checkpoint(tmp_path / "five.pt", model, meta)
+    before = tree(repo_with_a_model)
+    code = run_export(ckpt, "-r", repo_with_a_model, "--data-dir", fake_mnist_dir, "--no-progress", *FAST)
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "bad input" in err and "labels go up to 9, the model has 5 classes" in err
+    assert tree(repo_with_a_model) == before

@@ -74,6 +74,17 @@ def test_cli_reports_target_problems_with_status_1(
     assert fake_server.behaviour.received == 1
 
 
+def test_unreadable_input_file_is_an_error_naming_it_not_a_traceback(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bogus = tmp_path / "images.idx"
+    bogus.write_bytes(b"\x00\x00\x08\x01" + bytes(8))  # an IDX *labels* header
+    assert main(["--target", fake_server.target, "--model", FAKE_MODEL, "--input", str(bogus), *FAST]) == 1
+    err = capsys.readouterr().err
+    assert f"--input {bogus}" in err and "not an IDX3 ubyte images file" in err
+    assert fake_server.behaviour.received == 0  # nothing was sent
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -45,7 +45,9 @@ def get_model_builder(name: str) -> Callable[..., nn.Module]:
     try:
         return BUILTIN_MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown arch '{name}'; choose one of: {', '.join(sorted(BUILTIN_MODELS))}") from None
+        raise ValueError(
+            f"unknown arch '{name}'; choose one of: {', '.join(sorted(BUILTIN_MODELS))}"
+        ) from None
 
 
 def get_model(name: str, **kwargs: Any) -> nn.Module:
