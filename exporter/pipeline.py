@@ -366,6 +366,7 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
             cand.model_bytes,
             report_for,
             text,
+            labels=src.meta.class_names,
         )
     report["published"] = dict(result.published)
     return result

@@ -29,6 +29,7 @@ from typing import Any
 MODEL_FILE = "model.onnx"
 REPORT_FILE = "export_report.json"
 CONFIG_FILE = "config.pbtxt"
+LABELS_FILE = "labels.txt"  # one class name per line, in class-index order (Triton's label_filename)
 SUMMARY_JSON = "export_summary.json"
 SUMMARY_MD = "export_summary.md"
 FAILED_DIR = ".failed"
@@ -99,9 +100,15 @@ def render_config_pbtxt(
     max_batch_size: int,
     max_queue_delay_us: int,
     num_versions: int = 1,
+    label_filename: str | None = LABELS_FILE,
 ) -> str:
-    """Triton ``ModelConfig`` in protobuf text format; dims exclude the batch dimension."""
+    """Triton ``ModelConfig`` in protobuf text format; dims exclude the batch dimension.
+
+    With ``label_filename`` (written by ``publish(labels=...)`` beside config.pbtxt), Triton's
+    classification extension (``class_count``) answers ``score:index:label`` as our server does.
+    """
     c, h, w = (int(v) for v in input_shape)
+    labels = f' label_filename: "{label_filename}"' if label_filename else ""
     return (
         f'name: "{name}"\n'
         'platform: "onnxruntime_onnx"\n'
@@ -110,8 +117,8 @@ def render_config_pbtxt(
         f'  {{ name: "input" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }}\n'
         "]\n"
         "output [\n"
-        f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ {int(num_classes)} ] }},\n'
-        f'  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {int(num_classes)} ] }}\n'
+        f'  {{ name: "logits" data_type: TYPE_FP32 dims: [ {int(num_classes)} ]{labels} }},\n'
+        f'  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {int(num_classes)} ]{labels} }}\n'
         "]\n"
         "dynamic_batching {\n"
         f"  max_queue_delay_microseconds: {int(max_queue_delay_us)}\n"
@@ -204,11 +211,13 @@ def publish(
     report_for_version: Callable[[int], dict[str, Any]],
     config_text: str,
     max_attempts: int = 50,
+    labels: tuple[str, ...] | list[str] | None = None,
 ) -> int:
     """Publish ``model_bytes`` as the next version of ``name``; returns the version number.
 
     ``report_for_version(v)`` builds the report JSON once the version is known (it is rebuilt on a
-    lost race). config.pbtxt is replaced atomically before the version appears.
+    lost race). config.pbtxt (and ``labels``, as labels.txt) are replaced atomically before the
+    version appears.
     """
     repo = Path(repo)
     repo.mkdir(parents=True, exist_ok=True)
@@ -222,6 +231,8 @@ def publish(
     try:
         _write_file(tmp / MODEL_FILE, model_bytes)
         model_dir.mkdir(exist_ok=True)
+        if labels is not None:  # before the config that names it
+            atomic_write_text(model_dir / LABELS_FILE, "".join(f"{label}\n" for label in labels))
         atomic_write_text(model_dir / CONFIG_FILE, config_text)
         for _ in range(max_attempts):
             version = _next_free_version(model_dir)

@@ -73,6 +73,19 @@ def test_config_pbtxt_parses_into_tritons_model_config() -> None:
     }
     assert cfg.dynamic_batching.max_queue_delay_microseconds == 250
     assert cfg.version_policy.latest.num_versions == 1
+    assert {o.label_filename for o in cfg.output} == {repository.LABELS_FILE}
+
+
+def test_labels_file_lists_class_names_in_index_order_for_triton(tmp_path: Path) -> None:
+    # Triton's classification extension (class_count) reads label i from line i of label_filename.
+    names = ("T-shirt/top", "Trouser", "Ankle boot")
+    text = render_config_pbtxt("m", (1, 28, 28), len(names), 8, 100)
+    repository.publish(tmp_path, "m", b"onnx", lambda v: {"version": v}, text, labels=names)
+    assert (tmp_path / "m" / repository.LABELS_FILE).read_text().splitlines() == list(names)
+    assert (
+        f'label_filename: "{repository.LABELS_FILE}"' in (tmp_path / "m" / repository.CONFIG_FILE).read_text()
+    )
+    assert list_versions(tmp_path, "m") == [1]  # labels.txt is no version
 
 
 def test_versions_count_up_and_only_complete_numeric_dirs_are_listed(tmp_path: Path) -> None:

@@ -63,7 +63,7 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path: Path, capsys: pytest
 def test_pipeline_end_to_end_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
     cmd = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--data-dir", str(fashion_mnist_dir),
-           "--epochs", "1", "--max-train", "1500", "--parity-samples", "512", "--concurrency", "1,8",
+           "--epochs", "1", "--max-train", "15000", "--parity-samples", "512", "--concurrency", "1,8",
            "--loadtest-duration", "2", "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
@@ -71,7 +71,7 @@ def test_pipeline_end_to_end_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_
     summary = json.loads((out / "pipeline_summary.json").read_text())
     models = {m["model"]: m for m in summary["models"]}
     assert set(models) == {"lenet", "fmnist"}
-    assert models["lenet"]["test_acc"] > 0.6  # one epoch on 1,500 real images: far above chance (0.1)
+    assert models["lenet"]["test_acc"] > 0.6  # one epoch on 15,000 real images: far above chance (0.1)
     for m in models.values():
         assert (
             m["version"] >= 1
