@@ -99,7 +99,7 @@ def row_for(
     parity = check_numbers(report, "parity")
     opt = check_numbers(report, "ort_optimizations")
     by_batch = parity.get("by_batch", {})
-    big = next((v for k, v in by_batch.items() if k != "batch_1"), {})
+    big: dict[str, Any] = next((v for k, v in by_batch.items() if k != "batch_1"), {})
     precisions = report.get("precisions", {})
     row = {
         "arch": arch,

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,10 @@ from trainer.train import main as train_main
 
 # LeNet-5 in seed 004's best configuration (ReLU, max-pool, BatchNorm): a model both loops train
 # stably, so their accuracies are comparable after a few epochs (the sigmoid original is erratic early).
-KNOBS = {"lenet5": {"activation": "relu", "pool": "max", "batchnorm": True}, "alexnet": {"batchnorm": True}}
+KNOBS: dict[str, dict[str, Any]] = {
+    "lenet5": {"activation": "relu", "pool": "max", "batchnorm": True},
+    "alexnet": {"batchnorm": True},
+}
 
 
 class PerSampleDataset(Dataset):

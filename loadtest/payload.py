@@ -37,9 +37,15 @@ def read_idx_images(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         data = f.read()
-    magic, n, h, w = struct.unpack(">IIII", data[:16])
-    if magic != 0x00000803:
-        raise ValueError(f"{path}: not an IDX3 ubyte images file (magic {magic:#x})")
+    magic = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+    if magic != 0x00000803 or len(data) < 16:
+        found = "too short for a header" if magic is None else f"magic {magic:#x}"
+        raise ValueError(f"{path}: not an IDX3 ubyte images file ({found})")
+    n, h, w = struct.unpack(">III", data[4:16])
+    if len(data) < 16 + n * h * w:
+        raise ValueError(
+            f"{path}: truncated: {n}x{h}x{w} images need {16 + n * h * w} bytes, found {len(data)}"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=16, count=n * h * w).reshape(n, h, w)
 
 

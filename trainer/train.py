@@ -209,7 +209,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
     ckpt = load_resume_checkpoint(cfg, model_args) if cfg.resume else None
     model.to(device)
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     params = count_parameters(model)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
@@ -244,7 +244,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
         os.environ.setdefault(
             "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")
         )
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model)  # type: ignore[assignment]  # an OptimizedModule
     eval_model = ema.module if ema is not None else model
 
     log(

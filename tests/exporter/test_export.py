@@ -24,7 +24,15 @@ from export_helpers import (
 from google.protobuf import text_format
 
 from exporter import onnx_export
-from exporter.repository import CONFIG_FILE, FAILED_DIR, MODEL_FILE, REPORT_FILE, SUMMARY_JSON, SUMMARY_MD
+from exporter.repository import (
+    CONFIG_FILE,
+    FAILED_DIR,
+    LABELS_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+)
 from trainer.checkpoint import build_model, load_checkpoint
 from trainer.meta import ModelMeta
 from trainer.models import list_models
@@ -139,9 +147,14 @@ def test_reexport_gets_next_version_and_run_dir_names_the_model(make_checkpoint,
     repo = tmp_path / "repo"
     for _ in range(2):
         assert run_export(run_dir, "-r", repo, "--no-progress", *FAST) == 0
-    assert sorted(p.name for p in (repo / "my_run-7").iterdir()) == ["1", "2", CONFIG_FILE]
+    assert sorted(p.name for p in (repo / "my_run-7").iterdir()) == ["1", "2", CONFIG_FILE, LABELS_FILE]
     report = json.loads((repo / "my_run-7" / "2" / REPORT_FILE).read_text())
     assert report["version"] == 2 and report["source"]["path"].endswith("best.pt")
+    # With the last epoch there too, the run dir means the last epoch: best.pt was picked on the test set.
+    make_checkpoint("lenet5", name="last.pt").rename(run_dir / "checkpoint.pt")
+    assert run_export(run_dir, "-r", repo, "--no-progress", *FAST) == 0
+    report = json.loads((repo / "my_run-7" / "3" / REPORT_FILE).read_text())
+    assert report["source"]["path"].endswith("checkpoint.pt")
 
 
 def _perturb_one_weight(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -233,7 +246,7 @@ def test_batch_export_with_one_corrupt_checkpoint(make_checkpoint, tmp_path: Pat
     assert code == 1
     captured = capsys.readouterr()
     assert "corrupt.pt" in captured.err and "truncated" in captured.err
-    assert sorted(p.name for p in (repo / "lenet").iterdir()) == ["1", "2", CONFIG_FILE]
+    assert sorted(p.name for p in (repo / "lenet").iterdir()) == ["1", "2", CONFIG_FILE, LABELS_FILE]
     sources = [
         json.loads((repo / "lenet" / v / REPORT_FILE).read_text())["source"]["path"] for v in ("1", "2")
     ]
