@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from loadtest.config import _int_list  # the same "1,16,64" parsing as cnn-loadtest --concurrency
 from trainer.datasets.idx import find_file
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -301,16 +302,6 @@ def run(cfg: PipelineConfig) -> int:
     plots += [str(cfg.out / "reports" / f"loadtest-{n}.png") for n in names]
     print("\n" + markdown + "plots:\n  " + "\n  ".join(plots), flush=True)
     return 0
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"values must be >= 1, got {text!r}")
-    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> PipelineConfig:
