@@ -155,6 +155,10 @@ class ServerProcess:
 # ------------------------------------------------------------------ stages
 
 
+def _no_progress_bars(cfg: PipelineConfig) -> bool:
+    return cfg.quiet or not sys.stdout.isatty()  # piped: bars would only clutter the logs
+
+
 def train_commands(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
     jobs = []
     for name, flags in DEFAULT_JOBS:
@@ -166,7 +170,7 @@ def train_commands(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
             cmd += ["--epochs", str(cfg.epochs)]
         if cfg.max_train is not None:
             cmd += ["--max-train", str(cfg.max_train)]  # argparse: the last one wins
-        if cfg.quiet or not sys.stdout.isatty():
+        if _no_progress_bars(cfg):
             cmd.append("--quiet")
         jobs.append((name, cmd))
     return jobs
@@ -178,7 +182,7 @@ def export_command(cfg: PipelineConfig, runs: list[Path]) -> list[str]:
         cmd += ["--data-dir", str(cfg.data_dir)]
     if cfg.parity_samples is not None:
         cmd += ["--parity-samples", str(cfg.parity_samples)]
-    if cfg.quiet or not sys.stdout.isatty():
+    if _no_progress_bars(cfg):
         cmd.append("--no-progress")
     return cmd
 
@@ -209,7 +213,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise StageFailed(f"cannot read {path}: {e}") from e
 
 
-def collect_summary(cfg: PipelineConfig, names: list[str], published: dict[str, int], wall_s: float) -> dict:
+def collect_summary(cfg: PipelineConfig, names: list[str], wall_s: float) -> dict:
     export_rows = {r["model"]: r for r in _read_json(cfg.out / "repository" / "export_summary.json")["rows"]}
     models = []
     for name in names:
@@ -234,7 +238,7 @@ def collect_summary(cfg: PipelineConfig, names: list[str], published: dict[str, 
                 "epochs": train["epochs"],
                 "train_wall_s": train["wall_time_s"],
                 "test_acc": train["test_acc"],
-                "version": published.get(name),
+                "version": row.get("version"),
                 "parity_max_abs_diff": row.get("parity_max_abs_diff"),
                 "top1_agreement": row.get("top1_agreement"),
                 "onnx_test_acc": row.get("acc_fp32"),
@@ -277,8 +281,6 @@ def run(cfg: PipelineConfig) -> int:
         names.append(name)
 
     run_stage(export_command(cfg, [cfg.out / "runs" / n for n in names]), "2/4 export", logs / "export.log")
-    summary_rows = _read_json(cfg.out / "repository" / "export_summary.json")["rows"]
-    published = {n: v for r in summary_rows for n, v in r["published"].items() if n in names}
 
     server = ServerProcess(cfg.out / "repository", cfg.device, logs / "server.log")
     listening = server.start()
@@ -294,7 +296,7 @@ def run(cfg: PipelineConfig) -> int:
     if rc != 0:
         raise StageFailed(f"the server exited with {rc} on SIGTERM; its log is {server.log_file}")
 
-    summary = collect_summary(cfg, names, published, time.monotonic() - t0)
+    summary = collect_summary(cfg, names, time.monotonic() - t0)
     (cfg.out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     markdown = summary_markdown(summary)
     (cfg.out / "pipeline_summary.md").write_text(markdown)
