@@ -63,7 +63,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
         offload = self._offload if encoded_bytes(images) > OFFLOAD_BYTES else None
         outputs = await self.inference.run(
-            call, request.model, request.version, make_input, deadline, offload
+            call, request.model, request.version, make_input, deadline, offload, what="image"
         )
         return self._response(call.served, request, outputs, k)  # type: ignore[arg-type]
 

@@ -90,6 +90,7 @@ class Inference:
         make_input: Callable[[ServedVersion], np.ndarray],
         deadline: float | None,
         offload: Callable[[Callable[[], np.ndarray]], asyncio.Future] | None = None,
+        what: str = "input",
     ) -> list[np.ndarray]:
         if self.state.stopping:
             raise unavailable("server is shutting down; retry on another replica")
@@ -101,7 +102,7 @@ class Inference:
             else:
                 x = await offload(functools.partial(make_input, served))
             try:
-                fut = served.submit(x, deadline)
+                fut = served.submit(x, deadline, what)
             except Retired:
                 # A newer version was swapped in while we decoded; a pinned version is gone for good.
                 if version or attempt:

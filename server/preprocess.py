@@ -3,7 +3,7 @@
 Two kinds of image (classifier.v1 ``Image``):
 
 * ``tensor``: float32 little-endian pixels in [0, 1], shape exactly the model's (C, H, W). Read
-  with ``np.frombuffer`` (no copy for a single image); NaN/Inf are rejected.
+  with ``np.frombuffer`` (no copy for a single image); NaN/Inf are rejected by the batcher.
 * ``encoded``: PNG or JPEG bytes, decoded with Pillow, converted to the model's channels (``L``
   luma for 1 channel, ``RGB`` for 3; alpha is dropped), resized to the model's H x W with bilinear
   filtering (the whole image, aspect ratio not kept, as the training pipelines do), scaled to [0, 1].
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from server.errors import invalid
+from server.errors import ServeError, invalid
 
 MAX_IMAGE_PIXELS = 40_000_000  # width * height of one encoded image; bounds decode memory
 FORMATS = ("PNG", "JPEG")
@@ -52,10 +52,17 @@ def tensor_to_array(
     return np.frombuffer(data, dtype="<f4").reshape(expected)
 
 
-def check_finite(x: np.ndarray, what: str = "input") -> None:
-    if not np.isfinite(x).all():
-        bad = np.argwhere(~np.isfinite(x))[0].tolist()
-        raise invalid(f"{what} contains NaN or Inf (first at index {bad}); send finite pixels in [0, 1]")
+def nonfinite_error(x: np.ndarray, what: str) -> ServeError:
+    """The error for one request's inputs ``x`` (n, C, H, W) known to hold NaN/Inf.
+
+    ``what="image"`` (classifier.v1) names the image and the (c, h, w) of its first bad pixel;
+    anything else (``"input 'input'"``, KServe) is followed by the full (n, c, h, w) index.
+    The check itself runs in the batcher, over the whole batch (see server.batcher).
+    """
+    bad = np.argwhere(~np.isfinite(x))[0].tolist()
+    if what == "image":
+        what, bad = f"image {bad[0]}", bad[1:]
+    return invalid(f"{what} contains NaN or Inf (first at index {bad}); send finite pixels in [0, 1]")
 
 
 def decode_image(data: bytes, expected: tuple[int, int, int], index: int) -> np.ndarray:
@@ -93,16 +100,12 @@ def build_batch(images: Sequence, expected: tuple[int, int, int], max_images: in
     if n == 1:
         img = images[0]
         if img.WhichOneof("payload") == "tensor":
-            x = tensor_to_array(img.tensor.shape, img.tensor.data, expected, 0)
-            check_finite(x, "image 0")
-            return x[None]  # (1, C, H, W), still a view of the request bytes
+            return tensor_to_array(img.tensor.shape, img.tensor.data, expected, 0)[None]  # (1, C, H, W), still a view of the request bytes
     out = np.empty((n, *expected), dtype=np.float32)
     for i, img in enumerate(images):
         kind = img.WhichOneof("payload")
         if kind == "tensor":
-            x = tensor_to_array(img.tensor.shape, img.tensor.data, expected, i)
-            check_finite(x, f"image {i}")
-            out[i] = x
+            out[i] = tensor_to_array(img.tensor.shape, img.tensor.data, expected, i)
         elif kind == "encoded":
             out[i] = decode_image(img.encoded, expected, i)
         else:

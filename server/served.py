@@ -249,11 +249,11 @@ class ServedVersion:
         ]
         self.accepting = True
 
-    def submit(self, x: np.ndarray, deadline: float | None) -> asyncio.Future:
+    def submit(self, x: np.ndarray, deadline: float | None, what: str = "input") -> asyncio.Future:
         """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]."""
         if not self.accepting:
             raise Retired(f"{self.name} version {self.version} is no longer accepting requests")
-        return submit(self.queue, x, deadline)
+        return submit(self.queue, x, deadline, what)
 
     def _observe_batch(self, images: int, compute_s: float, waits: list[float]) -> None:
         st = self.stats

@@ -171,6 +171,30 @@ def test_one_bad_request_fails_alone_and_its_batch_mates_succeed() -> None:
     assert float(after[0][0, 0, 0, 0]) == 10.0
 
 
+def test_nan_or_inf_images_fail_their_own_request_before_the_model_sees_them() -> None:
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        model = FakeModel()
+        bad = image(2, n=2)
+        bad[1, 0, 1, 0] = np.nan  # second image of a 2-image request
+        inf = image(4)
+        inf[0, 0, 0, 1] = np.inf
+        futs = [submit(q, image(1)), submit(q, bad, what="image"), submit(q, image(3)),
+                submit(q, inf, what="input 'input'")]  # fmt: skip
+        b, task, ex = await start(model, q, max_batch_size=8)
+        results = await asyncio.gather(*futs, return_exceptions=True)
+        await stop(q, task, ex)
+        return model, results
+
+    model, results = run(main())
+    assert model.batches == [2]  # only the two finite requests reached the model, together
+    assert float(results[0][0][0, 0, 0, 0]) == 2.0 and float(results[2][0][0, 0, 0, 0]) == 6.0
+    for err in results[1], results[3]:
+        assert isinstance(err, ServeError) and err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image 1 contains NaN or Inf (first at index [0, 1, 0])" in results[1].message
+    assert "input 'input' contains NaN or Inf (first at index [0, 0, 0, 1])" in results[3].message
+
+
 def test_full_queue_rejects_at_once_with_resource_exhausted() -> None:
     async def main():
         q: asyncio.Queue = asyncio.Queue(maxsize=2)
