@@ -11,8 +11,9 @@ import grpc
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from server.common import Call, Inference, deadline_of, error_code, pipelined, probabilities_of, top_k
+from server.common import Call, Inference, deadline_of, error_code, pipelined
 from server.errors import invalid
+from server.postprocess import top_k_of
 from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
 from server.served import ServedVersion
 
@@ -72,7 +73,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
 
     @staticmethod
     def _response(served: ServedVersion, request: pb.ClassifyRequest, outputs, k: int) -> pb.ClassifyResponse:
-        idx, probs = top_k(probabilities_of(served, outputs), k)
+        idx, probs = top_k_of(outputs, k)
         names = served.class_names
         Prediction, Classification = pb.Prediction, pb.Classification
         results = [

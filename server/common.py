@@ -145,29 +145,6 @@ def error_code(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def probabilities_of(served: ServedVersion, outputs: list[np.ndarray]) -> np.ndarray:
-    """(n, K) class probabilities: the model's ``probabilities`` output, else softmax(logits)."""
-    names = served.output_names
-    if "probabilities" in names:
-        return outputs[names.index("probabilities")]
-    return softmax(outputs[names.index("logits")])
-
-
-def top_k(probs: np.ndarray, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """probs (n, K) -> (indices (n, k), probabilities (n, k)) highest first, as Python lists."""
-    if k == 1 and probs.shape[0] == 1:  # the common case, without numpy's fancy-indexing overhead
-        i = int(probs[0].argmax())
-        return [[i]], [[float(probs[0, i])]]
-    idx = probs.argmax(axis=1)[:, None] if k == 1 else np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    return idx.tolist(), probs[np.arange(probs.shape[0])[:, None], idx].tolist()
-
-
 async def pipelined(request_iterator, handle_one, state: ServerState, deadline: float | None):
     """Bidirectional-stream engine: read requests as they come, run up to STREAM_WINDOW at once
     (``handle_one(request, deadline)`` returns the response, errors included), yield responses in

@@ -18,8 +18,9 @@ import numpy as np
 
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.common import Call, Inference, deadline_of, error_code, pipelined, probabilities_of, top_k
+from server.common import Call, Inference, deadline_of, error_code, pipelined
 from server.errors import invalid, not_found
+from server.postprocess import top_k_of
 from server.preprocess import check_count
 from server.repository import PLATFORM
 from server.served import ServedVersion
@@ -87,8 +88,8 @@ def check_requested_outputs(request: ks.ModelInferRequest, served: ServedVersion
                 raise invalid(f"classification must be between 1 and {served.num_classes}, got {k}")
 
 
-def _classification_bytes(served: ServedVersion, probs: np.ndarray, k: int) -> bytes:
-    idx, vals = top_k(probs, k)
+def _classification_bytes(served: ServedVersion, outputs: list[np.ndarray], k: int) -> bytes:
+    idx, vals = top_k_of(outputs, k)
     names = served.class_names
     parts = []
     for ri, rv in zip(idx, vals, strict=True):
@@ -109,9 +110,8 @@ def build_response(
         out = outputs[names.index(req_out.name)]
         k = req_out.parameters["classification"].int64_param if "classification" in req_out.parameters else 0
         if k:
-            probs = probabilities_of(served, outputs)
             response.outputs.add(name=req_out.name, datatype="BYTES", shape=[out.shape[0], k])
-            raw.append(_classification_bytes(served, probs, k))
+            raw.append(_classification_bytes(served, outputs, k))
         else:
             response.outputs.add(name=req_out.name, datatype="FP32", shape=list(out.shape))
             raw.append(np.ascontiguousarray(out, dtype="<f4").tobytes())

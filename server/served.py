@@ -8,6 +8,7 @@ swapped in (or at shutdown): it stops accepting, answers everything queued, then
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -19,6 +20,7 @@ from protos.inference import model_config_pb2 as mc
 from server.batcher import STOP, Batcher, submit
 from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
+from server.postprocess import ranked
 from server.repository import (
     PLATFORM,
     RepositoryError,
@@ -177,6 +179,11 @@ def _inline_limit(timings: dict[int, float], max_batch: int, budget_s: float) ->
     return int(min(max_batch, 1 + (budget_s - t1) // per_image))
 
 
+def _run_ranked(inst: Instance, x: np.ndarray) -> list[np.ndarray]:
+    """The batch function: (B, C, H, W) -> the model's outputs + probabilities and top-1 (see server.postprocess)."""
+    return ranked(inst.run(x), inst.output_names)
+
+
 def _effective_config(
     name: str, repo: mc.ModelConfig, meta: ModelMeta, outputs: list[str], max_batch: int, delay_s: float,
     instances: int, provider: str,
@@ -227,7 +234,7 @@ class ServedVersion:
         self.batchers = [
             Batcher(
                 self.queue,
-                inst.run,
+                functools.partial(_run_ranked, inst),
                 inst.executor,
                 max_batch_size=loaded.max_batch_size,
                 max_delay_s=loaded.max_delay_s,

@@ -275,7 +275,7 @@ def test_inline_limit_from_load_time_measurements() -> None:
 
 
 def test_top_k_orders_by_probability_on_every_path() -> None:
-    from server.common import top_k
+    from server.postprocess import top_k
 
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
     assert top_k(probs[:1], 1) == ([[1]], [[pytest.approx(0.6)]])
