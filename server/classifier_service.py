@@ -75,19 +75,15 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     def _response(served: ServedVersion, request: pb.ClassifyRequest, outputs, k: int) -> pb.ClassifyResponse:
         idx, probs = top_k_of(outputs, k)
         names = served.class_names
-        Prediction, Classification = pb.Prediction, pb.Classification
-        results = [
-            Classification(
-                predictions=[
-                    Prediction(class_index=i, class_name=names[i], probability=p)
-                    for i, p in zip(ri, rp, strict=True)
-                ]
-            )
-            for ri, rp in zip(idx, probs, strict=True)
-        ]
-        return pb.ClassifyResponse(
-            model=served.name, version=served.version, results=results, request_id=request.request_id
+        response = pb.ClassifyResponse(
+            model=served.name, version=served.version, request_id=request.request_id
         )
+        add_result = response.results.add  # add() builds in place: half the cost of kwargs messages
+        for ri, rp in zip(idx, probs, strict=True):
+            add = add_result().predictions.add
+            for i, p in zip(ri, rp, strict=True):
+                add(class_index=i, class_name=names[i], probability=p)
+        return response
 
     # ---- ClassifyStream ----
 

@@ -100,7 +100,8 @@ def build_batch(images: Sequence, expected: tuple[int, int, int], max_images: in
     if n == 1:
         img = images[0]
         if img.WhichOneof("payload") == "tensor":
-            return tensor_to_array(img.tensor.shape, img.tensor.data, expected, 0)[None]  # (1, C, H, W), still a view of the request bytes
+            x = tensor_to_array(img.tensor.shape, img.tensor.data, expected, 0)
+            return x[None]  # (1, C, H, W), still a view of the request bytes
     out = np.empty((n, *expected), dtype=np.float32)
     for i, img in enumerate(images):
         kind = img.WhichOneof("payload")
