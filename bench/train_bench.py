@@ -1,12 +1,16 @@
 """Training throughput: our trainer vs a d2l-style loop, same model, batch size, optimizer and epochs.
 
-    .venv/bin/python bench/train_bench.py [--epochs 3] [--arch lenet5] [--max-train N] [--precision auto]
+    .venv/bin/python bench/train_bench.py [--epochs 3] [--arch lenet5|lenet5-wide|alexnet]
+        [--max-train N] [--precision auto] [--baseline-data torchvision|tensor]
 
 The d2l-style loop is seed 000's ``train_ch6``: a ``torch.utils.data.DataLoader`` (shuffle, d2l's 4
-workers) over a Dataset that converts and normalizes one image at a time in Python (ToTensor +
-Normalize), then the model on each batch. Ours (``trainer.train.main``) keeps the uint8 dataset as
-one tensor, slices batches from a permutation and normalizes whole batches at once (and, with
-``--precision auto``, runs bf16 autocast + channels_last where the CPU supports it).
+workers) over a Dataset that builds one sample at a time in Python, then the model on each batch.
+By default each sample takes torchvision's path, which d2l's ``load_data_fashion_mnist`` uses: the
+uint8 image becomes a PIL image, then ``ToTensor()`` + ``Normalize(mean, std)``
+(``TorchvisionStyleDataset``); ``--baseline-data tensor`` takes a lighter numpy-to-tensor path
+instead, a lower bound on that loop's data cost. Ours (``trainer.train.main``) keeps the uint8
+dataset as one tensor, slices batches from a permutation and normalizes whole batches at once (and,
+with ``--precision auto``, runs bf16 autocast + channels_last where the CPU supports it).
 
 Both runs are measured here, in the same process, one after the other. Printed: training images/s
 of each (training-loop wall time; evaluation excluded for both), final test accuracy of each (must
@@ -25,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,14 +42,28 @@ from trainer.train import main as train_main
 
 # LeNet-5 in seed 004's best configuration (ReLU, max-pool, BatchNorm): a model both loops train
 # stably, so their accuracies are comparable after a few epochs (the sigmoid original is erratic early).
+# name -> (registry arch, its knobs)
 KNOBS: dict[str, dict[str, Any]] = {
-    "lenet5": {"activation": "relu", "pool": "max", "batchnorm": True},
-    "alexnet": {"batchnorm": True},
+    "lenet5": {"arch": "lenet5", "activation": "relu", "pool": "max", "batchnorm": True},
+    # The widened LeNet-BN of the lenet5-bn preset (30/80 channels, FC 240/168).
+    "lenet5-wide": {
+        "arch": "lenet5",
+        "activation": "relu",
+        "pool": "max",
+        "batchnorm": True,
+        "width": 5,
+        "fc_width": 2,
+    },
+    "alexnet": {"arch": "alexnet", "batchnorm": True},
 }
 
 
 class PerSampleDataset(Dataset):
-    """torchvision-style: one numpy image in, one normalized float tensor out, per __getitem__."""
+    """A light per-sample Dataset: one numpy image in, one normalized float tensor out, no PIL.
+
+    Cheaper than what torchvision does per sample (``TorchvisionStyleDataset``): a lower bound on
+    the d2l loop's data cost (``--baseline-data tensor``).
+    """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo) -> None:
         self.images = x.numpy()  # (N, C, H, W) uint8
@@ -59,6 +79,53 @@ class PerSampleDataset(Dataset):
         return (img - self.mean) / self.std, self.labels[i]  # Normalize
 
 
+class TorchvisionStyleDataset(PerSampleDataset):
+    """What d2l's ``load_data_fashion_mnist`` runs per sample (default ``--baseline-data torchvision``).
+
+    That is ``torchvision.datasets.FashionMNIST.__getitem__`` (the uint8 array becomes a PIL image,
+    ``Image.fromarray(img, mode="L")``; CIFAR: an RGB image from HWC) followed by
+    ``transforms.ToTensor()`` and ``transforms.Normalize(mean, std)``, the torchvision reference
+    scripts' normalization (d2l itself skips it; both loops normalize here, so the models match).
+    torchvision's own transforms are used when it imports; otherwise these are line-for-line
+    copies of its ``to_tensor`` and ``normalize`` for PIL input.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo) -> None:
+        super().__init__(x, y, info)
+        hwc = self.images.transpose(0, 2, 3, 1)  # (N, H, W, C), how torchvision stores CIFAR
+        self.pil_arrays = hwc[..., 0] if hwc.shape[-1] == 1 else np.ascontiguousarray(hwc)
+        self.mode = "L" if hwc.shape[-1] == 1 else "RGB"
+        self.mean_list, self.std_list = list(info.mean), list(info.std)
+        self.transform = _torchvision_transform(self.mean_list, self.std_list) or self._copy_of_torchvision
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = Image.fromarray(self.pil_arrays[i], mode=self.mode)
+        return self.transform(img), self.labels[i]
+
+    def _copy_of_torchvision(self, pic: Image.Image) -> torch.Tensor:
+        # torchvision.transforms.functional.to_tensor, PIL branch
+        img = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+        img = img.view(pic.size[1], pic.size[0], len(pic.getbands())).permute((2, 0, 1)).contiguous()
+        img = img.to(dtype=torch.get_default_dtype()).div(255)
+        # torchvision.transforms.functional.normalize (inplace=False)
+        img = img.clone()
+        mean = torch.as_tensor(self.mean_list, dtype=img.dtype, device=img.device)
+        std = torch.as_tensor(self.std_list, dtype=img.dtype, device=img.device)
+        if (std == 0).any():
+            raise ValueError(
+                f"std evaluated to zero after conversion to {img.dtype}, leading to division by zero."
+            )
+        return img.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+
+
+def _torchvision_transform(mean: list[float], std: list[float]):
+    try:
+        from torchvision import transforms
+    except Exception:  # not installed, or (here) a CUDA build that fails to import beside the CPU torch
+        return None
+    return transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
 def evaluate_accuracy(net: nn.Module, loader: DataLoader) -> float:
     net.eval()
     correct = total = 0
@@ -69,7 +136,10 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader) -> float:
     return correct / total
 
 
-def d2l_style(cfg: TrainConfig, workers: int) -> dict[str, float]:
+DATASETS = {"torchvision": TorchvisionStyleDataset, "tensor": PerSampleDataset}
+
+
+def d2l_style(cfg: TrainConfig, workers: int, data: str = "torchvision") -> dict[str, float]:
     """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``."""
     info, train, test = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
     if cfg.max_train is not None and cfg.max_train < len(train):
@@ -78,10 +148,10 @@ def d2l_style(cfg: TrainConfig, workers: int) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg, info)
     train_iter = DataLoader(
-        PerSampleDataset(train.x, train.y, info), batch_size=cfg.batch_size, shuffle=True, num_workers=workers
+        DATASETS[data](train.x, train.y, info), batch_size=cfg.batch_size, shuffle=True, num_workers=workers
     )
     test_iter = DataLoader(
-        PerSampleDataset(test.x, test.y, info), batch_size=cfg.batch_size, num_workers=workers
+        DATASETS[data](test.x, test.y, info), batch_size=cfg.batch_size, num_workers=workers
     )
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     loss = nn.CrossEntropyLoss()
@@ -127,10 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=4, help="d2l loop DataLoader workers (d2l uses 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--baseline-data", choices=tuple(DATASETS), default="torchvision",
+                   help="d2l loop's per-sample path: torchvision's (PIL + ToTensor + Normalize) or a lighter "
+                        "tensor-only one")  # fmt: skip
     args = p.parse_args(argv)
 
     cfg = TrainConfig(
-        arch=args.arch,
         dataset=args.dataset,
         data_dir=args.data_dir,
         max_train=args.max_train,
@@ -149,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
           f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     t = time.perf_counter()
-    baseline = d2l_style(dataclasses.replace(cfg, precision="fp32"), args.workers)
-    print(f"d2l-style loop (DataLoader, {args.workers} workers, per-sample transforms, fp32): "
+    baseline = d2l_style(dataclasses.replace(cfg, precision="fp32"), args.workers, args.baseline_data)
+    print(f"d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, fp32): "
           f"{baseline['images_per_s']:,.0f} train images/s, test acc {baseline['test_acc']:.4f} "
           f"({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
     t = time.perf_counter()
