@@ -179,20 +179,24 @@ def test_nan_or_inf_images_fail_their_own_request_before_the_model_sees_them() -
         bad[1, 0, 1, 0] = np.nan  # second image of a 2-image request
         inf = image(4)
         inf[0, 0, 0, 1] = np.inf
+        huge = image(5e37, n=4)  # finite, but their sum (8e38) would overflow in float32
         futs = [submit(q, image(1)), submit(q, bad, what="image"), submit(q, image(3)),
-                submit(q, inf, what="input 'input'")]  # fmt: skip
-        b, task, ex = await start(model, q, max_batch_size=8)
+                submit(q, inf, what="input 'input'"), submit(q, huge)]  # fmt: skip
+        b, task, ex = await start(model, q, max_batch_size=16)
         results = await asyncio.gather(*futs, return_exceptions=True)
         await stop(q, task, ex)
         return model, results
 
     model, results = run(main())
-    assert model.batches == [2]  # only the two finite requests reached the model, together
+    assert model.batches == [6]  # only the finite requests reached the model, together
     assert float(results[0][0][0, 0, 0, 0]) == 2.0 and float(results[2][0][0, 0, 0, 0]) == 6.0
     for err in results[1], results[3]:
         assert isinstance(err, ServeError) and err.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "image 1 contains NaN or Inf (first at index [0, 1, 0])" in results[1].message
     assert "input 'input' contains NaN or Inf (first at index [0, 0, 0, 1])" in results[3].message
+    assert results[4][0].shape == (4, 1, 2, 2) and float(results[4][0][3, 0, 1, 1]) == float(
+        np.float32(5e37) * 2
+    )
 
 
 def test_full_queue_rejects_at_once_with_resource_exhausted() -> None:
