@@ -161,10 +161,17 @@ def d2l_style(cfg: TrainConfig, workers: int, data: str = "torchvision") -> dict
         start = time.perf_counter()
         for x, y in train_iter:
             optimizer.zero_grad()
-            l = loss(net(x), y)  # noqa: E741 (d2l's name)
+            y_hat = net(x)
+            l = loss(y_hat, y)  # noqa: E741 (d2l's name)
             l.backward()
             optimizer.step()
-            images += len(y)
+            with torch.no_grad():  # train_ch6's per-batch metric.add(loss sum, correct, count)
+                metric = (
+                    float(l * x.shape[0]),
+                    float((y_hat.argmax(1).type(y.dtype) == y).sum()),
+                    x.shape[0],
+                )
+            images += metric[2]
         train_seconds += time.perf_counter() - start
     return {"images_per_s": images / train_seconds, "test_acc": evaluate_accuracy(net, test_iter)}
 
