@@ -15,8 +15,9 @@ Batch formation, per instance:
    each request its slice of every output. Exception: on the idle fast path, a request of at most
    ``inline_max_images`` runs on the event loop itself. That limit comes from timing the model at
    load: it covers only batches that compute faster than a thread hand-off costs
-   (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model, is the latency. Under
-   load the thread is always used: then compute overlaps the loop's gRPC work on another core.
+   (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model, is the latency; such
+   runs use ``run_inline`` (the server's single-threaded session of the model). Under load the
+   thread is always used: then compute overlaps the loop's gRPC work on another core.
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 
@@ -89,6 +90,7 @@ class Batcher:
         max_delay_s: float,
         observe: BatchObserver | None = None,
         inline_max_images: int = 0,
+        run_inline: RunBatch | None = None,
     ) -> None:
         self._queue = queue
         self._run_batch = run_batch
@@ -97,6 +99,7 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self._observe = observe
         self.inline_max_images = inline_max_images
+        self._run_inline = run_inline or run_batch  # the batch function for inline runs
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
         self._idle = False  # the batch being run came through the idle fast path
@@ -225,12 +228,14 @@ class Batcher:
         """-> (outputs, None), or (None, finite (B,) bool) when some image is NaN/Inf."""
         n = sum(a.shape[0] for a in arrays)
         if idle and n <= self.inline_max_images:
-            return self._assemble_and_run(arrays)  # cheaper than the thread hand-off (see module doc)
+            return self._assemble_and_run(
+                arrays, inline=True
+            )  # cheaper than the thread hand-off (see module doc)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._assemble_and_run, arrays
         )
 
-    def _assemble_and_run(self, arrays: list[np.ndarray]):
+    def _assemble_and_run(self, arrays: list[np.ndarray], inline: bool = False):
         # A lone request runs on its own array (no copy); a batch is built in the reused buffer,
         # which only this instance's single executor thread touches.
         x = arrays[0] if len(arrays) == 1 else self._concat(arrays)  # (B, C, H, W)
@@ -240,7 +245,7 @@ class Batcher:
             finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)  # (B,)
             if not finite.all():
                 return None, finite
-        return self._run_batch(x), None
+        return (self._run_inline if inline else self._run_batch)(x), None
 
     async def _run(self, x: np.ndarray):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)

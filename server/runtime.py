@@ -120,10 +120,15 @@ class Instance:
     executor: ThreadPoolExecutor
     input_name: str
     output_names: list[str]
+    # A single-threaded session of the same model for the small batches run inline on the event
+    # loop (see server.batcher): for a LeNet-sized batch, waking the intra-op pool for every
+    # operator costs more than the second thread gives back.
+    solo: ort.InferenceSession | None = None
 
-    def run(self, x: np.ndarray) -> Sequence[np.ndarray]:
+    def run(self, x: np.ndarray, solo: bool = False) -> Sequence[np.ndarray]:
         # x: (B, C, H, W) float32 -> one (B, ...) array per output, in output_names order
-        return self.session.run(self.output_names, {self.input_name: x})
+        session = self.solo if solo and self.solo is not None else self.session
+        return session.run(self.output_names, {self.input_name: x})
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=False)

@@ -29,7 +29,7 @@ from server.repository import (
     effective_limit,
     meta_from_props,
 )
-from server.runtime import CUDA, Instance, create_instances, threads_per_instance
+from server.runtime import CPU, CUDA, Instance, create_instances, create_session, threads_per_instance
 from trainer.meta import ModelMeta
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,12 @@ def load_version(
             _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s) for inst in instances
         ]
         inline_max = _inline_limit(timings[0], max_batch, s.inline_compute_s)
+        if inline_max and s.provider == CPU and threads > 1:
+            for inst in instances:
+                inst.solo = create_session(files.model_path, CPU, 1)
+                inst.run(
+                    np.zeros((1, *meta.input_shape), dtype=np.float32), solo=True
+                )  # first-run allocations
     except Exception:
         for inst in instances:
             inst.close()
@@ -179,9 +185,9 @@ def _inline_limit(timings: dict[int, float], max_batch: int, budget_s: float) ->
     return int(min(max_batch, 1 + (budget_s - t1) // per_image))
 
 
-def _run_ranked(inst: Instance, x: np.ndarray) -> list[np.ndarray]:
+def _run_ranked(inst: Instance, x: np.ndarray, solo: bool = False) -> list[np.ndarray]:
     """The batch function: (B, C, H, W) -> the model's outputs + probabilities and top-1 (see server.postprocess)."""
-    return ranked(inst.run(x), inst.output_names)
+    return ranked(inst.run(x, solo), inst.output_names)
 
 
 def _effective_config(
@@ -236,6 +242,7 @@ class ServedVersion:
                 self.queue,
                 functools.partial(_run_ranked, inst),
                 inst.executor,
+                run_inline=functools.partial(_run_ranked, inst, solo=True) if inst.solo is not None else None,
                 max_batch_size=loaded.max_batch_size,
                 max_delay_s=loaded.max_delay_s,
                 observe=self._observe_batch,

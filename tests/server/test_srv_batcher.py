@@ -268,6 +268,24 @@ def test_only_idle_lone_requests_cheaper_than_a_thread_hop_run_inline() -> None:
     assert on_loop == [True, False, False]
 
 
+def test_inline_runs_use_their_own_batch_function() -> None:
+    """The server gives inline runs a single-threaded onnxruntime session; the thread the others."""
+
+    async def main():
+        q: asyncio.Queue = asyncio.Queue()
+        threaded, solo = FakeModel(), FakeModel()
+        b, task, ex = await start(threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1,
+                                  run_inline=solo)  # fmt: skip
+        inline = await submit(q, image(4))  # idle and small: inline
+        queued = await submit(q, image(5, n=2))  # over the inline limit: the thread
+        await stop(q, task, ex)
+        return threaded, solo, inline, queued
+
+    threaded, solo, inline, queued = run(main())
+    assert solo.batches == [1] and threaded.batches == [2]
+    assert float(inline[0][0, 0, 0, 0]) == 8.0 and float(queued[0][1, 0, 0, 0]) == 10.0
+
+
 def test_inline_limit_from_load_time_measurements() -> None:
     from server.served import _inline_limit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from srv_helpers import config_pbtxt, publish, server_config, tiny_model
 
@@ -144,5 +145,14 @@ def test_only_models_faster_than_a_thread_hop_run_inline(tmp_path, start_server)
     manager = server.handle.manager
     assert manager.resolve("fast").batchers[0].inline_max_images >= 1
     assert manager.resolve("slow").batchers[0].inline_max_images == 0
+    # Inline runs get their own single-threaded session where the main one has several threads.
+    fast_inst, slow_inst = manager.resolve("fast").instances[0], manager.resolve("slow").instances[0]
+    if fast_inst.session.get_session_options().intra_op_num_threads > 1:
+        assert fast_inst.solo is not None and fast_inst.solo.get_session_options().intra_op_num_threads == 1
+        x = np.random.default_rng(0).random((1, *tm.meta.input_shape), dtype=np.float32)
+        for a, b in zip(fast_inst.run(x), fast_inst.run(x, solo=True), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert slow_inst.solo is None
     off = start_server(server_config(root, inline_compute_us=0))
     assert off.handle.manager.resolve("fast").batchers[0].inline_max_images == 0
+    assert off.handle.manager.resolve("fast").instances[0].solo is None
