@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="where to train", choices=C.DEVICES)
     add(
         "--precision",
-        help="auto = bf16 where the hardware has it (CUDA, AVX512-BF16/AMX CPUs), else fp32",
+        help="auto = bf16 where the hardware has it (CUDA; AVX512-BF16/AMX CPUs for models with convolutions "
+        "of 32+ channels), else fp32",
         choices=C.PRECISIONS,
     )
     add(

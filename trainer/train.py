@@ -189,7 +189,6 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
     if cfg.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
     batch_size = cfg.batch_size // dist_info.world_size  # per process
-    precision = resolve_precision(cfg.precision, device)
     info, train, test = load_data(cfg, device)
     steps_per_epoch = (len(train) // dist_info.world_size) // batch_size
     if steps_per_epoch == 0:
@@ -206,6 +205,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
     meta = ModelMeta(cfg.arch, info.name, info.input_shape, info.mean, info.std, info.class_names)
 
     model, model_args = build_model(cfg, info)
+    precision = resolve_precision(cfg.precision, device, model)
     ckpt = load_resume_checkpoint(cfg, model_args) if cfg.resume else None
     model.to(device)
     if cfg.channels_last:

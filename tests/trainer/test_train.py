@@ -205,3 +205,20 @@ def test_config_rejects_knobs_for_archs_without_them() -> None:
         TrainConfig(arch="resnet18", activation="relu")
     with pytest.raises(ConfigError, match="--optimizer 'lion' is not one of: sgd, adam, adamw"):
         TrainConfig(optimizer="lion")
+
+
+def test_auto_precision_on_cpu_keeps_narrow_models_in_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer import engine
+    from trainer.models import get_model
+
+    cpu = torch.device("cpu")
+    lenet = get_model("lenet5", in_channels=1, num_classes=10, image_size=28)  # 6/16 channels
+    wide = get_model("fmnist_net", in_channels=1, num_classes=10, image_size=28, width=16)  # up to 64
+    assert engine.widest_conv(lenet) == 16 and engine.widest_conv(wide) == 64
+    for native in (True, False):
+        monkeypatch.setattr(engine, "cpu_supports_bf16", lambda native=native: native)
+        assert engine.resolve_precision("auto", cpu, lenet) == "fp32"
+        assert engine.resolve_precision("auto", cpu, wide) == ("bf16" if native else "fp32")
+        assert engine.resolve_precision("bf16", cpu, lenet) == "bf16"  # asked for explicitly
+    with pytest.raises(ValueError, match="fp16 needs CUDA"):
+        engine.resolve_precision("fp16", cpu, lenet)
