@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import TrainConfig
-from trainer.data import DatasetInfo, load_dataset
+from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.engine import resolve_precision
 from trainer.train import build_model
 from trainer.train import main as train_main
@@ -141,9 +141,11 @@ def evaluate_accuracy(net: nn.Module, loader: DataLoader) -> float:
 DATASETS = {"torchvision": TorchvisionStyleDataset, "tensor": PerSampleDataset}
 
 
-def d2l_style(cfg: TrainConfig, workers: int, data: str = "torchvision") -> dict[str, float]:
+def d2l_style(
+    cfg: TrainConfig, workers: int, dataset: tuple[DatasetInfo, Split, Split], data: str = "torchvision"
+) -> dict[str, float]:
     """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``."""
-    info, train, test = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
+    info, train, test = dataset
     if cfg.max_train is not None and cfg.max_train < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_train]
         train = dataclasses.replace(train, x=train.x[keep], y=train.y[keep])
@@ -227,13 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         **KNOBS[args.arch],
     )
     # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
-    info = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)[0]
-    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, info)[0])
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
+    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
     cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
           f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
     t = time.perf_counter()
-    baseline = d2l_style(dataclasses.replace(cfg, precision="fp32"), args.workers, args.baseline_data)
+    baseline = d2l_style(
+        dataclasses.replace(cfg, precision="fp32"), args.workers, dataset, args.baseline_data
+    )
     print(f"d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, fp32): "
           f"{baseline['images_per_s']:,.0f} train images/s, test acc {baseline['test_acc']:.4f} "
           f"({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip

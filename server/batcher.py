@@ -9,10 +9,10 @@ Batch formation, per instance:
    lone request too, run it at once: concurrency 1 pays no batching delay.
 3. Otherwise (the server is under load), keep collecting until the batch is full or the *oldest*
    request has waited ``max_delay_s``.
-4. Drop requests that were cancelled or whose deadline passed, then, in the instance's executor,
+4. Drop requests that were cancelled or whose deadline passed; then, in the instance's executor,
    assemble the batch, check every image is finite (a request with NaN/Inf fails alone, with
-   INVALID_ARGUMENT naming the first bad pixel) and run it (onnxruntime releases the GIL, so the event loop keeps doing I/O) and hand
-   each request its slice of every output. Exception: on the idle fast path, a request of at most
+   INVALID_ARGUMENT naming the first bad pixel) and run it (onnxruntime releases the GIL, so the
+   event loop keeps doing I/O); hand each request its slice of every output. Exception: on the idle fast path, a request of at most
    ``inline_max_images`` runs on the event loop itself. That limit comes from timing the model at
    load: it covers only batches that compute faster than a thread hand-off costs
    (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model, is the latency; such
@@ -227,10 +227,8 @@ class Batcher:
     async def _run_checked(self, arrays: list[np.ndarray], idle: bool = False):
         """-> (outputs, None), or (None, finite (B,) bool) when some image is NaN/Inf."""
         n = sum(a.shape[0] for a in arrays)
-        if idle and n <= self.inline_max_images:
-            return self._assemble_and_run(
-                arrays, inline=True
-            )  # cheaper than the thread hand-off (see module doc)
+        if idle and n <= self.inline_max_images:  # cheaper than the thread hand-off (see module doc)
+            return self._assemble_and_run(arrays, inline=True)
         return await asyncio.get_running_loop().run_in_executor(
             self._executor, self._assemble_and_run, arrays
         )

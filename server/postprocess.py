@@ -36,11 +36,6 @@ def ranked(outputs: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarr
     return [*outputs, probs, top1, probs[np.arange(top1.shape[0]), top1]]
 
 
-def probabilities_of(outputs: Sequence[np.ndarray]) -> np.ndarray:
-    """(n, K) class probabilities of one request's ``ranked`` outputs."""
-    return outputs[PROBS]
-
-
 def top_k_of(outputs: Sequence[np.ndarray], k: int) -> tuple[list[list[int]], list[list[float]]]:
     """One request's ``ranked`` outputs -> (indices (n, k), probabilities (n, k)), highest first."""
     if k == 1:  # the common case: ranked already, only Python lists to build
