@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 POOLS = ("avg", "max")
@@ -22,8 +23,53 @@ def make_pool(name: str, kernel_size: int, stride: int | None = None, padding: i
     if name == "avg":
         return nn.AvgPool2d(kernel_size, stride, padding)
     if name == "max":
-        return nn.MaxPool2d(kernel_size, stride, padding)
+        return MaxPool2d(kernel_size, stride, padding)
     raise ValueError(f"unknown pool '{name}'; choose one of: {', '.join(POOLS)}")
+
+
+def _pair(v: int | tuple[int, ...]) -> list[int]:
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _onednn_pool_applies(x: Tensor) -> bool:
+    """Contiguous NCHW float on CPU, in eager mode (export, tracing and compile see the plain op)."""
+    return (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.is_contiguous()
+        and bool(torch.backends.mkldnn.enabled)
+        and torch.backends.mkldnn.is_available()
+        and not torch.jit.is_tracing()
+        and not torch.jit.is_scripting()
+        and not torch.compiler.is_compiling()
+        and not torch.onnx.is_in_onnx_export()
+    )
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that runs oneDNN's kernel on contiguous NCHW float tensors on the CPU.
+
+    Why: ATen's NCHW max-pool kernel is scalar. On LeNet-5's (256, 6, 28, 28) activations it took a
+    fifth of a training step on 2 cores (4.1 ms forward + backward; 2.0 ms through oneDNN, forward
+    alone 3.4 ms vs 0.5 ms). Outputs and gradients are identical (tests compare them bit for bit).
+    Channels-last tensors keep ATen's kernel, which is vectorized over channels and faster there;
+    ONNX export, tracing and ``torch.compile`` see the plain op. State and repr are nn.MaxPool2d's.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.return_indices or not _onednn_pool_applies(x):
+            return super().forward(x)
+        stride = self.stride if self.stride is not None else self.kernel_size
+        y = torch.mkldnn_max_pool2d(  # (B, C, H', W'), autograd through to_mkldnn/to_dense
+            x.to_mkldnn(),
+            _pair(self.kernel_size),
+            _pair(stride),
+            _pair(self.padding),
+            _pair(self.dilation),
+            self.ceil_mode,
+        )
+        return y.to_dense()
 
 
 def pooled_size(size: int, kernel_size: int, stride: int, padding: int = 0) -> int:

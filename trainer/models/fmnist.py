@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
+from trainer.models._blocks import MaxPool2d
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -52,10 +53,10 @@ class FMNISTNet(nn.Module):
         c = width
         self.features = nn.Sequential(
             conv_bn(in_channels, c),  # (B, c, S, S)
-            nn.MaxPool2d(2),  # (B, c, S/2, S/2)
+            MaxPool2d(2),  # (B, c, S/2, S/2)
             conv_bn(c, 2 * c),
             Residual(2 * c),  # (B, 2c, S/2, S/2)
-            nn.MaxPool2d(2),  # (B, 2c, S/4, S/4)
+            MaxPool2d(2),  # (B, 2c, S/4, S/4)
             conv_bn(2 * c, 4 * c),
             Residual(4 * c),  # (B, 4c, S/4, S/4)
         )
@@ -63,7 +64,7 @@ class FMNISTNet(nn.Module):
         # gradient that makes every later ReLU backward take a slow mixed-layout path under
         # channels_last (7x slower in profiles).
         spatial = image_size // 4
-        self.max_pool = nn.MaxPool2d(spatial)
+        self.max_pool = MaxPool2d(spatial)
         self.avg_pool = nn.AvgPool2d(spatial)
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 8c)
