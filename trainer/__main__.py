@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--compile", help="torch.compile the model", **boolean)
     add("--threads", help="torch intra-op threads", type=int)
+    add(
+        "--tune-malloc",
+        help="keep freed activation memory in the heap (glibc mallopt) instead of page-faulting it back "
+        "every step; off keeps glibc's defaults",
+        **boolean,
+    )
     add("--out", help="output folder")
     add(
         "--resume",

@@ -71,6 +71,7 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+    tune_malloc: bool = True  # fixed glibc mmap/trim thresholds (trainer/hostmem.py): no page-fault churn
     # outputs
     out: str = "runs/train"
     resume: str | None = None

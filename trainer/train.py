@@ -25,6 +25,7 @@ from trainer.config import TrainConfig
 from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
 from trainer.engine import ModelEMA, evaluate, resolve_precision, train_one_epoch
+from trainer.hostmem import tune_malloc
 from trainer.meta import ModelMeta
 from trainer.models import count_parameters, get_model
 from trainer.outputs import (
@@ -189,6 +190,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
     if cfg.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
     batch_size = cfg.batch_size // dist_info.world_size  # per process
+    malloc_tuned = tune_malloc() if cfg.tune_malloc else False  # before the big allocations
     info, train, test = load_data(cfg, device)
     steps_per_epoch = (len(train) // dist_info.world_size) // batch_size
     if steps_per_epoch == 0:
@@ -343,6 +345,7 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
         "device": str(device),
         "world_size": dist_info.world_size,
         "ema_decay": cfg.ema_decay,
+        "malloc_tuned": malloc_tuned,
         "config": dataclasses.asdict(cfg),
     }
     if dist_info.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from trainer import train
 from trainer.checkpoint import build_model, checkpoint_meta, load_checkpoint
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_dataset, to_float
+from trainer.hostmem import user_chose_allocator
 from trainer.train import ResumeError, lr_factor
 
 CKPT_KEYS = [
@@ -86,6 +88,8 @@ def test_outputs_and_checkpoint_round_trip(tmp_path: Path) -> None:
     assert len(history) == 2 and all(set(METRIC_KEYS) <= set(r) for r in history)
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk["test_acc"] == pytest.approx(summary["test_acc"])
+    # glibc's allocator thresholds were fixed for the run (trainer/hostmem.py), and the summary says so.
+    assert on_disk["malloc_tuned"] is (sys.platform.startswith("linux") and not user_chose_allocator())
     for key in (
         "per_class_acc",
         "params",
