@@ -1,7 +1,7 @@
 """Training throughput: our trainer vs a d2l-style loop, same model, batch size, optimizer and epochs.
 
     .venv/bin/python bench/train_bench.py [--epochs 3] [--arch lenet5|lenet5-wide|alexnet]
-        [--max-train N] [--precision auto] [--baseline-data torchvision|tensor]
+        [--max-train N] [--precision auto] [--baseline-data torchvision|tensor] [--repeat N]
 
 The d2l-style loop is seed 000's ``train_ch6``: a ``torch.utils.data.DataLoader`` (shuffle, d2l's 4
 workers) over a Dataset that builds one sample at a time in Python, then the model on each batch.
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from trainer.config import TrainConfig
 from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.engine import resolve_precision
+from trainer.hostmem import tune_malloc
 from trainer.train import build_model
 from trainer.train import main as train_main
 
@@ -193,7 +195,28 @@ def ours(cfg: TrainConfig) -> dict[str, float]:
     }
 
 
+def run_side(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
+    """One measurement in this (fresh) process: the d2l loop or our trainer."""
+    if args.side == "baseline":
+        if args.baseline_malloc == "tuned":
+            tune_malloc()
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
+        return d2l_style(dataclasses.replace(cfg, precision="fp32", tune_malloc=False), args.workers, dataset,
+                         args.baseline_data)  # fmt: skip
+    return ours(cfg)
+
+
+def side_in_subprocess(argv: list[str], side: str) -> dict[str, Any]:
+    """Run ``--side SIDE`` in a new interpreter: glibc's heap state (trainer/hostmem.py) and torch's
+    thread pools of one measurement must not carry into the other."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, __file__, *argv, "--side", side, "--result-json", f.name]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
+        return dict(json.loads(Path(f.name).read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--arch", default="lenet5", choices=tuple(KNOBS))
@@ -208,9 +231,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--workers", type=int, default=4, help="d2l loop DataLoader workers (d2l uses 4)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--repeat", type=int, default=1, help="(baseline, ours) pairs to run; prints the median ratio"
+    )
     p.add_argument("--baseline-data", choices=tuple(DATASETS), default="torchvision",
                    help="d2l loop's per-sample path: torchvision's (PIL + ToTensor + Normalize) or a lighter "
                         "tensor-only one")  # fmt: skip
+    p.add_argument("--baseline-malloc", choices=("default", "tuned"), default="default",
+                   help="d2l loop's allocator: glibc's defaults, as its users run it, or our trainer's "
+                        "mallopt settings (trainer/hostmem.py) to see how much of the gap they are")  # fmt: skip
+    p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
+    p.add_argument("--result-json", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     cfg = TrainConfig(
@@ -229,25 +260,35 @@ def main(argv: list[str] | None = None) -> int:
         **KNOBS[args.arch],
     )
     # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
-    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
+    info = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)[0]
+    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, info)[0])
     cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
+    if args.side is not None:
+        Path(args.result_json).write_text(json.dumps(run_side(args, cfg)))
+        return 0
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
           f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
-    t = time.perf_counter()
-    baseline = d2l_style(
-        dataclasses.replace(cfg, precision="fp32"), args.workers, dataset, args.baseline_data
-    )
-    print(f"d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, fp32): "
-          f"{baseline['images_per_s']:,.0f} train images/s, test acc {baseline['test_acc']:.4f} "
-          f"({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
-    t = time.perf_counter()
-    result = ours(cfg)
-    print(f"ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} train images/s, "
-          f"test acc {result['test_acc']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
-    ratio = result["images_per_s"] / baseline["images_per_s"]
-    gap = abs(result["test_acc"] - baseline["test_acc"]) * 100
-    print(f"speedup {ratio:.2f}x (target >= 2.5x); accuracy gap {gap:.2f} points (must be <= 0.5)")
+    # This VM's speed jumps between two levels (about 1.3x apart, minutes at a time), so a ratio is
+    # only fair between runs next to each other: each repeat is a (baseline, ours) pair.
+    ratios, gaps = [], []
+    for rep in range(1, args.repeat + 1):
+        tag = f"[{rep}/{args.repeat}] " if args.repeat > 1 else ""
+        t = time.perf_counter()
+        baseline = side_in_subprocess(argv, "baseline")
+        print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
+              f"fp32, {args.baseline_malloc} malloc): {baseline['images_per_s']:,.0f} train images/s, test acc "
+              f"{baseline['test_acc']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
+        t = time.perf_counter()
+        result = side_in_subprocess(argv, "ours")
+        print(f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} train "
+              f"images/s, test acc {result['test_acc']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
+        ratios.append(result["images_per_s"] / baseline["images_per_s"])
+        gaps.append(abs(result["test_acc"] - baseline["test_acc"]) * 100)
+        print(f"{tag}speedup {ratios[-1]:.2f}x; accuracy gap {gaps[-1]:.2f} points", flush=True)
+    ratio, gap = float(np.median(ratios)), max(gaps)
+    spread = f" (pairs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+    print(f"speedup {ratio:.2f}x{' median' if len(ratios) > 1 else ''}{spread} (target >= 2.5x); "
+          f"accuracy gap {gap:.2f} points (must be <= 0.5)")  # fmt: skip
     return 0 if gap <= 0.5 else 1
 
 
