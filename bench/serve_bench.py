@@ -35,22 +35,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import h2load_client  # noqa: E402  (bench/ is on sys.path when run as a script)
+from serve_report import MODELS, merge_repeats, ratio_table, ratios, table  # noqa: E402
+
 from loadtest import metrics_scrape  # noqa: E402
 from loadtest.client import LocalClient, describe_model  # noqa: E402
 from loadtest.multiproc import MultiProcClient  # noqa: E402
 from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images  # noqa: E402
 from loadtest.runner import StepSpec  # noqa: E402
-
-MODELS = {  # name -> (arch, dataset, input shape, class names)
-    "lenet": ("lenet5", "fashion-mnist", (1, 28, 28)),
-    "resnet18": ("resnet18", "cifar10", (3, 32, 32)),
-}
-TARGETS = {
-    "resnet18 c=64 1-img: ours / in-process max batch": 0.75,
-    "resnet18 c=64 32-img: ours / in-process max batch": 0.9,
-    "resnet18 c=64: ours / naive": 1.8,
-    "lenet c=64 1-img: ours / bare echo": 0.8,
-}
 
 
 @dataclass(frozen=True)
@@ -68,6 +60,8 @@ class BenchConfig:
     repeat: int = 1
     ceiling: bool = True
     server_args: tuple[str, ...] = ()
+    h2load: bool = True  # also drive echo and cnn-serve with h2load, where it is installed
+    h2load_s: float = 5.0
 
 
 # ---------------------------------------------------------------- model repository
@@ -222,6 +216,43 @@ def load_step(
     return d
 
 
+def h2load_step(
+    cfg: BenchConfig, target: str, model: str, shape: tuple[int, int, int], concurrency: int,
+    pid: int, metrics_url: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """1-image requests from h2load (C client, ~no client cost); same keys as ``load_step``'s result.
+
+    h2load cannot see gRPC status (it is in trailers): for cnn-serve the step's OK count on its own
+    /metrics must cover every response h2load got, else the step is reported with its errors."""
+    message = build_payloads("classify", load_images("synthetic", shape, 1, seed=0), 1, model, 0)[0]
+    before = metrics_scrape.scrape(metrics_url, model) if metrics_url else None
+    cpu0 = cpu_seconds(pid)
+    r = h2load_client.run_h2load(target, CLASSIFY_METHOD, message, concurrency=concurrency,
+                                 duration_s=cfg.h2load_s, warmup_s=cfg.warmup_s)  # fmt: skip
+    server_cpu = cpu_seconds(pid) - cpu0
+    d: dict[str, Any] = {"requests_per_s": r.requests_per_s, "images_per_s": r.requests_per_s,
+                         "latency_ms": r.latency_ms, "ok": r.requests, "errors": r.failed, "client": "h2load"}  # fmt: skip
+    # CPU over the whole call (warm-up included) per measured response: an upper bound.
+    d["server_cpu_us_per_request"] = server_cpu / max(r.requests, 1) * 1e6
+    if metrics_url and before is not None:
+        after = metrics_scrape.scrape(metrics_url, model)
+        codes = {k.split(":", 1)[1]: v - before.get(k, 0.0) for k, v in after.items()
+                 if k.startswith(metrics_scrape.REQUESTS + ":")}  # fmt: skip
+        ok = codes.pop("OK", 0.0)
+        # h2load resets the streams still open when its time is up: the server counts those
+        # CANCELLED (up to `concurrency` of them); they are not failures of the server.
+        d["cancelled_at_end"] = int(codes.pop("CANCELLED", 0.0))
+        d["errors"] += int(sum(codes.values()))
+        if ok < r.requests:
+            raise RuntimeError(f"h2load counted {r.requests} responses but {target} answered {ok:.0f} OK")
+        d["server"] = metrics_scrape.step_summary(before, after)
+    print(f"[bench]   h2load c={concurrency:<3}: {r.requests_per_s:8.1f} req/s p50 {r.latency_ms['p50_ms']:.2f} ms "
+          f"p99 {r.latency_ms['p99_ms']:.2f} ms errors={d['errors']} "
+          f"cancelled-at-end={d.get('cancelled_at_end', 0)} cpu/req server "
+          f"{d['server_cpu_us_per_request']:.0f} us", flush=True)  # fmt: skip
+    return d
+
+
 def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     _, _, shape = MODELS[name]
     model_file = repo / name / "1" / "model.onnx"
@@ -239,8 +270,11 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     print(f"[bench] {name}: bare echo server", flush=True)
     echo = [py, "bench/echo_server.py", "--port", str(port), "--model", name,
             "--input-shape", ",".join(map(str, shape))]  # fmt: skip
+    h2 = cfg.h2load and h2load_client.available()
     with server_process(echo, target, name) as proc:
         out["echo"] = {c: load_step(cfg, target, name, shape, 1, c, pid=proc.pid) for c in (1, 64)}
+        if h2:
+            out["echo_h2"] = {c: h2load_step(cfg, target, name, shape, c, proc.pid) for c in (1, 64)}
     print(f"[bench] {name}: naive server (one session.run per RPC)", flush=True)
     naive = [py, "bench/naive_server.py", "--model-file", str(model_file), "--port", str(port)]
     with server_process(naive, target, name) as proc:
@@ -260,6 +294,8 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
         expected = top * cfg.big_request / max(out["ours"][top]["images_per_s"], 1e-3)
         out["ours_big"] = load_step(cfg, target, name, shape, cfg.big_request, top, metrics_url=murl,
                                     expected_latency_s=expected, pid=proc.pid)  # fmt: skip
+        if h2:
+            out["ours_h2"] = {c: h2load_step(cfg, target, name, shape, c, proc.pid, murl) for c in (1, 64)}
     return out
 
 
@@ -274,93 +310,6 @@ def client_ceiling(cfg: BenchConfig) -> dict[int, Any]:
         return {p: load_step(cfg, target, "lenet", shape, 1, 64, processes=p, pid=proc.pid) for p in (1, 2)}
 
 
-# ---------------------------------------------------------------- report
-
-
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Of repeated runs of one setup, the one with the median images/s (a real run, not a blend)."""
-    key = "images_per_s"
-    return sorted(runs, key=lambda r: r[key])[len(runs) // 2]
-
-
-def merge_repeats(reps: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"shape": reps[0]["shape"], "repeats": len(reps)}
-    for key in ("inprocess_b1", "inprocess_max", "ours_big"):
-        out[key] = median_run([r[key] for r in reps])
-    for key in ("echo", "naive", "ours"):
-        out[key] = {c: median_run([r[key][c] for r in reps]) for c in reps[0][key]}
-    return out
-
-
-def ratios(results: dict[str, Any], top: int) -> list[dict[str, Any]]:
-    rows: list[tuple[str, float]] = []
-    if (r18 := results.get("resnet18")) is not None:
-        best = r18["inprocess_max"]["images_per_s"]
-        rows += [
-            ("resnet18 c=64 1-img: ours / in-process max batch", r18["ours"][top]["images_per_s"] / best),
-            ("resnet18 c=64 32-img: ours / in-process max batch", r18["ours_big"]["images_per_s"] / best),
-            (
-                "resnet18 c=64: ours / naive",
-                r18["ours"][top]["images_per_s"] / r18["naive"][top]["images_per_s"],
-            ),
-        ]
-    if (lenet := results.get("lenet")) is not None:
-        rows.append(("lenet c=64 1-img: ours / bare echo",
-                     lenet["ours"][top]["requests_per_s"] / lenet["echo"][top]["requests_per_s"]))  # fmt: skip
-    out = [{"ratio": k, "value": v, "target": TARGETS[k], "pass": v >= TARGETS[k]} for k, v in rows]
-    for name in MODELS:
-        if (m := results.get(name)) is None:
-            continue
-        p50, base = m["ours"][1]["latency_ms"]["p50_ms"], m["inprocess_b1"]["p50_ms"]
-        out.append({"ratio": f"{name} c=1: ours p50 - in-process batch-1 p50 (ms)", "value": p50 - base,
-                    "target": 0.5, "pass": p50 - base <= 0.5, "lower_is_better": True})  # fmt: skip
-    return out
-
-
-def _srv(s: dict[str, Any]) -> str:
-    srv = s.get("server") or {}
-    if not srv:
-        return ""
-    nan = float("nan")
-    return f"{srv.get('batch_size', nan):.1f} / {srv.get('queue_wait_ms', nan):.2f} / {srv.get('compute_ms', nan):.2f}"
-
-
-def table(results: dict[str, Any], cfg: BenchConfig) -> str:
-    """Markdown: one row per setup; server columns from cnn-serve's /metrics for our server."""
-    lines = ["| model | setup | req/s | img/s | p50 ms | p99 ms | server CPU us/req | server batch / queue ms / compute ms |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-    for name in MODELS:
-        if (m := results.get(name)) is None:
-            continue
-        for label, key in (
-            ("in-process batch 1", "inprocess_b1"),
-            (f"in-process batch {cfg.max_batch}", "inprocess_max"),
-        ):
-            lines.append(
-                f"| {name} | {label} | | {m[key]['images_per_s']:.1f} | {m[key]['p50_ms']:.2f} | | |"
-            )
-        steps = [(f"bare echo c={c}", s) for c, s in m["echo"].items()]
-        steps += [(f"naive c={c}", s) for c, s in m["naive"].items()]
-        steps += [(f"ours c={c}", s) for c, s in m["ours"].items()]
-        steps.append((f"ours c={max(cfg.concurrency)} x {cfg.big_request} images", m["ours_big"]))
-        for label, s in steps:
-            lat = s["latency_ms"]
-            lines.append(f"| {name} | {label} | {s['requests_per_s']:.1f} | {s['images_per_s']:.1f} | "
-                         f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | {s['server_cpu_us_per_request']:.0f} | "
-                         f"{_srv(s)} |")  # fmt: skip
-    return "\n".join(lines)
-
-
-def ratio_table(rat: list[dict[str, Any]]) -> str:
-    lines = ["| ratio | measured | target | |", "|---|---:|---:|---|"]
-    for r in rat:
-        op = "<=" if r.get("lower_is_better") else ">="
-        lines.append(
-            f"| {r['ratio']} | {r['value']:.2f} | {op} {r['target']} | {'ok' if r['pass'] else 'MISSED'} |"
-        )
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description="cnn-serve serving benchmark (see the module docstring)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts" / "bench")
@@ -372,6 +321,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     )
     p.add_argument("--duration", type=float, default=8.0, help="max measured seconds per load step")
     p.add_argument("--no-ceiling", action="store_true", help="skip the client-ceiling measurement")
+    p.add_argument("--no-h2load", action="store_true", help="skip the h2load (C client) steps")
     p.add_argument("--server-arg", action="append", default=[], help="extra cnn-serve flag (repeatable)")
     a = p.parse_args(argv)
     ckpts = {}
@@ -386,7 +336,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     return BenchConfig(out_dir=a.out_dir, checkpoints=ckpts, models=models, repeat=a.repeat, duration_s=a.duration,
-                       ceiling=not a.no_ceiling, server_args=tuple(a.server_arg))  # fmt: skip
+                       ceiling=not a.no_ceiling, server_args=tuple(a.server_arg), h2load=not a.no_h2load)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"`{command.strip()}` on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / "
              f"{os.getloadavg()[0]:.1f} after; median of {cfg.repeat} run(s) per setup.", "",
-             table(results, cfg), "", ratio_table(rat)]  # fmt: skip
+             table(results, cfg.max_batch, cfg.concurrency, cfg.big_request), "", ratio_table(rat)]  # fmt: skip
     if (cc := results.get("client_ceiling")) is not None:
         per_req = cc[1]["client_cpu_us_per_request"]
         lines += ["", f"Client ceiling (cnn-loadtest -> bare echo, c=64, 1 LeNet image per request): "

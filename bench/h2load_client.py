@@ -1,0 +1,99 @@
+"""Drive a gRPC unary method with h2load (nghttp2's C HTTP/2 load generator) instead of Python.
+
+Why: loadtest's client is Python and shares this 2-core box and its own GIL with nothing but
+itself, yet it still spends ~100 us of CPU per request, and at concurrency 1 its own event-loop
+hops are part of every measured latency. h2load costs a few us per request, so its numbers show the
+server's side with the client mostly out of the way. It knows nothing of gRPC, which is plain
+HTTP/2 underneath: a POST to /package.Service/Method with ``content-type: application/grpc`` and
+``te: trailers``, and a body of 5-byte frames (flag 0 = uncompressed, big-endian length) each
+holding one serialized message. The gRPC status travels in trailers h2load does not read, so the
+caller checks success another way (cnn-serve's own request counter; the echo server always says OK).
+
+    run_h2load("127.0.0.1:50051", "/pkg.Svc/Method", payload_bytes, concurrency=64, duration_s=5)
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def grpc_frame(message: bytes) -> bytes:
+    """One length-prefixed gRPC message: 1 byte compressed flag (0), 4 bytes big-endian length."""
+    return struct.pack(">BI", 0, len(message)) + message
+
+
+@dataclass(frozen=True)
+class H2loadResult:
+    requests: int  # measured responses with HTTP status 200
+    failed: int  # h2load's failed + errored + timed-out requests
+    requests_per_s: float
+    latency_ms: dict[str, float]  # p50/p90/p99/max of the measured requests
+
+    def to_dict(self) -> dict[str, object]:
+        return {"requests": self.requests, "failed": self.failed, "requests_per_s": self.requests_per_s,
+                "latency_ms": self.latency_ms}  # fmt: skip
+
+
+def available() -> bool:
+    return shutil.which("h2load") is not None
+
+
+def parse_log(text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """h2load --log-file lines "start_us<TAB>status<TAB>latency_us" -> three int64 arrays."""
+    rows = [line.split("\t") for line in text.splitlines() if line.strip()]
+    arr = np.array([[int(c) for c in r[:3]] for r in rows], dtype=np.int64).reshape(-1, 3)
+    return arr[:, 0], arr[:, 1], arr[:, 2]
+
+
+def run_h2load(
+    target: str,
+    method: str,
+    message: bytes,
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+    connections: int = 1,
+    timeout_s: float = 120.0,
+) -> H2loadResult:
+    """Closed loop: ``concurrency`` streams in flight over ``connections`` HTTP/2 connections.
+
+    Requests/s is measured responses over the measured span (first start to last end); latencies are
+    per request, send to last byte of the response, for requests started after the warm-up.
+    """
+    if concurrency % connections:
+        raise ValueError(f"concurrency {concurrency} must divide by connections {connections}")
+    exe = shutil.which("h2load")
+    if exe is None:
+        raise FileNotFoundError("h2load not found: apt-get install -y nghttp2-client")
+    with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
+        body, log = Path(tmp) / "body.bin", Path(tmp) / "log.tsv"
+        body.write_bytes(grpc_frame(message))
+        cmd = [exe, f"http://{target}{method}", "-d", str(body),
+               "-H", "content-type: application/grpc", "-H", "te: trailers",
+               "-c", str(connections), "-m", str(concurrency // connections),
+               "-D", f"{round(duration_s * 1000)}ms", "--warm-up-time", f"{round(warmup_s * 1000)}ms", "--log-file", str(log)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"h2load exited {proc.returncode}: {proc.stderr.strip() or proc.stdout[-500:]}"
+            )
+        start_us, status, latency_us = parse_log(log.read_text())
+    m = re.search(r"(\d+) failed, (\d+) errored, (\d+) timeout", proc.stdout)
+    failed = sum(int(g) for g in m.groups()) if m else 0
+    ok = status == 200
+    if not ok.any():
+        raise RuntimeError(f"h2load got no HTTP 200 responses from {target}{method}:\n{proc.stdout[-800:]}")
+    lat = np.sort(latency_us[ok]) / 1e3  # ms
+    span_s = (int((start_us + latency_us)[ok].max()) - int(start_us[ok].min())) / 1e6
+    pct = {f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 90, 99)}
+    pct["max_ms"] = float(lat[-1])
+    return H2loadResult(int(ok.sum()), failed + int((~ok).sum()), float(ok.sum() / max(span_s, 1e-9)), pct)
