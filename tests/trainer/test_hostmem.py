@@ -37,14 +37,20 @@ def faults_per_step(mode: str, env: dict[str, str] | None = None) -> tuple[bool,
     return applied == "True", float(faults)
 
 
+# glibc's starting thresholds (128 KiB), pinned: its adaptive threshold sometimes grows out of the
+# churn and sometimes not (9,000-17,000 or ~200 faults per step, run to run), so the reference is
+# the deterministic case it starts from.
+GLIBC_STATIC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_tuned_malloc_stops_page_fault_churn() -> None:
-    _, default = faults_per_step("default")
-    if default < 1000:
-        pytest.skip(f"this libc does not churn on the pattern ({default:.0f} faults/step)")
+    applied, reference = faults_per_step("tuned", GLIBC_STATIC_DEFAULTS)  # a user's MALLOC_*: kept
+    assert not applied
+    assert reference > 5000, f"the pattern should churn with glibc's static thresholds ({reference:.0f})"
     applied, tuned = faults_per_step("tuned")
     assert applied
-    assert tuned < default / 5, f"{tuned:.0f} faults/step tuned vs {default:.0f} with glibc's defaults"
+    assert tuned < reference / 20, f"{tuned:.0f} faults/step tuned vs {reference:.0f} with glibc's thresholds"
 
 
 def test_a_users_allocator_choice_is_kept() -> None:
