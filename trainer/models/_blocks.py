@@ -52,7 +52,8 @@ class MaxPool2d(nn.MaxPool2d):
 
     Why: ATen's NCHW max-pool kernel is scalar. On LeNet-5's (256, 6, 28, 28) activations it took a
     fifth of a training step on 2 cores (4.1 ms forward + backward; 2.0 ms through oneDNN, forward
-    alone 3.4 ms vs 0.5 ms). Outputs and gradients are identical (tests compare them bit for bit).
+    alone 3.4 ms vs 0.5 ms). Outputs are identical, and so are gradients of non-overlapping pools;
+    where windows overlap (3x3/2) a shared pixel's gradients are summed in another order.
     Channels-last tensors keep ATen's kernel, which is vectorized over channels and faster there;
     ONNX export, tracing and ``torch.compile`` see the plain op. State and repr are nn.MaxPool2d's.
     """
