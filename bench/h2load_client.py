@@ -37,10 +37,6 @@ class H2loadResult:
     requests_per_s: float
     latency_ms: dict[str, float]  # p50/p90/p99/max of the measured requests
 
-    def to_dict(self) -> dict[str, object]:
-        return {"requests": self.requests, "failed": self.failed, "requests_per_s": self.requests_per_s,
-                "latency_ms": self.latency_ms}  # fmt: skip
-
 
 def available() -> bool:
     return shutil.which("h2load") is not None

@@ -223,7 +223,7 @@ def h2load_step(
     """1-image requests from h2load (C client, ~no client cost); same keys as ``load_step``'s result.
 
     h2load cannot see gRPC status (it is in trailers): for cnn-serve the step's OK count on its own
-    /metrics must cover every response h2load got, else the step is reported with its errors."""
+    /metrics must cover every response h2load got (else RuntimeError), and other codes count as errors."""
     message = build_payloads("classify", load_images("synthetic", shape, 1, seed=0), 1, model, 0)[0]
     before = metrics_scrape.scrape(metrics_url, model) if metrics_url else None
     cpu0 = cpu_seconds(pid)

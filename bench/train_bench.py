@@ -196,12 +196,13 @@ def ours(cfg: TrainConfig) -> dict[str, float]:
     }
 
 
-def run_side(args: argparse.Namespace, cfg: TrainConfig) -> dict[str, Any]:
-    """One measurement in this (fresh) process: the d2l loop or our trainer."""
+def run_side(
+    args: argparse.Namespace, cfg: TrainConfig, dataset: tuple[DatasetInfo, Split, Split]
+) -> dict[str, Any]:
+    """One measurement in this (fresh) process: the d2l loop (on ``dataset``) or our trainer."""
     if args.side == "baseline":
         if args.baseline_malloc == "tuned":
             tune_malloc()
-        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
         return d2l_style(dataclasses.replace(cfg, precision="fp32", tune_malloc=False), args.workers, dataset,
                          args.baseline_data)  # fmt: skip
     return ours(cfg)
@@ -263,11 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         **KNOBS[args.arch],
     )
     # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
-    info = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)[0]
-    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, info)[0])
+    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
+    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
     cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
     if args.side is not None:
-        Path(args.result_json).write_text(json.dumps(run_side(args, cfg)))
+        Path(args.result_json).write_text(json.dumps(run_side(args, cfg, dataset)))
         return 0
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
           f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip

@@ -242,7 +242,7 @@ class ServedVersion:
                 self.queue,
                 functools.partial(_run_ranked, inst),
                 inst.executor,
-                run_inline=functools.partial(_run_ranked, inst, solo=True) if inst.solo is not None else None,
+                run_inline=functools.partial(_run_ranked, inst, solo=True),  # inst.run falls back without one
                 max_batch_size=loaded.max_batch_size,
                 max_delay_s=loaded.max_delay_s,
                 observe=self._observe_batch,
