@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from loadtest.stats import latency_summary
+
 
 def grpc_frame(message: bytes) -> bytes:
     """One length-prefixed gRPC message: 1 byte compressed flag (0), 4 bytes big-endian length."""
@@ -35,7 +37,7 @@ class H2loadResult:
     requests: int  # measured responses with HTTP status 200
     failed: int  # h2load's failed + errored + timed-out requests
     requests_per_s: float
-    latency_ms: dict[str, float]  # p50/p90/p99/max of the measured requests
+    latency_ms: dict[str, float]  # loadtest.stats.latency_summary of the measured requests (nearest rank)
 
 
 def available() -> bool:
@@ -88,8 +90,7 @@ def run_h2load(
     ok = status == 200
     if not ok.any():
         raise RuntimeError(f"h2load got no HTTP 200 responses from {target}{method}:\n{proc.stdout[-800:]}")
-    lat = np.sort(latency_us[ok]) / 1e3  # ms
     span_s = (int((start_us + latency_us)[ok].max()) - int(start_us[ok].min())) / 1e6
-    pct = {f"p{q}_ms": float(np.percentile(lat, q)) for q in (50, 90, 99)}
-    pct["max_ms"] = float(lat[-1])
+    # The same percentile method as cnn-loadtest's rows it is printed next to.
+    pct = latency_summary((latency_us[ok] / 1e6).tolist())
     return H2loadResult(int(ok.sum()), failed + int((~ok).sum()), float(ok.sum() / max(span_s, 1e-9)), pct)
