@@ -12,12 +12,13 @@ Batch formation, per instance:
 4. Drop requests that were cancelled or whose deadline passed; then, in the instance's executor,
    assemble the batch, check every image is finite (a request with NaN/Inf fails alone, with
    INVALID_ARGUMENT naming the first bad pixel) and run it (onnxruntime releases the GIL, so the
-   event loop keeps doing I/O); hand each request its slice of every output. Exception: on the idle fast path, a request of at most
-   ``inline_max_images`` runs on the event loop itself. That limit comes from timing the model at
-   load: it covers only batches that compute faster than a thread hand-off costs
-   (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model, is the latency; such
-   runs use ``run_inline`` (the server's single-threaded session of the model). Under load the
-   thread is always used: then compute overlaps the loop's gRPC work on another core.
+   event loop keeps doing I/O); hand each request its slice of every output. Exception: on the
+   idle fast path, a request of at most ``inline_max_images`` runs on the event loop itself. That
+   limit comes from timing the model at load: it covers only batches that compute faster than a
+   thread hand-off costs (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model,
+   is the latency; such runs use ``run_inline`` (the server's single-threaded session of the
+   model). Under load the thread is always used: then compute overlaps the loop's gRPC work on
+   another core.
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 
