@@ -263,11 +263,11 @@ def main(argv: list[str] | None = None) -> int:
         quiet=True,
         **KNOBS[args.arch],
     )
-    # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
-    dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
-    resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
-    cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
-    if args.side is not None:
+    if args.side is not None:  # a child process: the dataset and model are needed only here
+        # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
+        dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
+        resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
+        cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
         Path(args.result_json).write_text(json.dumps(run_side(args, cfg, dataset)))
         return 0
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
