@@ -1,17 +1,26 @@
 """A tiny Classifier server with controllable delay, stall and error injection, on 127.0.0.1:0.
 
-It runs on its own event loop in a background thread, so the load-test code under test can run
-its own (uv)loop in the test thread exactly as the CLI does.
+``fake_server`` runs it on its own event loop in a background thread, so the load-test code under
+test can run its own (uv)loop in the test thread exactly as the CLI does. ``fake_server_process``
+runs it in a child process (``python lt_fakes.py``, driven by JSON lines on stdin/stdout), for
+timing tests: a server in the test's process shares its GIL, and its work after a stall would delay
+the client being timed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
@@ -123,3 +132,92 @@ def fake_server() -> Iterator[FakeServer]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+
+
+class RemoteFakeServer:
+    """The fake server in a child process. Its ``Behaviour`` lives there: ``set`` changes its
+    plain fields, ``stop`` ends the process and returns the fields as a dict. ``stall_until`` and
+    ``arrivals`` are ``time.perf_counter()`` instants; on Linux that is CLOCK_MONOTONIC, one
+    clock for every process, so the test's instants and the child's compare directly."""
+
+    def __init__(self) -> None:
+        root = Path(__file__).resolve().parents[2]
+        env = {**os.environ, "PYTHONPATH": str(root)}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self.port = int(self._reply()["port"])
+        self.state: dict | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _reply(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"fake server process exited (rc {self.proc.wait(10)})")
+        return dict(json.loads(line))
+
+    def _send(self, cmd: dict) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def set(self, **fields: float) -> None:
+        self._send({"set": fields})
+
+    def stop(self) -> dict:
+        if self.state is None:
+            self.state = self._send({"stop": True})
+            self.proc.wait(timeout=10)
+        return self.state
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def fake_server_process() -> Iterator[RemoteFakeServer]:
+    server = RemoteFakeServer()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):  # already gone or wedged: kill() makes sure it is
+            server.stop()
+        server.kill()
+
+
+async def _serve_stdio() -> None:
+    """The child of ``RemoteFakeServer``: one JSON line out with the port, then one reply per command."""
+    behaviour = Behaviour()
+    server = grpc.aio.server()
+    pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(behaviour), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(json.dumps({"port": port}), flush=True)
+    loop = asyncio.get_running_loop()
+    try:
+        while line := await loop.run_in_executor(None, sys.stdin.readline):  # "" once the parent is gone
+            cmd = json.loads(line)
+            if "set" in cmd:
+                for name, value in cmd["set"].items():
+                    getattr(behaviour, name)  # only existing fields
+                    setattr(behaviour, name, value)
+                print(json.dumps({"ok": True}), flush=True)
+            elif "stop" in cmd:
+                b = behaviour
+                state = {"received": b.received, "answered": dict(b.answered), "arrivals": b.arrivals,
+                         "max_inflight": b.max_inflight, "stall_until": b.stall_until}  # fmt: skip
+                print(json.dumps(state), flush=True)
+                break
+    finally:
+        await server.stop(0)
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_stdio())

@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from lt_fakes import FAKE_MODEL, FAKE_SHAPE, FakeServer
+from lt_fakes import FAKE_MODEL, FAKE_SHAPE, FakeServer, RemoteFakeServer
 
 from loadtest.client import LocalClient
 from loadtest.payload import build_payloads
@@ -19,7 +19,9 @@ def _payloads(k: int = 1, model: str = FAKE_MODEL) -> list[bytes]:
     return build_payloads("classify", images, k, model, 0)
 
 
-def _client(server: FakeServer, k: int = 1, stability: tuple[int, float] = (3, 10.0)) -> LocalClient:
+def _client(
+    server: FakeServer | RemoteFakeServer, k: int = 1, stability: tuple[int, float] = (3, 10.0)
+) -> LocalClient:
     return LocalClient(server.target, "classify", _payloads(k), k, *stability)
 
 
@@ -86,25 +88,27 @@ def test_unstable_step_is_bounded_by_duration_and_flagged(fake_server: FakeServe
     assert time.perf_counter() - start < 1.5 + 5.0 + 2.0
 
 
-def test_open_loop_keeps_its_rate_while_the_server_stalls(fake_server: FakeServer) -> None:
+def test_open_loop_keeps_its_rate_while_the_server_stalls(fake_server_process: RemoteFakeServer) -> None:
+    # The server runs in its own process: one in this process would share the client's GIL, and
+    # flushing its ~160-request backlog after the stall would delay the sender under test.
     rate = 200.0
-    b = fake_server.behaviour
-    client = _client(fake_server, stability=(100, 1.0))  # never "stable": run the full duration
-    b.stall_until = time.perf_counter() + 0.05 + 0.2 + 0.8  # stalls for the first ~0.8 s after warm-up
+    client = _client(fake_server_process, stability=(100, 1.0))  # never "stable": run the full duration
+    stall_until = time.perf_counter() + 0.05 + 0.2 + 0.8  # stalls for the first ~0.8 s after warm-up
+    fake_server_process.set(stall_until=stall_until)
     try:
         r = client.run_step(_spec("open", rate, warmup_s=0.2, window_s=0.5, duration_s=2.0))
     finally:
         client.close()
+    b = fake_server_process.stop()
     assert r.mode == "open" and r.errors_total == {}
     # Sends did not slip: the client kept sending on schedule through the 0.8 s stall. (A sender
-    # that waited for answers would be ~800 ms late; the bounds leave room for a busy CI box and
-    # for the fake server, which shares this process's GIL, flushing its backlog after the stall.)
+    # that waited for answers would be ~800 ms late; the bounds leave room for a busy CI box.)
     assert r.send_lag_ms is not None
     assert r.send_lag_ms["p50_ms"] < 5.0 and r.send_lag_ms["max_ms"] < 250.0
-    arrivals = np.array(b.arrivals)
-    assert len(arrivals) == r.sent
-    stall_part = arrivals[arrivals < b.stall_until]
-    assert len(stall_part) / (b.stall_until - arrivals[0]) == pytest.approx(rate, rel=0.3)
+    arrivals = np.array(b["arrivals"])
+    assert len(arrivals) == r.sent == b["answered"]["OK"]
+    stall_part = arrivals[arrivals < stall_until]
+    assert len(stall_part) / (stall_until - arrivals[0]) == pytest.approx(rate, rel=0.3)
     # Offered load over the whole step matches the rate (Poisson: +-4 sigma at ~550 arrivals).
     horizon = 0.2 + 2.0 + 0.5
     assert r.sent / horizon == pytest.approx(rate, rel=0.2)
