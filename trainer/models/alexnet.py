@@ -23,7 +23,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import make_activation, make_pool, pooled_size
+from trainer.models._blocks import activation_and_pool, make_activation, pooled_size
 
 # d2l AlexNet widths divided by 16 (seed 004's "1/256 of the parameters").
 CONV_WIDTHS = (6, 16, 24, 24, 16)
@@ -48,23 +48,24 @@ class AlexNet(nn.Module):
         c1, c2, c3, c4, c5 = (c * width for c in CONV_WIDTHS)
         fc = FC_WIDTH * width
 
-        def conv(cin: int, cout: int, k: int) -> list[nn.Module]:
+        def conv(cin: int, cout: int, k: int, pooled: bool = False) -> list[nn.Module]:
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, padding=k // 2, bias=not batchnorm)]
             if batchnorm:
                 layers.append(nn.BatchNorm2d(cout))
-            layers.append(make_activation(activation))
+            if pooled:
+                # Overlapping 3x3/2 pools as in AlexNet; padding 1 keeps 28 px from shrinking to 2x2.
+                # A max-pool runs before the activation (the same function, less work).
+                layers += activation_and_pool(activation, pool, 3, 2, 1)
+            else:
+                layers.append(make_activation(activation))
             return layers
 
-        # Overlapping 3x3/2 pools as in AlexNet; padding 1 keeps 28 px from shrinking to 2x2.
         self.features = nn.Sequential(
-            *conv(in_channels, c1, 5),  # (B, c1, S, S)
-            make_pool(pool, 3, 2, 1),  # (B, c1, S/2, S/2)
-            *conv(c1, c2, 5),
-            make_pool(pool, 3, 2, 1),  # (B, c2, S/4, S/4)
+            *conv(in_channels, c1, 5, pooled=True),  # (B, c1, S/2, S/2)
+            *conv(c1, c2, 5, pooled=True),  # (B, c2, S/4, S/4)
             *conv(c2, c3, 3),
             *conv(c3, c4, 3),
-            *conv(c4, c5, 3),
-            make_pool(pool, 3, 2, 1),  # (B, c5, 4, 4) for 28 and 32 px
+            *conv(c4, c5, 3, pooled=True),  # (B, c5, 4, 4) for 28 and 32 px
         )
         spatial = image_size
         for _ in range(3):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import make_activation, make_pool
+from trainer.models._blocks import activation_and_pool, make_activation
 
 
 class LeNet(nn.Module):
@@ -33,7 +33,7 @@ class LeNet(nn.Module):
             layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, padding=padding, bias=not batchnorm)]
             if batchnorm:
                 layers.append(nn.BatchNorm2d(cout))
-            layers += [make_activation(activation), make_pool(pool, 2, 2)]
+            layers += activation_and_pool(activation, pool, 2, 2)  # max-pool runs before the activation
             return layers
 
         # 28 -> conv(pad 2) 28 -> pool 14 -> conv 10 -> pool 5; 32 -> 32 -> 16 -> 12 -> 6
