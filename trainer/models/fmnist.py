@@ -3,7 +3,7 @@
 The compute sits where it is cheap: one 3x3 conv at full resolution, then the wide layers at 14x14
 and 7x7, each stage a conv + a residual pair of 3x3 convs with BatchNorm::
 
-    28x28: conv3x3  1 -> c          + BN + ReLU, max-pool 2          (B, c, 14, 14)
+    28x28: conv3x3  1 -> c          + BN, max-pool 2, ReLU          (B, c, 14, 14)
     14x14: conv3x3  c -> 2c         + BN + ReLU, residual block 2c,  max-pool 2   (B, 2c, 7, 7)
      7x7:  conv3x3 2c -> 4c         + BN + ReLU, residual block 4c
     head:  global max-pool + global avg-pool (concatenated), dropout, linear 8c -> classes
@@ -51,9 +51,12 @@ class FMNISTNet(nn.Module):
         if image_size < 8:
             raise ValueError(f"fmnist_net needs images of at least 8x8 pixels, got {image_size}")
         c = width
+        # The first max-pool runs before its ReLU: the same function (max commutes with ReLU), with
+        # the ReLU and its backward on a quarter of the elements (0.5 ms of a ~65 ms step).
+        # Parameter names stay those of conv_bn + MaxPool2d.
         self.features = nn.Sequential(
-            conv_bn(in_channels, c),  # (B, c, S, S)
-            MaxPool2d(2),  # (B, c, S/2, S/2)
+            conv_bn(in_channels, c)[:2],  # (B, c, S, S) conv + BN
+            nn.Sequential(MaxPool2d(2), nn.ReLU(inplace=True)),  # (B, c, S/2, S/2)
             conv_bn(c, 2 * c),
             Residual(2 * c),  # (B, 2c, S/2, S/2)
             MaxPool2d(2),  # (B, 2c, S/4, S/4)
