@@ -13,11 +13,14 @@ dataset as one tensor, slices batches from a permutation and normalizes whole ba
 with ``--precision auto``, runs bf16 autocast + channels_last where the CPU supports it and the
 model's convolutions are wide enough to gain from it).
 
-Both loops are measured in the same run, one right after the other, each in a fresh interpreter
-(``--repeat N`` runs N such pairs). Printed: training images/s of each (training-loop wall time;
-evaluation excluded for both), final test accuracy of each (must agree within 0.5 points) and the
-speed ratio of each pair and their median (target >= 2.5x on CPU). Exit 1 if the accuracies differ
-by more than 0.5 points.
+Both loops run in the same run, each in a fresh interpreter, taking turns epoch by epoch: the two
+processes start together, and each waits at every epoch boundary while the other trains its next
+epoch (d2l epoch 1, ours epoch 1, d2l epoch 2, ...; each side's evaluation also runs alone). This
+machine's speed jumps between two levels minutes apart, so alternating epochs, not whole runs, gives
+both sides the same mix of speeds. ``--repeat N`` runs N such pairs. Printed: training images/s of
+each (training-loop wall time; waits and evaluation excluded for both), final test accuracy of each
+(must agree within 0.5 points) and the speed ratio of each pair and their median (target >= 2.5x on
+CPU). Exit 1 if the accuracies differ by more than 0.5 points.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -145,9 +150,14 @@ DATASETS = {"torchvision": TorchvisionStyleDataset, "tensor": PerSampleDataset}
 
 
 def d2l_style(
-    cfg: TrainConfig, workers: int, dataset: tuple[DatasetInfo, Split, Split], data: str = "torchvision"
+    cfg: TrainConfig,
+    workers: int,
+    dataset: tuple[DatasetInfo, Split, Split],
+    data: str = "torchvision",
+    wait: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``."""
+    """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``; ``wait()``
+    runs before each epoch and before the evaluation (the lockstep turns), outside the timing."""
     info, train, test = dataset
     if cfg.max_train is not None and cfg.max_train < len(train):
         keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.max_train]
@@ -164,6 +174,7 @@ def d2l_style(
     loss = nn.CrossEntropyLoss()
     train_seconds, images = 0.0, 0
     for _ in range(cfg.epochs):
+        wait()
         net.train()
         start = time.perf_counter()
         for x, y in train_iter:
@@ -180,12 +191,14 @@ def d2l_style(
                 )
             images += metric[2]
         train_seconds += time.perf_counter() - start
+    wait()
     return {"images_per_s": images / train_seconds, "test_acc": evaluate_accuracy(net, test_iter)}
 
 
-def ours(cfg: TrainConfig) -> dict[str, float]:
+def ours(cfg: TrainConfig, wait: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Our trainer; ``wait()`` before each epoch (after the previous epoch's evaluation)."""
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
-        summary = train_main(dataclasses.replace(cfg, out=tmp))
+        summary = train_main(dataclasses.replace(cfg, out=tmp), on_epoch_start=lambda _epoch: wait())
         history = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     seconds = sum(r["seconds"] for r in history)
     images = sum(r["images_per_s"] * r["seconds"] for r in history)
@@ -197,24 +210,94 @@ def ours(cfg: TrainConfig) -> dict[str, float]:
 
 
 def run_side(
-    args: argparse.Namespace, cfg: TrainConfig, dataset: tuple[DatasetInfo, Split, Split]
+    args: argparse.Namespace,
+    cfg: TrainConfig,
+    dataset: tuple[DatasetInfo, Split, Split],
+    wait: Callable[[], None],
 ) -> dict[str, Any]:
     """One measurement in this (fresh) process: the d2l loop (on ``dataset``) or our trainer."""
     if args.side == "baseline":
         if args.baseline_malloc == "tuned":
             tune_malloc()
         return d2l_style(dataclasses.replace(cfg, precision="fp32", tune_malloc=False), args.workers, dataset,
-                         args.baseline_data)  # fmt: skip
-    return ours(cfg)
+                         args.baseline_data, wait)  # fmt: skip
+    return ours(cfg, wait)
 
 
-def side_in_subprocess(argv: list[str], side: str) -> dict[str, Any]:
-    """Run ``--side SIDE`` in a new interpreter: glibc's heap state (trainer/hostmem.py) and torch's
-    thread pools of one measurement must not carry into the other."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [sys.executable, __file__, *argv, "--side", side, "--result-json", f.name]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, timeout=3600)
-        return dict(json.loads(Path(f.name).read_text()))
+class TurnClient:
+    """A child's end of the lockstep: say "waiting", then block until the parent says "go".
+
+    ``turns`` records each turn's (start, end) on ``time.perf_counter()``, CLOCK_MONOTONIC on
+    Linux: one clock for every process, so the parent can check that turns never overlapped."""
+
+    def __init__(self, fds: str) -> None:
+        go_fd, waiting_fd = (int(fd) for fd in fds.split(","))
+        self.go, self.waiting = os.fdopen(go_fd, "r"), os.fdopen(waiting_fd, "w")
+        self.turns: list[list[float]] = []
+
+    def __call__(self) -> None:
+        self.finish()
+        self.waiting.write("waiting\n")
+        self.waiting.flush()
+        if not self.go.readline():
+            raise SystemExit("train_bench: the parent process went away")
+        self.turns.append([time.perf_counter()])
+
+    def finish(self) -> None:
+        if self.turns and len(self.turns[-1]) == 1:
+            self.turns[-1].append(time.perf_counter())
+
+
+@dataclasses.dataclass
+class _Child:
+    proc: subprocess.Popen
+    go: TextIO
+    waiting: TextIO
+    result: Path
+
+    def idle(self) -> bool:
+        """Block until the child waits for its next turn (True) or has finished (False)."""
+        return bool(self.waiting.readline())
+
+
+def pair_in_lockstep(argv: list[str], workdir: Path) -> dict[str, dict[str, Any]]:
+    """Run ``--side baseline`` and ``--side ours`` in two new interpreters (glibc's heap state,
+    trainer/hostmem.py, and torch's thread pools of one must not carry into the other) that take
+    turns: one epoch of the baseline, one of ours, and so on, each alone on the CPU."""
+    children: dict[str, _Child] = {}
+    try:
+        for side in ("baseline", "ours"):
+            go_r, go_w = os.pipe()
+            waiting_r, waiting_w = os.pipe()
+            result = workdir / f"{side}.json"
+            cmd = [sys.executable, __file__, *argv, "--side", side, "--result-json", str(result),
+                   "--turn-fds", f"{go_r},{waiting_w}"]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, pass_fds=(go_r, waiting_w))
+            os.close(go_r)
+            os.close(waiting_w)
+            children[side] = _Child(proc, os.fdopen(go_w, "w"), os.fdopen(waiting_r, "r"), result)
+        # Both load their data and build their model at once (not timed), then wait for a turn.
+        live = [side for side, child in children.items() if child.idle()]
+        while live:
+            for side in list(live):
+                child = children[side]
+                child.go.write("go\n")
+                child.go.flush()
+                if not child.idle():  # it trained its last epoch, evaluated and exited
+                    live.remove(side)
+        results = {}
+        for side, child in children.items():
+            if child.proc.wait(timeout=3600) != 0:
+                raise subprocess.CalledProcessError(child.proc.returncode, child.proc.args)
+            results[side] = dict(json.loads(child.result.read_text()))
+        return results
+    finally:
+        for child in children.values():
+            if child.proc.poll() is None:
+                child.proc.kill()
+                child.proc.wait(timeout=60)
+            child.go.close()
+            child.waiting.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
                         "mallopt settings (trainer/hostmem.py) to see how much of the gap they are")  # fmt: skip
     p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
     p.add_argument("--result-json", help=argparse.SUPPRESS)
+    p.add_argument("--turn-fds", help=argparse.SUPPRESS)  # internal: the lockstep pipes (TurnClient)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -268,27 +352,31 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
         resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
         cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
-        Path(args.result_json).write_text(json.dumps(run_side(args, cfg, dataset)))
+        turns = TurnClient(args.turn_fds) if args.turn_fds else None
+        result = run_side(args, cfg, dataset, turns or (lambda: None))
+        if turns is not None:
+            turns.finish()
+            result["turns"] = turns.turns
+        Path(args.result_json).write_text(json.dumps(result))
         return 0
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
           f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
-    # This VM's speed jumps between two levels (about 1.3x apart, minutes at a time), so a ratio is
-    # only fair between runs next to each other: each repeat is a (baseline, ours) pair.
     ratios, gaps = [], []
     for rep in range(1, args.repeat + 1):
         tag = f"[{rep}/{args.repeat}] " if args.repeat > 1 else ""
         t = time.perf_counter()
-        baseline = side_in_subprocess(argv, "baseline")
+        with tempfile.TemporaryDirectory(prefix="train-bench-pair-") as tmp:
+            pair = pair_in_lockstep(argv, Path(tmp))
+        baseline, result = pair["baseline"], pair["ours"]
         print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
               f"fp32, {args.baseline_malloc} malloc): {baseline['images_per_s']:,.0f} train images/s, test acc "
-              f"{baseline['test_acc']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
-        t = time.perf_counter()
-        result = side_in_subprocess(argv, "ours")
+              f"{baseline['test_acc']:.4f}", flush=True)  # fmt: skip
         print(f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} train "
-              f"images/s, test acc {result['test_acc']:.4f} ({time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
+              f"images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
         ratios.append(result["images_per_s"] / baseline["images_per_s"])
         gaps.append(abs(result["test_acc"] - baseline["test_acc"]) * 100)
-        print(f"{tag}speedup {ratios[-1]:.2f}x; accuracy gap {gaps[-1]:.2f} points", flush=True)
+        print(f"{tag}speedup {ratios[-1]:.2f}x; accuracy gap {gaps[-1]:.2f} points "
+              f"(pair, epochs alternating: {time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
     ratio, gap = float(np.median(ratios)), max(gaps)
     spread = f" (pairs: {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
     print(f"speedup {ratio:.2f}x{' median' if len(ratios) > 1 else ''}{spread} (target >= 2.5x); "

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,12 @@ def log(msg: str, dist_info: DistInfo) -> None:
         print(msg, flush=True)
 
 
-def main(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg``; returns the summary (also written to ``cfg.out``/summary.json on rank 0)."""
+def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg``; returns the summary (also written to ``cfg.out``/summary.json on rank 0).
+
+    ``on_epoch_start(epoch)``, for programs that drive the trainer, runs before each epoch's training
+    (after the previous epoch's evaluation and outputs), outside the timed training loop.
+    """
     t0 = time.perf_counter()
     out = Path(cfg.out)
     device_type = resolve_device(cfg.device)
@@ -181,12 +186,19 @@ def main(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(device_type)
     try:
-        return _run(cfg, out, device_for(device_type, dist_info), dist_info, t0)
+        return _run(cfg, out, device_for(device_type, dist_info), dist_info, t0, on_epoch_start)
     finally:
         cleanup(dist_info)
 
 
-def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo, t0: float) -> dict[str, Any]:
+def _run(
+    cfg: TrainConfig,
+    out: Path,
+    device: torch.device,
+    dist_info: DistInfo,
+    t0: float,
+    on_epoch_start: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
     if cfg.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
     batch_size = cfg.batch_size // dist_info.world_size  # per process
@@ -259,6 +271,8 @@ def _run(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo,
     commit = git_commit() if dist_info.is_main else None
     result = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         lr = optimizer.param_groups[0]["lr"]
         stats = train_one_epoch(
             train_model, criterion, optimizer, scheduler, train, info,

@@ -13,6 +13,21 @@ import train_bench  # noqa: E402
 
 
 @pytest.mark.slow
+def test_the_two_sides_take_turns_epoch_by_epoch(tmp_path: Path) -> None:
+    # Each side must train (and evaluate) alone on the CPU: turns alternate, baseline first, and
+    # never overlap. The baseline has one turn per epoch plus its evaluation; ours evaluates within
+    # each epoch's turn.
+    argv = ["--dataset", "synthetic", "--epochs", "2", "--workers", "0", "--baseline-data", "tensor",
+            "--batch-size", "128", "--max-train", "512"]  # fmt: skip
+    pair = train_bench.pair_in_lockstep(argv, tmp_path)
+    assert len(pair["baseline"]["turns"]) == 3 and len(pair["ours"]["turns"]) == 2
+    turns = sorted((t[0], t[1], side) for side in pair for t in pair[side]["turns"])
+    assert [side for _, _, side in turns] == ["baseline", "ours", "baseline", "ours", "baseline"]
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:], strict=False))
+    assert all(r["images_per_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in pair.values())
+
+
+@pytest.mark.slow
 def test_pairs_run_in_subprocesses_and_report_the_median(capsys: pytest.CaptureFixture[str]) -> None:
     rc = train_bench.main(["--dataset", "synthetic", "--epochs", "1", "--workers", "0", "--repeat", "2",
                            "--baseline-data", "tensor", "--batch-size", "128"])  # fmt: skip

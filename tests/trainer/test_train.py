@@ -167,6 +167,23 @@ def test_resume_matches_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.Mo
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3]
 
 
+def test_on_epoch_start_runs_before_each_epoch_after_the_previous_outputs(tmp_path: Path) -> None:
+    # A driver (bench/train_bench.py) pauses the trainer between epochs: at each call the previous
+    # epoch must be fully written and the next one not yet begun; resuming calls it for the rest only.
+    cfg = tiny(tmp_path, epochs=3, max_train=256)
+    seen: list[tuple[int, int]] = []
+
+    def record(epoch: int) -> None:
+        metrics = Path(cfg.out) / "metrics.jsonl"
+        seen.append((epoch, len(metrics.read_text().splitlines()) if metrics.exists() else 0))
+
+    train.main(dataclasses.replace(cfg, epochs=2), on_epoch_start=record)
+    assert seen == [(1, 0), (2, 1)]
+    seen.clear()
+    train.main(dataclasses.replace(cfg, resume=cfg.out), on_epoch_start=record)
+    assert seen == [(3, 2)]
+
+
 def test_resume_with_another_arch_is_refused(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, epochs=1, max_train=256)
     train.main(cfg)
