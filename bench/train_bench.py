@@ -153,8 +153,8 @@ def d2l_style(
     cfg: TrainConfig,
     workers: int,
     dataset: tuple[DatasetInfo, Split, Split],
-    data: str = "torchvision",
-    wait: Callable[[], None] = lambda: None,
+    data: str,
+    wait: Callable[[], None],
 ) -> dict[str, float]:
     """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``; ``wait()``
     runs before each epoch and before the evaluation (the lockstep turns), outside the timing."""
@@ -195,7 +195,7 @@ def d2l_style(
     return {"images_per_s": images / train_seconds, "test_acc": evaluate_accuracy(net, test_iter)}
 
 
-def ours(cfg: TrainConfig, wait: Callable[[], None] = lambda: None) -> dict[str, float]:
+def ours(cfg: TrainConfig, wait: Callable[[], None]) -> dict[str, float]:
     """Our trainer; ``wait()`` before each epoch (after the previous epoch's evaluation)."""
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         summary = train_main(dataclasses.replace(cfg, out=tmp), on_epoch_start=lambda _epoch: wait())
@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.side is not None and not args.turn_fds:
+        p.error("--side runs only as a child of pair_in_lockstep (it needs --turn-fds)")
 
     cfg = TrainConfig(
         dataset=args.dataset,
@@ -352,11 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
         resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
         cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
-        turns = TurnClient(args.turn_fds) if args.turn_fds else None
-        result = run_side(args, cfg, dataset, turns or (lambda: None))
-        if turns is not None:
-            turns.finish()
-            result["turns"] = turns.turns
+        turns = TurnClient(args.turn_fds)
+        result = run_side(args, cfg, dataset, turns)
+        turns.finish()
+        result["turns"] = turns.turns
         Path(args.result_json).write_text(json.dumps(result))
         return 0
     print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
