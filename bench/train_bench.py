@@ -47,6 +47,7 @@ from trainer.config import TrainConfig
 from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.engine import resolve_precision
 from trainer.hostmem import tune_malloc
+from trainer.models import _fused
 from trainer.train import build_model
 from trainer.train import main as train_main
 
@@ -164,6 +165,9 @@ def d2l_style(
         train = dataclasses.replace(train, x=train.x[keep], y=train.y[keep])
     torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg, info)
+    # The same model code as ours, so the same fused BN + max-pool + ReLU kernel where ours uses it
+    # (built or loaded here, before the timing, as our trainer does).
+    fused = _fused.prepare(cfg.fused_kernels and _fused.has_fusable_blocks(net))[0]
     train_iter = DataLoader(
         DATASETS[data](train.x, train.y, info), batch_size=cfg.batch_size, shuffle=True, num_workers=workers
     )
@@ -192,7 +196,11 @@ def d2l_style(
             images += metric[2]
         train_seconds += time.perf_counter() - start
     wait()
-    return {"images_per_s": images / train_seconds, "test_acc": evaluate_accuracy(net, test_iter)}
+    return {
+        "images_per_s": images / train_seconds,
+        "test_acc": evaluate_accuracy(net, test_iter),
+        "fused": fused,
+    }
 
 
 def ours(cfg: TrainConfig, wait: Callable[[], None]) -> dict[str, float]:
@@ -206,6 +214,7 @@ def ours(cfg: TrainConfig, wait: Callable[[], None]) -> dict[str, float]:
         "images_per_s": images / seconds,
         "test_acc": summary["test_acc"],
         "precision": summary["precision"],
+        "fused": summary["fused_kernels"],
     }
 
 
@@ -325,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-malloc", choices=("default", "tuned"), default="default",
                    help="d2l loop's allocator: glibc's defaults, as its users run it, or our trainer's "
                         "mallopt settings (trainer/hostmem.py) to see how much of the gap they are")  # fmt: skip
+    p.add_argument(
+        "--fused-kernels",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="both loops: LeNet's BN + max-pool + ReLU as one CPU kernel where it applies",
+    )
     p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     p.add_argument("--turn-fds", help=argparse.SUPPRESS)  # internal: the lockstep pipes (TurnClient)
@@ -346,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule="constant",
         precision=args.precision,
         seed=args.seed,
+        fused_kernels=args.fused_kernels,
         quiet=True,
         **KNOBS[args.arch],
     )
@@ -370,10 +386,12 @@ def main(argv: list[str] | None = None) -> int:
             pair = pair_in_lockstep(argv, Path(tmp))
         baseline, result = pair["baseline"], pair["ours"]
         print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
-              f"fp32, {args.baseline_malloc} malloc): {baseline['images_per_s']:,.0f} train images/s, test acc "
+              f"fp32, {args.baseline_malloc} malloc{', fused BN+pool+ReLU' if baseline['fused'] else ''}): "
+              f"{baseline['images_per_s']:,.0f} train images/s, test acc "
               f"{baseline['test_acc']:.4f}", flush=True)  # fmt: skip
-        print(f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} train "
-              f"images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
+        fused = ", fused BN+pool+ReLU" if result["fused"] else ""
+        print(f"{tag}ours (on-device batches, {result['precision']}{fused}): {result['images_per_s']:,.0f} "
+              f"train images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
         ratios.append(result["images_per_s"] / baseline["images_per_s"])
         gaps.append(abs(result["test_acc"] - baseline["test_acc"]) * 100)
         print(f"{tag}speedup {ratios[-1]:.2f}x; accuracy gap {gaps[-1]:.2f} points "

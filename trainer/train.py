@@ -28,7 +28,7 @@ from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_dis
 from trainer.engine import ModelEMA, evaluate, resolve_precision, train_one_epoch
 from trainer.hostmem import tune_malloc
 from trainer.meta import ModelMeta
-from trainer.models import count_parameters, get_model
+from trainer.models import _fused, count_parameters, get_model
 from trainer.outputs import (
     check_output_dir,
     cpu_state_dict,
@@ -260,6 +260,13 @@ def _run(
         )
         train_model = torch.compile(train_model)  # type: ignore[assignment]  # an OptimizedModule
     eval_model = ema.module if ema is not None else model
+    fused = False
+    if cfg.fused_kernels and device.type == "cpu" and precision == "fp32" and not cfg.channels_last \
+            and not cfg.compile and _fused.has_fusable_blocks(model):  # fmt: skip
+        fused, why = _fused.prepare()  # builds once (~30 s), before the timed epochs
+        log(f"fused BN + max-pool + ReLU kernel: {'on' if fused else 'off, ' + why}", dist_info)
+    else:
+        _fused.prepare(False)
 
     log(
         f"training {cfg.arch} ({params:,} params) on {info.name} ({len(train)} train / {len(test)} test) "
@@ -360,6 +367,7 @@ def _run(
         "world_size": dist_info.world_size,
         "ema_decay": cfg.ema_decay,
         "malloc_tuned": malloc_tuned,
+        "fused_kernels": fused,
         "config": dataclasses.asdict(cfg),
     }
     if dist_info.is_main:

@@ -75,6 +75,24 @@ def test_short_run_learns(tmp_path: Path) -> None:
     assert summary["test_acc"] > 0.8
 
 
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [({}, True), ({"fused_kernels": False}, False), ({"precision": "bf16"}, False), ({"pool": "avg"}, False)],
+    ids=["lenet-bn-max-relu-fp32", "turned-off", "bf16", "avg-pool"],
+)
+def test_fused_kernel_runs_only_where_it_applies_and_learns_alike(
+    tmp_path: Path, changes: dict[str, object], expected: bool
+) -> None:
+    from trainer.models import _fused
+
+    if changes.get("precision") == "bf16" and not torch.backends.mkldnn.is_available():
+        pytest.skip("bf16 on the CPU needs oneDNN")
+    summary = train.main(tiny(tmp_path, epochs=1, **changes))
+    avx512 = set(_fused._CPU_FLAGS) <= _fused._cpu_flags()
+    assert summary["fused_kernels"] is (expected and avx512)
+    assert summary["test_acc"] > 0.5  # one epoch on the synthetic cues, fused or not
+
+
 def test_outputs_and_checkpoint_round_trip(tmp_path: Path) -> None:
     cfg = tiny(tmp_path, ema_decay=0.9)
     summary = train.main(cfg)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from trainer.models._api import register_model
 from trainer.models._blocks import activation_and_pool, make_activation
+from trainer.models._fused import run_sequential
 
 
 class LeNet(nn.Module):
@@ -57,7 +58,9 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        return self.classifier(self.features(x))
+        # With BN + max-pool + ReLU each conv block's BN, pool, ReLU may run as one fused CPU kernel
+        # in training (trainer/models/_fused.py); the modules, their state and export are unchanged.
+        return self.classifier(run_sequential(self.features, x))
 
 
 @register_model()
