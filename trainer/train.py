@@ -262,7 +262,7 @@ def _run(
     eval_model = ema.module if ema is not None else model
     fused = False
     if cfg.fused_kernels and device.type == "cpu" and precision == "fp32" and not cfg.channels_last \
-            and not cfg.compile and _fused.has_fusable_blocks(model):  # fmt: skip
+            and not cfg.compile and _fused.has_fused_ops(model):  # fmt: skip
         fused, why = _fused.prepare()  # builds once (~30 s), before the timed epochs
         log(f"fused BN + max-pool + ReLU kernel: {'on' if fused else 'off, ' + why}", dist_info)
     else:

@@ -38,3 +38,6 @@ def test_pairs_run_in_subprocesses_and_report_the_median(capsys: pytest.CaptureF
     for rep in ("[1/2]", "[2/2]"):
         assert f"{rep} d2l-style loop" in out and f"{rep} ours (on-device batches, fp32" in out
     assert "speedup" in out and "median (pairs: " in out
+    # Each pair its own seed; the loops' accuracies are compared as means over those seeds.
+    assert "[1/2] seed 0: speedup" in out and "[2/2] seed 1: speedup" in out
+    assert "test accuracy, mean of 2 seeds: d2l loop" in out

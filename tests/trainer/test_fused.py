@@ -1,4 +1,4 @@
-"""The fused BatchNorm2d -> MaxPool2d(2, 2) -> ReLU training kernel computes what the three modules do."""
+"""The trainer's CPU kernels (first convolution; BN -> max-pool -> ReLU) compute what the modules do."""
 
 from __future__ import annotations
 
@@ -128,16 +128,68 @@ def test_modules_run_unchanged_where_the_kernel_does_not_apply(kernel: None, cas
     assert torch.equal(got.detach(), expected.detach())
 
 
-def test_lenet_bn_trains_the_same_and_keeps_its_state_dict(kernel: None) -> None:
-    """Five SGD steps of LeNet-5 (ReLU, max-pool, BN) with and without the kernel end at the same weights."""
+def conv_both(conv: nn.Conv2d, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """(y, dweight, dbias) of ``conv`` through the module, then through the kernel."""
+    results = []
+    for fused in (False, True):
+        c = copy.deepcopy(conv)
+        y = _fused.run_sequential(nn.Sequential(c), x) if fused else c(x)
+        assert (type(y.grad_fn).__name__ == "_ConvSmallCinBackward") == fused
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+        results.append((y.detach(), c.weight.grad, c.bias.grad if c.bias is not None else torch.zeros(1)))
+    return results
+
+
+@pytest.mark.parametrize(
+    ("cin", "cout", "size", "k", "pad", "bias"),
+    [
+        (1, 6, 28, 5, 2, False),
+        (3, 6, 32, 5, 2, True),
+        (1, 7, 40, 3, 1, True),
+        (3, 30, 70, 5, 0, False),
+        (2, 1, 5, 5, 0, True),
+    ],  # fmt: skip
+    ids=["lenet-fmnist", "lenet-cifar", "odd-channels", "wide-rows", "one-pixel-out"],
+)
+def test_first_convolution_matches_conv2d(
+    kernel: None, cin: int, cout: int, size: int, k: int, pad: int, bias: bool
+) -> None:
+    torch.manual_seed(6)
+    conv = nn.Conv2d(cin, cout, k, padding=pad, bias=bias)
+    x = torch.randn(9, cin, size, size)
+    ref, got = conv_both(conv, x)
+    for name, a, b in zip(("y", "dweight", "dbias"), got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (b.abs().max().item() + 1e-6), msg=name)
+
+
+@pytest.mark.parametrize("case", ["input_needs_grad", "stride_2", "eval", "five_channels", "turned_off"])
+def test_convolutions_it_does_not_cover_run_as_modules(kernel: None, case: str) -> None:
+    conv = nn.Conv2d(5 if case == "five_channels" else 1, 6, 5, stride=2 if case == "stride_2" else 1)
+    x = torch.randn(4, conv.in_channels, 12, 12, requires_grad=case == "input_needs_grad")
+    if case == "eval":
+        conv.eval()
+    if case == "turned_off":
+        _fused.prepare(False)
+    y = _fused.run_sequential(nn.Sequential(conv), x)
+    assert type(y.grad_fn).__name__ != "_ConvSmallCinBackward"
+    assert torch.equal(y, conv(x))
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{"activation": "relu", "pool": "max", "batchnorm": True}, {}],
+    ids=["relu-max-bn", "seed-000-sigmoid-avg"],
+)
+def test_lenet_trains_the_same_and_keeps_its_state_dict(kernel: None, knobs: dict[str, object]) -> None:
+    """Five SGD steps of LeNet-5 with and without the kernels end at the same weights."""
     x = torch.randn(128, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     y = torch.randint(0, 10, (128,), generator=torch.Generator().manual_seed(1))
     states, losses = [], []
     for fused in (False, True):
         _fused.prepare(fused)
         torch.manual_seed(0)
-        model = get_model("lenet5", activation="relu", pool="max", batchnorm=True)
-        assert _fused.has_fusable_blocks(model)
+        model = get_model("lenet5", **knobs)
+        assert _fused.has_fused_ops(model)
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for _ in range(5):
             opt.zero_grad()
@@ -152,8 +204,9 @@ def test_lenet_bn_trains_the_same_and_keeps_its_state_dict(kernel: None) -> None
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_only_lenet_with_bn_and_max_pool_has_fusable_blocks() -> None:
-    assert _fused.has_fusable_blocks(get_model("lenet5", activation="relu", pool="max", batchnorm=True))
-    assert not _fused.has_fusable_blocks(get_model("lenet5"))  # seed 000: sigmoid, avg-pool, no BN
-    assert not _fused.has_fusable_blocks(get_model("lenet5", activation="tanh", pool="max", batchnorm=True))
-    assert not _fused.has_fusable_blocks(get_model("resnet18"))
+def test_only_lenet_runs_the_kernels() -> None:
+    assert _fused.has_fused_ops(get_model("lenet5", activation="relu", pool="max", batchnorm=True))
+    assert _fused.has_fused_ops(get_model("lenet5"))  # seed 000's: its first convolution
+    assert _fused.has_fused_ops(get_model("lenet5", in_channels=3, image_size=32))
+    for arch in ("resnet18", "fmnist_net", "alexnet"):
+        assert not _fused.has_fused_ops(get_model(arch))

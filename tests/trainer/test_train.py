@@ -77,8 +77,14 @@ def test_short_run_learns(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "expected"),
-    [({}, True), ({"fused_kernels": False}, False), ({"precision": "bf16"}, False), ({"pool": "avg"}, False)],
-    ids=["lenet-bn-max-relu-fp32", "turned-off", "bf16", "avg-pool"],
+    [
+        ({}, True),
+        ({"pool": "avg"}, True),
+        ({"fused_kernels": False}, False),
+        ({"precision": "bf16"}, False),
+        ({"channels_last": True}, False),
+    ],  # fmt: skip
+    ids=["lenet-bn-max-relu-fp32", "avg-pool-first-conv-only", "turned-off", "bf16", "channels-last"],
 )
 def test_fused_kernel_runs_only_where_it_applies_and_learns_alike(
     tmp_path: Path, changes: dict[str, object], expected: bool

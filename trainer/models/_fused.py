@@ -1,13 +1,17 @@
-"""A fused CPU kernel for training-mode BatchNorm2d -> MaxPool2d(2, 2) -> ReLU (LeNet-5's blocks).
+"""CPU kernels for LeNet-style training: a model's first convolution and BN -> max-pool -> ReLU.
 
-The kernel (``csrc/bn_maxpool_relu.cpp``, AVX-512) computes the same function as the three modules
-in one pass each way, without the copies into and out of oneDNN's layout that the max-pool needs:
-on 2 cores LeNet-5's step at batch 256 went from ~14-19 ms to ~10-11 ms. It is built on first use
-with ``torch.utils.cpp_extension`` (g++ and ninja, ~30 s once; cached in ``.cache/torch_extensions``)
-and is used only after ``prepare()`` succeeded, so importing or building a model never compiles
-anything. Where it does not apply (eval mode, autocast, channels-last, other shapes, tracing,
+Two AVX-512 kernels (``csrc/``), each computing the same function as the modules it stands in for:
+- ``bn_maxpool_relu.cpp``: training-mode BatchNorm2d -> MaxPool2d(2, 2) -> ReLU in one pass each
+  way, without the copies into and out of oneDNN's layout that the max-pool needs;
+- ``conv_small_cin.cpp``: a stride-1 Conv2d on an input with at most 4 channels that needs no
+  gradient (the first layer), forward and weight gradient, where oneDNN is slow.
+On 2 cores LeNet-5's (ReLU, max-pool, BN) training step at batch 256 went from ~14-19 ms to
+~10-11 ms with the first and ~7.6 ms with both. They are built on first use with
+``torch.utils.cpp_extension`` (g++ and ninja, ~30 s once; cached in ``.cache/torch_extensions``)
+and used only after ``prepare()`` succeeded, so importing or building a model never compiles
+anything. Where they do not apply (eval mode, autocast, channels-last, other shapes, tracing,
 export, ``torch.compile``, no AVX-512, no compiler) the modules run as they are; state dicts,
-ONNX graphs and ``--summary`` never see it.
+ONNX graphs and ``--summary`` never see them.
 """
 
 from __future__ import annotations
@@ -23,7 +27,11 @@ from torch import Tensor, nn
 
 from trainer.models._blocks import _onednn_pool_applies
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "bn_maxpool_relu.cpp"
+_SOURCES = [
+    Path(__file__).resolve().parent / "csrc" / f
+    for f in ("ops.cpp", "bn_maxpool_relu.cpp", "conv_small_cin.cpp")
+]
+_MAX_CIN = 4  # the direct convolution's loops are per input channel: for a first layer's 1-3
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # what the kernel's intrinsics need
 _state: dict[str, Any] = {"ext": None, "enabled": False, "why": "prepare() not called"}
 
@@ -56,8 +64,8 @@ def _build() -> Any:
     build_dir.mkdir(parents=True, exist_ok=True)
     # Explicit ISA flags, not -march=native: a cached build stays valid on any AVX-512 CPU.
     return cpp_extension.load(
-        "cnnstack_bn_maxpool_relu",
-        [str(_SOURCE)],
+        "cnnstack_cpu_kernels",
+        [str(f) for f in _SOURCES],
         extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
         build_directory=str(build_dir),
         verbose=False,
@@ -103,7 +111,7 @@ class _BNMaxPoolReLU(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         # (B, C, H, W) -> (B, C, H/2, W/2); argmax: which of each window's 4 pixels won (uint8)
-        out, argmax, mean, invstd = _state["ext"].forward(
+        out, argmax, mean, invstd = _state["ext"].bn_maxpool_relu_forward(
             x, weight, bias, running_mean, running_var, momentum, eps
         )
         ctx.save_for_backward(out, argmax, x, weight, mean, invstd)
@@ -112,10 +120,49 @@ class _BNMaxPoolReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         out, argmax, x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _state["ext"].backward(
+        dx, dweight, dbias = _state["ext"].bn_maxpool_relu_backward(
             grad_out.contiguous(), out, argmax, x, weight, mean, invstd
         )
         return dx, dweight, dbias, None, None, None, None
+
+
+class _ConvSmallCin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, padding: int) -> Tensor:  # type: ignore[override]
+        # (B, C, H, W) -> (B, O, H + 2p - K + 1, W + 2p - K + 1); x needs no gradient
+        ctx.save_for_backward(x)
+        ctx.kernel_size, ctx.padding, ctx.has_bias = weight.shape[2], padding, bias is not None
+        return _state["ext"].conv_small_cin_forward(x, weight, bias, padding)
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        dweight, dbias = _state["ext"].conv_small_cin_weight_grad(
+            grad_y.contiguous(), x, ctx.kernel_size, ctx.padding, ctx.has_bias
+        )
+        return None, dweight, dbias if ctx.has_bias else None, None
+
+
+def _conv_applies(conv: nn.Module, x: Tensor) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.training
+        and _onednn_pool_applies(x)  # contiguous 4-d on the CPU, eager, not tracing or exporting
+        and x.dtype == torch.float32
+        and not x.requires_grad  # the first layer: the kernel computes no input gradient
+        and conv.weight.dtype == torch.float32
+        and conv.weight.is_contiguous()
+        and conv.in_channels <= _MAX_CIN
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.kernel_size[0] == conv.kernel_size[1]
+        and isinstance(conv.padding, tuple)
+        and conv.padding[0] == conv.padding[1]
+        and x.shape[0] > 0
+        and min(x.shape[2], x.shape[3]) + 2 * conv.padding[0] >= conv.kernel_size[0]
+    )
 
 
 def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
@@ -142,34 +189,39 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
     )
 
 
-def has_fusable_blocks(model: nn.Module) -> bool:
-    """Whether ``model`` has a Sequential with a BatchNorm2d, MaxPool2d(2, 2), ReLU run (shape aside)."""
-    probe = torch.empty(1, 1, 2, 2)
-    for seq in model.modules():
-        if isinstance(seq, nn.Sequential):
-            mods = list(seq)
-            for bn, pool, act in zip(mods, mods[1:], mods[2:], strict=False):
-                if isinstance(bn, nn.BatchNorm2d) and _fusable(
-                    bn, pool, act, probe.expand(1, bn.num_features, 2, 2).contiguous()
-                ):
-                    return True
+def has_fused_ops(model: nn.Module) -> bool:
+    """Whether ``model`` runs modules these kernels stand in for (input shapes aside): a model lists
+    the Sequentials its forward runs through ``run_sequential`` in ``FUSED_SEQUENTIALS``."""
+    for name in getattr(model, "FUSED_SEQUENTIALS", ()):
+        mods = list(getattr(model, name))
+        if mods and isinstance(mods[0], nn.Conv2d):
+            k = mods[0].kernel_size[0]
+            if _conv_applies(mods[0], torch.zeros(1, mods[0].in_channels, k, k)):
+                return True
+        for bn, pool, act in zip(mods, mods[1:], mods[2:], strict=False):
+            if isinstance(bn, nn.BatchNorm2d) and _fusable(
+                bn, pool, act, torch.zeros(1, bn.num_features, 2, 2)
+            ):
+                return True
     return False
 
 
 def run_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:
-    """``seq(x)``, with each BatchNorm2d, MaxPool2d(2, 2), ReLU run of modules fused where it applies."""
+    """``seq(x)``, running the modules these kernels stand in for through them where they apply."""
     modules = list(seq)
     i = 0
     while i < len(modules):
-        if enabled() and i + 2 < len(modules) and _fusable(modules[i], modules[i + 1], modules[i + 2], x):
-            bn = modules[i]
-            assert isinstance(bn, nn.BatchNorm2d) and bn.num_batches_tracked is not None
-            bn.num_batches_tracked.add_(1)  # what nn.BatchNorm2d.forward does in training
-            x = _BNMaxPoolReLU.apply(
-                x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps
-            )
+        m = modules[i]
+        if enabled() and i + 2 < len(modules) and _fusable(m, modules[i + 1], modules[i + 2], x):
+            assert isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None
+            m.num_batches_tracked.add_(1)  # what nn.BatchNorm2d.forward does in training
+            x = _BNMaxPoolReLU.apply(x, m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps)
             i += 3
+            continue
+        if enabled() and _conv_applies(m, x):
+            assert isinstance(m, nn.Conv2d) and isinstance(m.padding, tuple)
+            x = _ConvSmallCin.apply(x, m.weight, m.bias, m.padding[0])
         else:
-            x = modules[i](x)
-            i += 1
+            x = m(x)
+        i += 1
     return x

@@ -14,6 +14,8 @@ from trainer.models._fused import run_sequential
 
 
 class LeNet(nn.Module):
+    FUSED_SEQUENTIALS = ("features",)  # run through _fused.run_sequential (CPU kernels in training)
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -58,8 +60,8 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        # With BN + max-pool + ReLU each conv block's BN, pool, ReLU may run as one fused CPU kernel
-        # in training (trainer/models/_fused.py); the modules, their state and export are unchanged.
+        # In training on the CPU, conv1 and each BN, max-pool, ReLU run may go through our own kernels
+        # (trainer/models/_fused.py): the same function; the modules, their state and export unchanged.
         return self.classifier(run_sequential(self.features, x))
 
 

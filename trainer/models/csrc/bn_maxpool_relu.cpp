@@ -1,5 +1,5 @@
 // Training-mode BatchNorm2d -> MaxPool2d(2, 2) -> ReLU in one pass each way, for float32 NCHW on
-// x86-64 CPUs with AVX-512 (F, BW, VL). Built on first use by trainer/models/_fused.py.
+// x86-64 CPUs with AVX-512 (F, BW, VL). Built on first use by trainer/models/_fused.py (ops.cpp binds it).
 //
 // Why: on 2 cores, LeNet-5's (256, 6, 28, 28) conv1 output went through ATen's BatchNorm (a stats
 // pass and a normalize pass), a copy into oneDNN's layout, oneDNN's max-pool, a copy back and the
@@ -207,9 +207,4 @@ std::vector<torch::Tensor> bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor ou
     }
   });
   return {dx, dweight, dbias};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &bn_pool_relu_fwd, "(x, weight, bias, running_mean, running_var, momentum, eps) -> (out, argmax, mean, invstd)");
-  m.def("backward", &bn_pool_relu_bwd, "(grad_out, out, argmax, x, weight, mean, invstd) -> (dx, dweight, dbias)");
 }
