@@ -111,17 +111,17 @@ class _BNMaxPoolReLU(torch.autograd.Function):
         eps: float,
     ) -> Tensor:
         # (B, C, H, W) -> (B, C, H/2, W/2); argmax: which of each window's 4 pixels won (uint8)
-        out, argmax, mean, invstd = _state["ext"].bn_maxpool_relu_forward(
+        out, argmax, x_at_max, mean, invstd = _state["ext"].bn_maxpool_relu_forward(
             x, weight, bias, running_mean, running_var, momentum, eps
         )
-        ctx.save_for_backward(out, argmax, x, weight, mean, invstd)
+        ctx.save_for_backward(out, argmax, x_at_max, x, weight, mean, invstd)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        out, argmax, x, weight, mean, invstd = ctx.saved_tensors
+        out, argmax, x_at_max, x, weight, mean, invstd = ctx.saved_tensors
         dx, dweight, dbias = _state["ext"].bn_maxpool_relu_backward(
-            grad_out.contiguous(), out, argmax, x, weight, mean, invstd
+            grad_out.contiguous(), out, argmax, x_at_max, x, weight, mean, invstd
         )
         return dx, dweight, dbias, None, None, None, None
 

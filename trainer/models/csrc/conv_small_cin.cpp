@@ -57,10 +57,11 @@ void fwd_block(const float* buf, const float* wp, const float* bp, int64_t o0, i
     }
 }
 
-// Adds to acc_w (O, C, K, K) the weight gradient of output channels o0..o0+G for one image; g: (G, Ho, Wo).
+// Adds to acc_w (O, C, K, K) x 16 lanes the weight gradient of output channels o0..o0+G for one
+// image; g: (G, Ho, Wo). The lanes are summed once at the end, not per image.
 template <int G>
 void wgrad_block(const float* buf, const float* g, int64_t o0, int64_t C, int64_t K, int64_t Hp,
-                 int64_t Wp, int64_t Ho, int64_t Wo, double* acc_w) {
+                 int64_t Wp, int64_t Ho, int64_t Wo, float* acc_w) {
   for (int64_t c = 0; c < C; ++c)
     for (int64_t kh = 0; kh < K; ++kh)
       for (int64_t kw = 0; kw < K; ++kw) {
@@ -76,7 +77,10 @@ void wgrad_block(const float* buf, const float* g, int64_t o0, int64_t C, int64_
           }
         }
         const int64_t C2 = C * K * K;
-        for (int o = 0; o < G; ++o) acc_w[(o0 + o) * C2 + (c * K + kh) * K + kw] += _mm512_reduce_add_ps(a[o]);
+        for (int o = 0; o < G; ++o) {
+          float* lanes = acc_w + ((o0 + o) * C2 + (c * K + kh) * K + kw) * 16;
+          _mm512_storeu_ps(lanes, _mm512_add_ps(_mm512_loadu_ps(lanes), a[o]));
+        }
       }
 }
 void check_float(const torch::Tensor& t, int64_t dim, const char* name) {
@@ -132,10 +136,12 @@ std::vector<torch::Tensor> conv_first_wgrad(torch::Tensor dy, torch::Tensor x, i
   const float* xp = x.data_ptr<float>(); const float* gp = dy.data_ptr<float>();
   const int nt = at::get_num_threads();
   const int64_t NW = O * C * K * K;
+  std::vector<float> lanes(int64_t(nt) * NW * 16, 0.f);  // per thread, per weight: 16 partial sums
   std::vector<double> part(int64_t(nt) * (NW + O), 0.0);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    double* acc_w = part.data() + int64_t(at::get_thread_num()) * (NW + O);
-    double* acc_b = acc_w + NW;
+    const int t = at::get_thread_num();
+    float* acc_w = lanes.data() + int64_t(t) * NW * 16;
+    double* acc_b = part.data() + int64_t(t) * (NW + O) + NW;
     std::vector<float> buf(C * Hp * Wp + 32);
     for (int64_t b = b0; b < b1; ++b) {
       pad_image(xp + b * C * H * W, C, H, W, pad, Hp, Wp, buf.data());
@@ -160,6 +166,7 @@ std::vector<torch::Tensor> conv_first_wgrad(torch::Tensor dy, torch::Tensor x, i
           acc_b[o] += _mm512_reduce_add_ps(s);
         }
     }
+    for (int64_t i = 0; i < NW; ++i) part[t * (NW + O) + i] = _mm512_reduce_add_ps(_mm512_loadu_ps(acc_w + i * 16));
   });
   auto dw = torch::zeros({O, C, K, K}, x.options()), db = torch::zeros({O}, x.options());
   float* dwp = dw.data_ptr<float>(); float* dbp = db.data_ptr<float>();
