@@ -204,9 +204,10 @@ def test_lenet_trains_the_same_and_keeps_its_state_dict(kernel: None, knobs: dic
         torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_only_lenet_runs_the_kernels() -> None:
+def test_lenet_and_fmnist_net_run_the_kernels() -> None:
     assert _fused.has_fused_ops(get_model("lenet5", activation="relu", pool="max", batchnorm=True))
     assert _fused.has_fused_ops(get_model("lenet5"))  # seed 000's: its first convolution
     assert _fused.has_fused_ops(get_model("lenet5", in_channels=3, image_size=32))
-    for arch in ("resnet18", "fmnist_net", "alexnet"):
+    assert _fused.has_fused_ops(get_model("fmnist_net"))  # its first stage
+    for arch in ("resnet18", "alexnet", "vgg11"):
         assert not _fused.has_fused_ops(get_model(arch))

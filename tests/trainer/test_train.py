@@ -81,10 +81,18 @@ def test_short_run_learns(tmp_path: Path) -> None:
         ({}, True),
         ({"pool": "avg"}, True),
         ({"fused_kernels": False}, False),
-        ({"precision": "bf16"}, False),
-        ({"channels_last": True}, False),
-    ],  # fmt: skip
-    ids=["lenet-bn-max-relu-fp32", "avg-pool-first-conv-only", "turned-off", "bf16", "channels-last"],
+        ({"precision": "bf16"}, True),  # the layers they cover compute in fp32
+        ({"channels_last": True}, True),  # a 1-channel input is NCHW- and channels-last-contiguous
+        ({"arch": "alexnet"}, False),
+    ],
+    ids=[
+        "lenet-bn-max-relu-fp32",
+        "avg-pool-first-conv-only",
+        "turned-off",
+        "bf16",
+        "channels-last",
+        "alexnet",
+    ],
 )
 def test_fused_kernel_runs_only_where_it_applies_and_learns_alike(
     tmp_path: Path, changes: dict[str, object], expected: bool

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +191,11 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
 
 
 def has_fused_ops(model: nn.Module) -> bool:
-    """Whether ``model`` runs modules these kernels stand in for (input shapes aside): a model lists
-    the Sequentials its forward runs through ``run_sequential`` in ``FUSED_SEQUENTIALS``."""
-    for name in getattr(model, "FUSED_SEQUENTIALS", ()):
-        mods = list(getattr(model, name))
+    """Whether ``model`` runs modules these kernels stand in for (input shapes aside): a model's
+    ``fused_runs()`` lists the runs of modules its forward passes to ``run_sequential``."""
+    fused_runs = getattr(model, "fused_runs", None)
+    runs: list[list[nn.Module]] = fused_runs() if callable(fused_runs) else []
+    for mods in runs:
         if mods and isinstance(mods[0], nn.Conv2d):
             k = mods[0].kernel_size[0]
             if _conv_applies(mods[0], torch.zeros(1, mods[0].in_channels, k, k)):
@@ -206,9 +208,8 @@ def has_fused_ops(model: nn.Module) -> bool:
     return False
 
 
-def run_sequential(seq: nn.Sequential, x: Tensor) -> Tensor:
-    """``seq(x)``, running the modules these kernels stand in for through them where they apply."""
-    modules = list(seq)
+def run_sequential(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
+    """The modules in turn (an ``nn.Sequential``'s forward), through these kernels where they apply."""
     i = 0
     while i < len(modules):
         m = modules[i]

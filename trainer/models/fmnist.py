@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from trainer.models._api import register_model
 from trainer.models._blocks import MaxPool2d
+from trainer.models._fused import run_sequential
 
 
 def conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -78,8 +79,28 @@ class FMNISTNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    @property
+    def stage2_conv(self) -> nn.Conv2d:
+        block = self.features[2]  # conv_bn(c, 2c)
+        assert isinstance(block, nn.Sequential)
+        conv = block[0]
+        assert isinstance(conv, nn.Conv2d)
+        return conv
+
+    def fused_runs(self) -> list[list[nn.Module]]:
+        """The first stage (conv, BN, max-pool, ReLU) as forward passes it to ``_fused.run_sequential``."""
+        conv_bn1, pool_relu = self.features[0], self.features[1]
+        assert isinstance(conv_bn1, nn.Sequential) and isinstance(pool_relu, nn.Sequential)
+        return [[*conv_bn1, *pool_relu]]
+
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        f = self.features(x)  # (B, 4c, S/4, S/4)
+        # In training on the CPU the first stage may run through our kernels (_fused.py), even
+        # under bf16 autocast (they are not autocast ops: that stage then computes in fp32); their
+        # output is NCHW, so it is handed on in the memory format the next convolution's weights use.
+        x = run_sequential(self.fused_runs()[0], x)  # (B, c, S/2, S/2)
+        if self.stage2_conv.weight.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        f = self.features[2:](x)  # (B, 4c, S/4, S/4)
         pooled = torch.cat([self.max_pool(f), self.avg_pool(f)], dim=1)  # (B, 8c, 1, 1)
         return self.classifier(pooled)
 
