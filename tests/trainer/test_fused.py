@@ -211,3 +211,28 @@ def test_lenet_and_fmnist_net_run_the_kernels() -> None:
     assert _fused.has_fused_ops(get_model("fmnist_net"))  # its first stage
     for arch in ("resnet18", "alexnet", "vgg11"):
         assert not _fused.has_fused_ops(get_model(arch))
+
+
+def test_without_avx512_or_a_compiler_the_modules_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Never an error: prepare() says why, once, and training runs PyTorch's ops."""
+    for key in ("ext", "failed", "enabled"):
+        monkeypatch.setitem(_fused._state, key, None if key != "enabled" else False)
+    monkeypatch.setattr(_fused, "_cpu_flags", lambda: {"sse2", "avx2"})
+    assert _fused.prepare() == (False, "the CPU lacks avx512f, avx512bw, avx512vl")
+
+    monkeypatch.setitem(_fused._state, "failed", None)
+    monkeypatch.setattr(_fused, "_cpu_flags", lambda: set(NEEDS))
+    calls = []
+
+    def no_compiler() -> None:
+        calls.append(1)
+        raise RuntimeError("Error building extension 'cnnstack_cpu_kernels'\nc++: command not found")
+
+    monkeypatch.setattr(_fused, "_build", no_compiler)
+    for _ in range(2):
+        used, why = _fused.prepare()
+        assert not used and why == "build failed (RuntimeError: c++: command not found)"
+    assert calls == [1]  # not retried
+    seq, x = block(6), torch.randn(4, 6, 8, 8)
+    y = _fused.run_sequential(seq, x)
+    assert type(y.grad_fn).__name__ != "_BNMaxPoolReLUBackward"

@@ -34,7 +34,8 @@ _SOURCES = [
 ]
 _MAX_CIN = 4  # the direct convolution's loops are per input channel: for a first layer's 1-3
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # what the kernel's intrinsics need
-_state: dict[str, Any] = {"ext": None, "enabled": False, "why": "prepare() not called"}
+# ext: the loaded extension; failed: why it cannot be had in this process (checked or built once)
+_state: dict[str, Any] = {"ext": None, "failed": None, "enabled": False}
 
 
 def _cpu_flags() -> set[str]:
@@ -74,24 +75,27 @@ def _build() -> Any:
 
 
 def prepare(enable: bool = True) -> tuple[bool, str]:
-    """Build (or load the cached build of) the kernel and use it from now on; ``(used, why not)``.
+    """Build (or load the cached build of) the kernels and use them from now on; ``(used, why not)``.
 
-    ``prepare(False)`` turns it off. A failed build is not an error: the modules' own ops run.
+    ``prepare(False)`` turns them off. A failed build is not an error (and is not retried in this
+    process): the modules' own ops run.
     """
+    _state["enabled"] = False
     if not enable:
-        _state.update(enabled=False, why="turned off")
         return False, "turned off"
-    if _state["ext"] is None:
+    if _state["ext"] is None and _state["failed"] is None:
         missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
         if missing:
-            _state["why"] = f"the CPU lacks {', '.join(missing)}"
-            return False, _state["why"]
-        try:
-            _state["ext"] = _build()
-        except Exception as e:  # no compiler, no ninja, a build error: say so once, train unfused
-            _state["why"] = f"build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
-            return False, _state["why"]
-    _state.update(enabled=True, why="")
+            _state["failed"] = f"the CPU lacks {', '.join(missing)}"
+        else:
+            try:
+                _state["ext"] = _build()
+            except Exception as e:  # no compiler, no ninja, a build error: train unfused
+                last = (str(e).strip().splitlines() or [""])[-1][:200]
+                _state["failed"] = f"build failed ({type(e).__name__}: {last})"
+    if _state["ext"] is None:
+        return False, str(_state["failed"])
+    _state["enabled"] = True
     return True, ""
 
 
