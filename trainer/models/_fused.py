@@ -56,20 +56,19 @@ def _build() -> Any:
         import ninja  # type: ignore[import-untyped]
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    build_dir = (
-        Path(
-            os.environ.get("TORCH_EXTENSIONS_DIR")
-            or Path(__file__).resolve().parents[2] / ".cache/torch_extensions"
-        )
-        / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
-    )
-    build_dir.mkdir(parents=True, exist_ok=True)
+    # In a checkout, beside its other caches (.cache/inductor); installed, torch's own default folder.
+    root = Path(__file__).resolve().parents[2]
+    build_dir: Path | None = None
+    if os.environ.get("TORCH_EXTENSIONS_DIR") is None and (root / "pyproject.toml").exists():
+        tag = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__.replace('+', '_')}"
+        build_dir = root / ".cache/torch_extensions" / tag
+        build_dir.mkdir(parents=True, exist_ok=True)
     # Explicit ISA flags, not -march=native: a cached build stays valid on any AVX-512 CPU.
     return cpp_extension.load(
         "cnnstack_cpu_kernels",
         [str(f) for f in _SOURCES],
         extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma"],
-        build_directory=str(build_dir),
+        build_directory=str(build_dir) if build_dir is not None else None,
         verbose=False,
     )
 
