@@ -90,7 +90,7 @@ def test_ties_send_the_gradient_to_the_first_maximum_as_aten_does(kernel: None) 
 def test_nan_input_stays_nan(kernel: None) -> None:
     """The trainer stops on a NaN loss, so a NaN must reach the output, as through ATen's max-pool.
 
-    (oneDNN's max-pool, which ``_blocks.MaxPool2d`` runs in eager mode, drops NaN windows to 0.)
+    (oneDNN's max-pool skips NaN; ``_blocks.MaxPool2d`` sends a tensor with NaN to ATen's.)
     """
     x = torch.randn(4, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")

@@ -256,6 +256,19 @@ def test_onednn_max_pool_matches_aten(
         assert torch.equal(out_grad, ref_grad)
 
 
+@pytest.mark.parametrize(("args", "kwargs"), POOL_CONFIGS)
+def test_max_pool_propagates_nan_as_aten_does(args: tuple[int, ...], kwargs: dict) -> None:
+    """oneDNN skips NaN (a window of NaNs gives -3.4e38, 0 after a ReLU), which would hide a diverged
+    run from the trainer's NaN-loss stop; our MaxPool2d must give NaN where nn.MaxPool2d does."""
+    x = torch.randn(2, 3, 14, 14)
+    x[0, 1, 3, 4] = float("nan")  # one NaN in a window
+    x[1, 2] = float("nan")  # a whole NaN channel, as after a BatchNorm with NaN statistics
+    ref = nn.MaxPool2d(*args, **kwargs)(x)
+    out = MaxPool2d(*args, **kwargs)(x)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out).any()
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
 def test_onednn_max_pool_leaves_channels_last_and_export_to_aten(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     monkeypatch.setattr(torch, "mkldnn_max_pool2d", lambda *a: calls.append(1))
