@@ -14,24 +14,25 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "simd.h"
 #include <vector>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 
 namespace {
+using cnnstack::first16;
 // Columns 0, 2, ..., 30 and 1, 3, ..., 31 of a 32-float pair of vectors.
 inline __m512i even_idx() { return _mm512_setr_epi32(0,2,4,6,8,10,12,14,16,18,20,22,24,26,28,30); }
 inline __m512i odd_idx() { return _mm512_setr_epi32(1,3,5,7,9,11,13,15,17,19,21,23,25,27,29,31); }
 // Interleave back: lane 2t of the result is a[t], lane 2t+1 is b[t] (lo: t < 8, hi: t >= 8).
 inline __m512i ilv_lo() { return _mm512_setr_epi32(0,16,1,17,2,18,3,19,4,20,5,21,6,22,7,23); }
 inline __m512i ilv_hi() { return _mm512_setr_epi32(8,24,9,25,10,26,11,27,12,28,13,29,14,30,15,31); }
-inline __mmask16 first(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
 
 // The four values of each 2x2 window in a 32-column chunk of two rows: (top-left, top-right, bottom-left, bottom-right).
 struct Win { __m512 v0, v1, v2, v3; };
 inline Win load_win(const float* r0, const float* r1, int64_t n) {  // n: input columns in this chunk (even, <= 32)
-  const __mmask16 m0 = first(n), m1 = first(n - 16);
+  const __mmask16 m0 = first16(n), m1 = first16(n - 16);
   const __m512 a0 = _mm512_maskz_loadu_ps(m0, r0), a1 = _mm512_maskz_loadu_ps(m1, r0 + 16);
   const __m512 b0 = _mm512_maskz_loadu_ps(m0, r1), b1 = _mm512_maskz_loadu_ps(m1, r1 + 16);
   return {_mm512_permutex2var_ps(a0, even_idx(), a1), _mm512_permutex2var_ps(a0, odd_idx(), a1),
@@ -115,7 +116,7 @@ std::vector<torch::Tensor> bn_pool_relu_fwd(torch::Tensor x, torch::Tensor weigh
           const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), m, zero);  // ReLU, NaN kept
           const __m512i li = _mm512_mask_blend_epi32(dl, i0, i2), ri = _mm512_mask_blend_epi32(dr, i1, i3);
           const __m512i kk = _mm512_mask_blend_epi32(right, li, ri);
-          const __mmask16 mo = first(nin / 2);
+          const __mmask16 mo = first16(nin / 2);
           _mm512_mask_storeu_ps(o + j0 / 2, mo, r);
           _mm_mask_storeu_epi8(k + j0 / 2, mo, _mm512_cvtepi32_epi8(kk));
           const __m512 xl = _mm512_mask_blend_ps(dl, w.v0, w.v2), xr = _mm512_mask_blend_ps(dr, w.v1, w.v3);
@@ -153,7 +154,7 @@ std::vector<torch::Tensor> bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor ou
         const __m512 m = _mm512_set1_ps(mp[c]);
         __m512 a = zero, q = zero;
         for (int64_t e = pl * P; e < (pl + 1) * P; e += 16) {
-          const __mmask16 mo = first((pl + 1) * P - e);
+          const __mmask16 mo = first16((pl + 1) * P - e);
           const __m512 g = _mm512_maskz_loadu_ps(mo, gp + e), o = _mm512_maskz_loadu_ps(mo, op + e);
           const __m512 gg = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(o, zero, _CMP_GT_OQ), g);  // ReLU backward
           a = _mm512_add_ps(a, gg);
@@ -188,7 +189,7 @@ std::vector<torch::Tensor> bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor ou
       for (int64_t i = 0; i < Ho; ++i)
         for (int64_t j0 = 0; j0 < 2 * Wo; j0 += 32) {
           const int64_t nin = std::min<int64_t>(32, 2 * Wo - j0), e = (pl * Ho + i) * Wo + j0 / 2;
-          const __mmask16 mo = first(nin / 2);
+          const __mmask16 mo = first16(nin / 2);
           const __m512 g = _mm512_maskz_loadu_ps(mo, gp + e), o = _mm512_maskz_loadu_ps(mo, op + e);
           const __m512i kk = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mo, kp + e));
           const __m512 cg = _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(o, zero, _CMP_GT_OQ), g, a1);
@@ -196,7 +197,7 @@ std::vector<torch::Tensor> bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor ou
           const __m512 c1 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, i1), cg);
           const __m512 c2 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, i2), cg);
           const __m512 c3 = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(kk, i3), cg);
-          const __mmask16 m0 = first(nin), m1 = first(nin - 16);
+          const __mmask16 m0 = first16(nin), m1 = first16(nin - 16);
           float* d0 = d + 2 * i * W + j0; float* d1 = d0 + W;
           _mm512_mask_storeu_ps(d0, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, d0), _mm512_permutex2var_ps(c0, ilv_lo(), c1)));
           _mm512_mask_storeu_ps(d0 + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, d0 + 16), _mm512_permutex2var_ps(c0, ilv_hi(), c1)));

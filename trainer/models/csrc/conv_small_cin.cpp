@@ -10,12 +10,13 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "simd.h"
 #include <algorithm>
 #include <cstdint>
 #include <vector>
 
 namespace {
-inline __mmask16 first16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+using cnnstack::first16;
 constexpr int64_t OG = 6;  // output channels per register block: 2 x 6 accumulators + loads fit in 32 zmm
 
 // One image's input channels copied into zero-padded planes (Hp, Wp), with 32 spare floats per row
