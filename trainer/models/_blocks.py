@@ -47,19 +47,27 @@ def _pair(v: int | tuple[int, ...]) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def _onednn_pool_applies(x: Tensor) -> bool:
-    """Contiguous NCHW float on CPU, in eager mode (export, tracing and compile see the plain op)."""
+def eager_cpu_nchw(x: Tensor) -> bool:
+    """A contiguous (B, C, H, W) CPU tensor in eager mode: where our own CPU paths may replace an op
+    (export, tracing, scripting and compile see the plain op)."""
     return (
         x.device.type == "cpu"
         and x.dim() == 4
-        and x.dtype in (torch.float32, torch.bfloat16)
         and x.is_contiguous()
-        and bool(torch.backends.mkldnn.enabled)
-        and torch.backends.mkldnn.is_available()
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()
         and not torch.onnx.is_in_onnx_export()
+    )
+
+
+def _onednn_pool_applies(x: Tensor) -> bool:
+    """Contiguous NCHW float on CPU, in eager mode, with oneDNN on."""
+    return (
+        eager_cpu_nchw(x)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and bool(torch.backends.mkldnn.enabled)
+        and torch.backends.mkldnn.is_available()
     )
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from trainer.models._blocks import _onednn_pool_applies
+from trainer.models._blocks import eager_cpu_nchw
 
 _SOURCES = [
     Path(__file__).resolve().parent / "csrc" / f
@@ -151,7 +151,7 @@ def _conv_applies(conv: nn.Module, x: Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d
         and conv.training
-        and _onednn_pool_applies(x)  # contiguous 4-d on the CPU, eager, not tracing or exporting
+        and eager_cpu_nchw(x)  # our kernels need no oneDNN
         and x.dtype == torch.float32
         and not x.requires_grad  # the first layer: the kernel computes no input gradient
         and conv.weight.dtype == torch.float32
@@ -184,7 +184,7 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
         and not pool.ceil_mode
         and not pool.return_indices
         and type(act) is nn.ReLU
-        and _onednn_pool_applies(x)  # contiguous 4-d on the CPU, eager, not tracing or exporting
+        and eager_cpu_nchw(x)  # our kernels need no oneDNN
         and x.dtype == torch.float32
         and bn.weight.dtype == torch.float32
         and x.shape[0] > 0
