@@ -167,8 +167,8 @@ def d2l_style(
         train = dataclasses.replace(train, x=train.x[keep], y=train.y[keep])
     torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg, info)
-    # The same model code as ours, so the same fused BN + max-pool + ReLU kernel where ours uses it
-    # (built or loaded here, before the timing, as our trainer does).
+    # The same model code as ours, so the same CPU kernels (first conv; BN + max-pool + ReLU) where
+    # ours uses them (built or loaded here, before the timing, as our trainer does).
     fused = _fused.prepare(cfg.fused_kernels and _fused.has_fused_ops(net))[0]
     train_iter = DataLoader(
         DATASETS[data](train.x, train.y, info), batch_size=cfg.batch_size, shuffle=True, num_workers=workers
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fused-kernels",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="both loops: LeNet's BN + max-pool + ReLU as one CPU kernel where it applies",
+        help="both loops: the model's first conv and BN + max-pool + ReLU through our CPU kernels where they apply",
     )
     p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
     p.add_argument("--result-json", help=argparse.SUPPRESS)
@@ -389,10 +389,10 @@ def main(argv: list[str] | None = None) -> int:
             pair = pair_in_lockstep([*argv, "--seed", str(seed)], Path(tmp))
         baseline, result = pair["baseline"], pair["ours"]
         print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
-              f"fp32, {args.baseline_malloc} malloc{', fused BN+pool+ReLU' if baseline['fused'] else ''}): "
+              f"fp32, {args.baseline_malloc} malloc{', our CPU kernels' if baseline['fused'] else ''}): "
               f"{baseline['images_per_s']:,.0f} train images/s, test acc "
               f"{baseline['test_acc']:.4f}", flush=True)  # fmt: skip
-        fused = ", fused BN+pool+ReLU" if result["fused"] else ""
+        fused = ", our CPU kernels" if result["fused"] else ""
         print(f"{tag}ours (on-device batches, {result['precision']}{fused}): {result['images_per_s']:,.0f} "
               f"train images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
         ratios.append(result["images_per_s"] / baseline["images_per_s"])

@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--fused-kernels",
-        help="run LeNet's BatchNorm + 2x2 max-pool + ReLU blocks as one C++ kernel when training fp32 on "
-        "an AVX-512 CPU (built once, ~30 s; the same function); off runs PyTorch's ops",
+        help="train lenet5's and fmnist_net's first convolution and BatchNorm + 2x2 max-pool + ReLU blocks "
+        "through our C++ kernels on an AVX-512 CPU (built once, ~30-40 s; the same function, fp32); off runs "
+        "PyTorch's ops",
         **boolean,
     )
     add("--out", help="output folder")

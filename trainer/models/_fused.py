@@ -7,11 +7,12 @@ Two AVX-512 kernels (``csrc/``), each computing the same function as the modules
   gradient (the first layer), forward and weight gradient, where oneDNN is slow.
 On 2 cores LeNet-5's (ReLU, max-pool, BN) training step at batch 256 went from ~14-19 ms to
 ~10-11 ms with the first and ~7.6 ms with both. They are built on first use with
-``torch.utils.cpp_extension`` (g++ and ninja, ~30 s once; cached in ``.cache/torch_extensions``)
+``torch.utils.cpp_extension`` (g++ and ninja, ~30-40 s once; where the build is cached: ``_build``)
 and used only after ``prepare()`` succeeded, so importing or building a model never compiles
-anything. Where they do not apply (eval mode, autocast, channels-last, other shapes, tracing,
-export, ``torch.compile``, no AVX-512, no compiler) the modules run as they are; state dicts,
-ONNX graphs and ``--summary`` never see them.
+anything. They take float32 only, so under bf16 autocast the layers they cover compute in fp32.
+Where they do not apply (eval mode, non-float32 or non-NCHW tensors, other shapes, tracing, export,
+``torch.compile``, no AVX-512, no compiler) the modules run as they are; state dicts, ONNX graphs
+and ``--summary`` never see them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _SOURCES = [
     for f in ("ops.cpp", "bn_maxpool_relu.cpp", "conv_small_cin.cpp")
 ]
 _MAX_CIN = 4  # the direct convolution's loops are per input channel: for a first layer's 1-3
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # what the kernel's intrinsics need
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # what the kernels' intrinsics need
 # ext: the loaded extension; failed: why it cannot be had in this process (checked or built once)
 _state: dict[str, Any] = {"ext": None, "failed": None, "enabled": False}
 
