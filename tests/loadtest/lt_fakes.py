@@ -106,6 +106,15 @@ class FakeServer:
         return f"127.0.0.1:{self.port}"
 
 
+async def _start(behaviour: Behaviour) -> tuple[grpc.aio.Server, int]:
+    """The fake Classifier on 127.0.0.1, a free port; started on the running loop."""
+    server = grpc.aio.server()
+    pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(behaviour), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 @pytest.fixture
 def fake_server() -> Iterator[FakeServer]:
     behaviour = Behaviour()
@@ -114,11 +123,7 @@ def fake_server() -> Iterator[FakeServer]:
     box: dict = {}
 
     async def start() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(behaviour), server)
-        box["port"] = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        box["server"] = server
+        box["server"], box["port"] = await _start(behaviour)
         started.set()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
@@ -195,10 +200,7 @@ def fake_server_process() -> Iterator[RemoteFakeServer]:
 async def _serve_stdio() -> None:
     """The child of ``RemoteFakeServer``: one JSON line out with the port, then one reply per command."""
     behaviour = Behaviour()
-    server = grpc.aio.server()
-    pb_grpc.add_ClassifierServicer_to_server(FakeClassifier(behaviour), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await _start(behaviour)
     print(json.dumps({"port": port}), flush=True)
     loop = asyncio.get_running_loop()
     try:
