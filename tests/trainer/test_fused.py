@@ -1,9 +1,11 @@
-"""The trainer's CPU kernels (first convolution; BN -> max-pool -> ReLU) compute what the modules do."""
+"""The trainer's NCHW CPU kernels (first convolution; BN -> max-pool -> ReLU) compute what the modules do.
+
+The channels-last ones (fmnist_net's first stage as one op; BN -> ReLU) are tested in
+test_fused_channels_last.py."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,17 +15,6 @@ from trainer.models import _fused, get_model
 from trainer.models._blocks import MaxPool2d
 
 NEEDS = _fused._CPU_FLAGS
-
-
-@pytest.fixture
-def kernel() -> Iterator[None]:
-    """The kernel on for the test (built once per clone, ~30 s), off again afterwards."""
-    if not set(NEEDS) <= _fused._cpu_flags():
-        pytest.skip(f"the fused kernel needs {', '.join(NEEDS)}")
-    used, why = _fused.prepare()
-    assert used, f"an AVX-512 CPU, but the kernel was not built: {why}"
-    yield
-    _fused.prepare(False)
 
 
 def block(channels: int, seed: int = 0) -> nn.Sequential:

@@ -47,13 +47,13 @@ def _pair(v: int | tuple[int, ...]) -> list[int]:
     return [v, v] if isinstance(v, int) else list(v)
 
 
-def eager_cpu_nchw(x: Tensor) -> bool:
-    """A contiguous (B, C, H, W) CPU tensor in eager mode: where our own CPU paths may replace an op
-    (export, tracing, scripting and compile see the plain op)."""
+def eager_cpu_nchw(x: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> bool:
+    """A (B, C, H, W) CPU tensor contiguous in ``memory_format`` (NCHW unless told), in eager mode:
+    where our own CPU paths may replace an op (export, tracing, scripting and compile see the plain op)."""
     return (
         x.device.type == "cpu"
         and x.dim() == 4
-        and x.is_contiguous()
+        and x.is_contiguous(memory_format=memory_format)
         and not torch.jit.is_tracing()
         and not torch.jit.is_scripting()
         and not torch.compiler.is_compiling()

@@ -31,9 +31,19 @@ from trainer.models._blocks import eager_cpu_nchw
 
 _SOURCES = [
     Path(__file__).resolve().parent / "csrc" / f
-    for f in ("ops.cpp", "bn_maxpool_relu.cpp", "conv_small_cin.cpp")
+    for f in (
+        "ops.cpp",
+        "bn_maxpool_relu.cpp",
+        "conv_small_cin.cpp",
+        "conv_bn_pool_relu.cpp",
+        "bn_relu_cl.cpp",
+        "add_maxpool_cl.cpp",
+        "global_pool_cl.cpp",
+    )
 ]
 _MAX_CIN = 4  # the direct convolution's loops are per input channel: for a first layer's 1-3
+# The one-op first stage vectorizes over output channels, 16 at a time: below 16 most lanes idle.
+_STEM_MIN_CHANNELS = 16
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")  # what the kernels' intrinsics need
 # ext: the loaded extension; failed: why it cannot be had in this process (checked or built once)
 _state: dict[str, Any] = {"ext": None, "failed": None, "enabled": False}
@@ -148,6 +158,101 @@ class _ConvSmallCin(torch.autograd.Function):
         return None, dweight, dbias if ctx.has_bias else None, None
 
 
+class _ConvBNMaxPoolReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        conv_weight: Tensor,
+        conv_bias: Tensor | None,
+        padding: int,
+        bn_weight: Tensor,
+        bn_bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float,
+        eps: float,
+        bf16_out: bool,
+    ) -> Tensor:
+        # (B, C, H, W) -> (B, O, Ho, Wo) channels-last; code, conv_at_max: (B, Ho, Wo, O)
+        out, code, conv_at_max, mean, invstd = _state["ext"].conv_bn_pool_relu_forward(
+            x, conv_weight, conv_bias, padding, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+            bf16_out,
+        )  # fmt: skip
+        ctx.save_for_backward(code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight)
+        ctx.padding = padding
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight = ctx.saved_tensors
+        dcw, dcb, dbw, dbb = _state["ext"].conv_bn_pool_relu_backward(
+            grad_out.contiguous(memory_format=torch.channels_last), code, conv_at_max, mean, invstd, x,
+            conv_weight, conv_bias, ctx.padding, bn_weight,
+        )  # fmt: skip
+        return None, dcw, dcb if conv_bias is not None else None, None, dbw, dbb, *([None] * 5)
+
+
+class _BNReLUChannelsLast(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor,
+        running_var: Tensor,
+        momentum: float,
+        eps: float,
+    ) -> Tensor:
+        # (B, C, H, W) channels-last -> the same shape, layout and dtype (float32 or bfloat16)
+        y, mean, invstd = _state["ext"].bn_relu_channels_last_forward(
+            x, weight, bias, running_mean, running_var, momentum, eps
+        )
+        ctx.save_for_backward(y, x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        y, x, weight, mean, invstd = ctx.saved_tensors
+        dx, dweight, dbias = _state["ext"].bn_relu_channels_last_backward(
+            grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last), y, x, weight, mean, invstd
+        )
+        return dx, dweight, dbias, None, None, None, None
+
+
+class _AddMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
+        # (B, C, H, W) twice, channels-last -> (B, C, H/2, W/2) channels-last
+        out, code = _state["ext"].add_maxpool_channels_last_forward(a, b)
+        ctx.save_for_backward(code)
+        ctx.size = list(a.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        (code,) = ctx.saved_tensors
+        g = grad_out.contiguous(memory_format=torch.channels_last)
+        dx = _state["ext"].add_maxpool_channels_last_backward(g, code, ctx.size)
+        return dx, dx  # the gradient of a sum reaches both addends unchanged (as AddBackward's)
+
+
+class _GlobalMaxAvgPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
+        # (B, C, H, W) channels-last -> (B, 2C, 1, 1): max over H, W, then the mean
+        out, argmax = _state["ext"].global_pool_channels_last_forward(x)
+        ctx.save_for_backward(argmax)
+        ctx.size = list(x.shape)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> Tensor:  # type: ignore[override]
+        (argmax,) = ctx.saved_tensors
+        return _state["ext"].global_pool_channels_last_backward(grad_out, argmax, ctx.size)
+
+
 def _conv_applies(conv: nn.Module, x: Tensor) -> bool:
     return (
         type(conv) is nn.Conv2d
@@ -194,6 +299,80 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
     )
 
 
+def _bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
+    return (
+        type(bn) is nn.BatchNorm2d
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and bn.momentum is not None
+        and type(act) is nn.ReLU
+        and eager_cpu_nchw(x, torch.channels_last)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and bn.weight.dtype == torch.float32
+        and x.shape[1] == bn.num_features
+        and x.numel() > x.shape[1]  # else BatchNorm's own error: one value per channel
+    )
+
+
+def add_then_pool(a: Tensor, b: Tensor, pool: nn.Module) -> Tensor:
+    """``pool(a + b)`` (a residual block's output, then its stage's max-pool), as one op of ours in
+    CPU training when ``pool`` is a 2x2 max-pool and a, b are channels-last float32/bfloat16."""
+    if (
+        enabled()
+        and isinstance(pool, nn.MaxPool2d)
+        and pool.training
+        and pool.kernel_size in (2, (2, 2))
+        and pool.stride in (2, (2, 2))
+        and pool.padding in (0, (0, 0))
+        and pool.dilation in (1, (1, 1))
+        and not pool.ceil_mode
+        and not pool.return_indices
+        and eager_cpu_nchw(a, torch.channels_last)
+        and eager_cpu_nchw(b, torch.channels_last)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and a.dtype in (torch.float32, torch.bfloat16)
+        and a.shape[0] > 0
+        and min(a.shape[2], a.shape[3]) >= 2
+    ):
+        return _AddMaxPool.apply(a, b)
+    return pool(a + b)
+
+
+def _covers_plane(pool: nn.Module, x: Tensor) -> bool:
+    """A max- or average-pool whose one window is the whole (H, W) plane of ``x``."""
+    k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2  # type: ignore[union-attr]
+    s = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2  # type: ignore[union-attr]
+    return (
+        pool.training
+        and tuple(k) == (x.shape[2], x.shape[3])
+        and tuple(s) == tuple(k)
+        and pool.padding in (0, (0, 0))
+        and not pool.ceil_mode  # type: ignore[union-attr]
+    )
+
+
+def global_max_avg_pool(x: Tensor, max_pool: nn.Module, avg_pool: nn.Module) -> Tensor:
+    """``cat([max_pool(x), avg_pool(x)], 1)`` for pools that each cover the whole plane (a head),
+    as one op of ours in CPU training on channels-last float32/bfloat16 ``x``."""
+    if (
+        enabled()
+        and isinstance(max_pool, nn.MaxPool2d)
+        and type(avg_pool) is nn.AvgPool2d
+        and _covers_plane(max_pool, x)
+        and _covers_plane(avg_pool, x)
+        and max_pool.dilation in (1, (1, 1))
+        and not max_pool.return_indices
+        and avg_pool.divisor_override is None
+        and eager_cpu_nchw(x, torch.channels_last)
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.shape[0] > 0
+    ):
+        return _GlobalMaxAvgPool.apply(x)
+    return torch.cat([max_pool(x), avg_pool(x)], dim=1)
+
+
 def has_fused_ops(model: nn.Module) -> bool:
     """Whether ``model`` runs modules these kernels stand in for (input shapes aside): a model's
     ``fused_runs()`` lists the runs of modules its forward passes to ``run_sequential``."""
@@ -212,11 +391,68 @@ def has_fused_ops(model: nn.Module) -> bool:
     return False
 
 
-def run_sequential(modules: Sequence[nn.Module], x: Tensor) -> Tensor:
-    """The modules in turn (an ``nn.Sequential``'s forward), through these kernels where they apply."""
+def _stem_applies(mods: Sequence[nn.Module], x: Tensor) -> bool:
+    """conv -> BN -> max-pool -> ReLU that the one-op first stage computes."""
+    if len(mods) < 4 or not isinstance(mods[0], nn.Conv2d) or not _conv_applies(mods[0], x):
+        return False
+    conv, bn = mods[0], mods[1]
+    assert isinstance(conv.padding, tuple)
+    side = min(x.shape[2], x.shape[3]) + 2 * conv.padding[0] - conv.kernel_size[0] + 1  # conv output
+    return (
+        conv.out_channels >= _STEM_MIN_CHANNELS
+        and isinstance(bn, nn.BatchNorm2d)
+        and bn.num_features == conv.out_channels
+        and side >= 2
+        and _fusable(bn, mods[2], mods[3], x)
+    )
+
+
+def _hand_on(y: Tensor, consumer: nn.Module | None) -> Tensor:
+    """The first stage's channels-last result as ``consumer`` would get it from the modules: in a
+    convolution's memory format and, under CPU bf16 autocast, in bf16 (the kernel's bf16 output is
+    the cast that autocast would make); anything else gets contiguous float32."""
+    if isinstance(consumer, nn.Conv2d):
+        if not consumer.weight.is_contiguous(memory_format=torch.channels_last):
+            y = y.contiguous()
+        return y
+    return y.float().contiguous()
+
+
+def run_sequential(modules: Sequence[nn.Module], x: Tensor, feeds: nn.Module | None = None) -> Tensor:
+    """The modules in turn (an ``nn.Sequential``'s forward), through these kernels where they apply.
+
+    ``feeds``: the module the result goes to next, if the caller knows it (a convolution lets a
+    fused first stage hand on its output without a copy; see ``_hand_on``).
+    """
     i = 0
     while i < len(modules):
         m = modules[i]
+        if enabled() and _stem_applies(modules[i : i + 4], x):
+            conv, bn = modules[i], modules[i + 1]
+            assert isinstance(conv, nn.Conv2d) and isinstance(conv.padding, tuple)
+            assert isinstance(bn, nn.BatchNorm2d) and bn.num_batches_tracked is not None
+            consumer = modules[i + 4] if i + 4 < len(modules) else feeds
+            bf16_out = (
+                isinstance(consumer, nn.Conv2d)
+                and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            )
+            bn.num_batches_tracked.add_(1)
+            y = _ConvBNMaxPoolReLU.apply(
+                x, conv.weight, conv.bias, conv.padding[0], bn.weight, bn.bias, bn.running_mean,
+                bn.running_var, bn.momentum, bn.eps, bf16_out,
+            )  # fmt: skip
+            x = _hand_on(y, consumer)
+            i += 4
+            continue
+        if enabled() and i + 1 < len(modules) and _bn_relu_applies(m, modules[i + 1], x):
+            assert isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None
+            m.num_batches_tracked.add_(1)
+            x = _BNReLUChannelsLast.apply(
+                x, m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps
+            )
+            i += 2
+            continue
         if enabled() and i + 2 < len(modules) and _fusable(m, modules[i + 1], modules[i + 2], x):
             assert isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None
             m.num_batches_tracked.add_(1)  # what nn.BatchNorm2d.forward does in training

@@ -19,13 +19,23 @@ from torch import Tensor, nn
 
 from trainer.models._api import register_model
 from trainer.models._blocks import MaxPool2d
-from trainer.models._fused import run_sequential
+from trainer.models._fused import add_then_pool, global_max_avg_pool, run_sequential
 
 
-def conv_bn(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-    )
+class ConvBNReLU(nn.Sequential):
+    """conv3x3 -> BN -> ReLU; in CPU training BN + ReLU may run as one op of ours (_fused.py)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, cin, S, S) -> (B, cout, S, S)
+        return run_sequential(list(self), x)
+
+
+def conv_bn(cin: int, cout: int) -> ConvBNReLU:
+    return ConvBNReLU(cin, cout)
 
 
 class Residual(nn.Module):
@@ -56,7 +66,9 @@ class FMNISTNet(nn.Module):
         # the ReLU and its backward on a quarter of the elements (0.5 ms of a ~65 ms step).
         # Parameter names stay those of conv_bn + MaxPool2d.
         self.features = nn.Sequential(
-            conv_bn(in_channels, c)[:2],  # (B, c, S, S) conv + BN
+            nn.Sequential(
+                nn.Conv2d(in_channels, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+            ),  # (B, c, S, S)
             nn.Sequential(MaxPool2d(2), nn.ReLU(inplace=True)),  # (B, c, S/2, S/2)
             conv_bn(c, 2 * c),
             Residual(2 * c),  # (B, 2c, S/2, S/2)
@@ -94,14 +106,19 @@ class FMNISTNet(nn.Module):
         return [[*conv_bn1, *pool_relu]]
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        # In training on the CPU the first stage may run through our kernels (_fused.py), even
-        # under bf16 autocast (they are not autocast ops: that stage then computes in fp32); their
-        # output is NCHW, so it is handed on in the memory format the next convolution's weights use.
-        x = run_sequential(self.fused_runs()[0], x)  # (B, c, S/2, S/2)
+        # In training on the CPU the first stage may run as one op of ours (_fused.py), even under
+        # bf16 autocast (it is not an autocast op: that stage then computes in fp32 and hands on
+        # bf16, as autocast would cast it for the next convolution).
+        x = run_sequential(self.fused_runs()[0], x, feeds=self.stage2_conv)  # (B, c, S/2, S/2)
         if self.stage2_conv.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        f = self.features[2:](x)  # (B, 4c, S/4, S/4)
-        pooled = torch.cat([self.max_pool(f), self.avg_pool(f)], dim=1)  # (B, 8c, 1, 1)
+        x = self.features[2](x)  # (B, 2c, S/2, S/2)
+        res, pool = self.features[3], self.features[4]
+        assert isinstance(res, Residual)
+        # pool(x + body(x)): in CPU training one op of ours (the sum is never stored)
+        x = add_then_pool(x, res.body(x), pool)  # (B, 2c, S/4, S/4)
+        f = self.features[5:](x)  # (B, 4c, S/4, S/4)
+        pooled = global_max_avg_pool(f, self.max_pool, self.avg_pool)  # (B, 8c, 1, 1) max, then mean
         return self.classifier(pooled)
 
 

@@ -17,16 +17,9 @@
 
 namespace {
 using cnnstack::first16;
+using cnnstack::pad_image;
 constexpr int64_t OG = 6;  // output channels per register block: 2 x 6 accumulators + loads fit in 32 zmm
 
-// One image's input channels copied into zero-padded planes (Hp, Wp), with 32 spare floats per row
-// end so every 32-wide load stays inside the buffer.
-void pad_image(const float* x, int64_t C, int64_t H, int64_t W, int64_t pad, int64_t Hp, int64_t Wp, float* buf) {
-  std::fill(buf, buf + C * Hp * Wp + 32, 0.f);
-  for (int64_t c = 0; c < C; ++c)
-    for (int64_t h = 0; h < H; ++h)
-      std::copy(x + (c * H + h) * W, x + (c * H + h) * W + W, buf + (c * Hp + h + pad) * Wp + pad);
-}
 
 // G output channels o0.. of one image: out (G, Ho, Wo). Accumulators stay in registers (G is a
 // compile-time constant), two 16-wide vectors of each output row at a time.
