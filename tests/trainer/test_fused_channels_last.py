@@ -336,3 +336,46 @@ def test_fmnist_net_trains_the_same_through_the_kernels(kernel: None) -> None:
     (_, ref_losses), (_, got_losses) = fmnist_steps(False, True), fmnist_steps(True, True)
     assert got_losses == pytest.approx(ref_losses, rel=3e-2)
     assert got_losses[-1] < got_losses[0]
+
+
+def test_inference_through_the_kernels_matches_the_modules(
+    kernel: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eval mode without autograd (the trainer's evaluate()): the running statistics, no backward."""
+    ext = _fused._state["ext"]
+    torch.manual_seed(0)
+    model = get_model("fmnist_net", width=16).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(3):  # running statistics that are not the initial (0, 1)
+            model(x * 2 + 1)
+    model.eval()
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    calls: list[str] = []
+
+    class Counting:  # the extension, recording which kernels run
+        def __init__(self, ext: object) -> None:
+            self.ext = ext
+
+        def __getattr__(self, name: str) -> object:
+            calls.append(name)
+            return getattr(self.ext, name)
+
+    for bf16 in (False, True):
+        outs = []
+        for fused in (False, True):
+            _fused.prepare(fused)
+            monkeypatch.setitem(_fused._state, "ext", Counting(ext))
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                outs.append(model(x).float())
+            monkeypatch.setitem(_fused._state, "ext", ext)
+        ref, got = outs
+        # bf16: the first stage computes in fp32 through the kernel (bf16 through the modules)
+        assert_close_scaled(got, ref, 1e-5 if not bf16 else 3e-2, f"logits bf16={bf16}")
+    assert all(torch.equal(v, buffers[k]) for k, v in model.state_dict().items())  # nothing updated
+    per_forward = ["conv_bn_pool_relu_forward", *["bn_relu_channels_last_forward"] * 6]
+    per_forward += ["add_maxpool_channels_last_forward", "global_pool_channels_last_forward"]
+    assert sorted(calls) == sorted(per_forward * 2)  # one fused forward each in fp32 and in bf16
+    with torch.enable_grad():  # eval mode while recording a graph: the modules (no inference kernel backward)
+        y = model(x.clone().requires_grad_())
+        assert not {STEM_OP, BN_RELU_OP, ADD_POOL_OP, HEAD_OP} & graph_ops(y)

@@ -1,18 +1,26 @@
-"""CPU kernels for LeNet-style training: a model's first convolution and BN -> max-pool -> ReLU.
+"""CPU kernels for training LeNet and fmnist_net: AVX-512 C++ (``csrc/``), each computing the same
+function as the modules it stands in for.
 
-Two AVX-512 kernels (``csrc/``), each computing the same function as the modules it stands in for:
-- ``bn_maxpool_relu.cpp``: training-mode BatchNorm2d -> MaxPool2d(2, 2) -> ReLU in one pass each
-  way, without the copies into and out of oneDNN's layout that the max-pool needs;
+NCHW float32 (LeNet-5; training mode only):
+- ``bn_maxpool_relu.cpp``: BatchNorm2d -> MaxPool2d(2, 2) -> ReLU in one pass each way, without
+  the copies into and out of oneDNN's layout that the max-pool needs;
 - ``conv_small_cin.cpp``: a stride-1 Conv2d on an input with at most 4 channels that needs no
   gradient (the first layer), forward and weight gradient, where oneDNN is slow.
-On 2 cores LeNet-5's (ReLU, max-pool, BN) training step at batch 256 went from ~14-19 ms to
-~10-11 ms with the first and ~7.6 ms with both. They are built on first use with
-``torch.utils.cpp_extension`` (g++ and ninja, ~30-40 s once; where the build is cached: ``_build``)
-and used only after ``prepare()`` succeeded, so importing or building a model never compiles
-anything. They take float32 only, so under bf16 autocast the layers they cover compute in fp32.
-Where they do not apply (eval mode, non-float32 or non-NCHW tensors, other shapes, tracing, export,
-``torch.compile``, no AVX-512, no compiler) the modules run as they are; state dicts, ONNX graphs
-and ``--summary`` never see them.
+  LeNet-5's (ReLU, max-pool, BN) step at batch 256 on 2 cores: ~14-19 ms -> ~7.6 ms with both.
+Channels-last, float32 or bfloat16 (fmnist_net under bf16 autocast; training, and inference in
+eval mode without autograd):
+- ``conv_bn_pool_relu.cpp``: a first stage, conv (<= 4 input channels, >= 16 outputs) -> BN ->
+  2x2 max-pool -> ReLU, as one op that recomputes the conv output in registers instead of storing
+  it (fp32 inside; under bf16 autocast it hands on bf16, the cast autocast would make);
+- ``bn_relu_cl.cpp``: BatchNorm2d -> ReLU;
+- ``add_maxpool_cl.cpp``: MaxPool2d(2, 2) of a residual sum; ``global_pool_cl.cpp``: the
+  concatenated global max- and average-pool of a head.
+  fmnist_net's (width 16) bf16 step at batch 256: ~10-15% faster than with the NCHW kernels alone.
+They are built on first use with ``torch.utils.cpp_extension`` (g++ and ninja, ~40-110 s once;
+where the build is cached: ``_build``) and used only after ``prepare()`` succeeded, so importing or
+building a model never compiles anything. Where they do not apply (other dtypes, layouts or shapes,
+eval mode with autograd on, tracing, export, ``torch.compile``, no AVX-512, no compiler) the
+modules run as they are; state dicts, ONNX graphs and ``--summary`` never see them.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models._blocks import eager_cpu_nchw
+from trainer.models._fused_cl import _AddMaxPool, _BNReLUChannelsLast, _ConvBNMaxPoolReLU, _GlobalMaxAvgPool
 
 _SOURCES = [
     Path(__file__).resolve().parent / "csrc" / f
@@ -158,105 +167,14 @@ class _ConvSmallCin(torch.autograd.Function):
         return None, dweight, dbias if ctx.has_bias else None, None
 
 
-class _ConvBNMaxPoolReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        conv_weight: Tensor,
-        conv_bias: Tensor | None,
-        padding: int,
-        bn_weight: Tensor,
-        bn_bias: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
-        momentum: float,
-        eps: float,
-        bf16_out: bool,
-    ) -> Tensor:
-        # (B, C, H, W) -> (B, O, Ho, Wo) channels-last; code, conv_at_max: (B, Ho, Wo, O)
-        out, code, conv_at_max, mean, invstd = _state["ext"].conv_bn_pool_relu_forward(
-            x, conv_weight, conv_bias, padding, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
-            bf16_out,
-        )  # fmt: skip
-        ctx.save_for_backward(code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight)
-        ctx.padding = padding
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight = ctx.saved_tensors
-        dcw, dcb, dbw, dbb = _state["ext"].conv_bn_pool_relu_backward(
-            grad_out.contiguous(memory_format=torch.channels_last), code, conv_at_max, mean, invstd, x,
-            conv_weight, conv_bias, ctx.padding, bn_weight,
-        )  # fmt: skip
-        return None, dcw, dcb if conv_bias is not None else None, None, dbw, dbb, *([None] * 5)
-
-
-class _BNReLUChannelsLast(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor,
-        running_mean: Tensor,
-        running_var: Tensor,
-        momentum: float,
-        eps: float,
-    ) -> Tensor:
-        # (B, C, H, W) channels-last -> the same shape, layout and dtype (float32 or bfloat16)
-        y, mean, invstd = _state["ext"].bn_relu_channels_last_forward(
-            x, weight, bias, running_mean, running_var, momentum, eps
-        )
-        ctx.save_for_backward(y, x, weight, mean, invstd)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad_y: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        y, x, weight, mean, invstd = ctx.saved_tensors
-        dx, dweight, dbias = _state["ext"].bn_relu_channels_last_backward(
-            grad_y.to(x.dtype).contiguous(memory_format=torch.channels_last), y, x, weight, mean, invstd
-        )
-        return dx, dweight, dbias, None, None, None, None
-
-
-class _AddMaxPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, b: Tensor) -> Tensor:  # type: ignore[override]
-        # (B, C, H, W) twice, channels-last -> (B, C, H/2, W/2) channels-last
-        out, code = _state["ext"].add_maxpool_channels_last_forward(a, b)
-        ctx.save_for_backward(code)
-        ctx.size = list(a.shape)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        (code,) = ctx.saved_tensors
-        g = grad_out.contiguous(memory_format=torch.channels_last)
-        dx = _state["ext"].add_maxpool_channels_last_backward(g, code, ctx.size)
-        return dx, dx  # the gradient of a sum reaches both addends unchanged (as AddBackward's)
-
-
-class _GlobalMaxAvgPool(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:  # type: ignore[override]
-        # (B, C, H, W) channels-last -> (B, 2C, 1, 1): max over H, W, then the mean
-        out, argmax = _state["ext"].global_pool_channels_last_forward(x)
-        ctx.save_for_backward(argmax)
-        ctx.size = list(x.shape)
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> Tensor:  # type: ignore[override]
-        (argmax,) = ctx.saved_tensors
-        return _state["ext"].global_pool_channels_last_backward(grad_out, argmax, ctx.size)
-
-
 def _conv_applies(conv: nn.Module, x: Tensor) -> bool:
+    return conv.training and _conv_ok(conv, x)
+
+
+def _conv_ok(conv: nn.Module, x: Tensor) -> bool:
+    """A convolution the direct kernels compute (training mode aside)."""
     return (
         type(conv) is nn.Conv2d
-        and conv.training
         and eager_cpu_nchw(x)  # our kernels need no oneDNN
         and x.dtype == torch.float32
         and not x.requires_grad  # the first layer: the kernel computes no input gradient
@@ -276,9 +194,13 @@ def _conv_applies(conv: nn.Module, x: Tensor) -> bool:
 
 
 def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
+    return bn.training and _bn_pool_relu_ok(bn, pool, act, x)
+
+
+def _bn_pool_relu_ok(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
+    """BN -> 2x2 max-pool -> ReLU that the kernels compute (training mode aside)."""
     return (
         type(bn) is nn.BatchNorm2d
-        and bn.training
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
@@ -300,9 +222,9 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
 
 
 def _bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
+    """BN -> ReLU that the channels-last kernel computes (training mode aside: see ``_mode``)."""
     return (
         type(bn) is nn.BatchNorm2d
-        and bn.training
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
@@ -321,7 +243,7 @@ def add_then_pool(a: Tensor, b: Tensor, pool: nn.Module) -> Tensor:
     if (
         enabled()
         and isinstance(pool, nn.MaxPool2d)
-        and pool.training
+        and _mode([pool]) is not None
         and pool.kernel_size in (2, (2, 2))
         and pool.stride in (2, (2, 2))
         and pool.padding in (0, (0, 0))
@@ -336,7 +258,9 @@ def add_then_pool(a: Tensor, b: Tensor, pool: nn.Module) -> Tensor:
         and a.shape[0] > 0
         and min(a.shape[2], a.shape[3]) >= 2
     ):
-        return _AddMaxPool.apply(a, b)
+        if pool.training:
+            return _AddMaxPool.apply(_state["ext"], a, b)
+        return _state["ext"].add_maxpool_channels_last_forward(a, b)[0]
     return pool(a + b)
 
 
@@ -345,8 +269,7 @@ def _covers_plane(pool: nn.Module, x: Tensor) -> bool:
     k = pool.kernel_size if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2  # type: ignore[union-attr]
     s = pool.stride if isinstance(pool.stride, tuple) else (pool.stride,) * 2  # type: ignore[union-attr]
     return (
-        pool.training
-        and tuple(k) == (x.shape[2], x.shape[3])
+        tuple(k) == (x.shape[2], x.shape[3])
         and tuple(s) == tuple(k)
         and pool.padding in (0, (0, 0))
         and not pool.ceil_mode  # type: ignore[union-attr]
@@ -360,6 +283,7 @@ def global_max_avg_pool(x: Tensor, max_pool: nn.Module, avg_pool: nn.Module) -> 
         enabled()
         and isinstance(max_pool, nn.MaxPool2d)
         and type(avg_pool) is nn.AvgPool2d
+        and _mode([max_pool, avg_pool]) is not None
         and _covers_plane(max_pool, x)
         and _covers_plane(avg_pool, x)
         and max_pool.dilation in (1, (1, 1))
@@ -369,7 +293,9 @@ def global_max_avg_pool(x: Tensor, max_pool: nn.Module, avg_pool: nn.Module) -> 
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.shape[0] > 0
     ):
-        return _GlobalMaxAvgPool.apply(x)
+        if max_pool.training:
+            return _GlobalMaxAvgPool.apply(_state["ext"], x)
+        return _state["ext"].global_pool_channels_last_forward(x)[0]
     return torch.cat([max_pool(x), avg_pool(x)], dim=1)
 
 
@@ -391,20 +317,31 @@ def has_fused_ops(model: nn.Module) -> bool:
     return False
 
 
-def _stem_applies(mods: Sequence[nn.Module], x: Tensor) -> bool:
-    """conv -> BN -> max-pool -> ReLU that the one-op first stage computes."""
-    if len(mods) < 4 or not isinstance(mods[0], nn.Conv2d) or not _conv_applies(mods[0], x):
-        return False
+def _mode(mods: Sequence[nn.Module]) -> str | None:
+    """'train' if all of ``mods`` train, 'infer' if all are in eval mode and no gradient is recorded
+    (the inference kernels have no backward), else None."""
+    if all(m.training for m in mods):
+        return "train"
+    if not any(m.training for m in mods) and not torch.is_grad_enabled():
+        return "infer"
+    return None
+
+
+def _stem_mode(mods: Sequence[nn.Module], x: Tensor) -> str | None:
+    """The mode in which the one-op first stage computes conv -> BN -> max-pool -> ReLU, or None."""
+    if len(mods) < 4 or not isinstance(mods[0], nn.Conv2d) or not _conv_ok(mods[0], x):
+        return None
     conv, bn = mods[0], mods[1]
     assert isinstance(conv.padding, tuple)
     side = min(x.shape[2], x.shape[3]) + 2 * conv.padding[0] - conv.kernel_size[0] + 1  # conv output
-    return (
+    applies = (
         conv.out_channels >= _STEM_MIN_CHANNELS
         and isinstance(bn, nn.BatchNorm2d)
         and bn.num_features == conv.out_channels
         and side >= 2
-        and _fusable(bn, mods[2], mods[3], x)
+        and _bn_pool_relu_ok(bn, mods[2], mods[3], x)
     )
+    return _mode(mods[:4]) if applies else None
 
 
 def _hand_on(y: Tensor, consumer: nn.Module | None) -> Tensor:
@@ -427,7 +364,8 @@ def run_sequential(modules: Sequence[nn.Module], x: Tensor, feeds: nn.Module | N
     i = 0
     while i < len(modules):
         m = modules[i]
-        if enabled() and _stem_applies(modules[i : i + 4], x):
+        mode = _stem_mode(modules[i : i + 4], x) if enabled() else None
+        if mode is not None:
             conv, bn = modules[i], modules[i + 1]
             assert isinstance(conv, nn.Conv2d) and isinstance(conv.padding, tuple)
             assert isinstance(bn, nn.BatchNorm2d) and bn.num_batches_tracked is not None
@@ -437,20 +375,25 @@ def run_sequential(modules: Sequence[nn.Module], x: Tensor, feeds: nn.Module | N
                 and torch.is_autocast_enabled("cpu")
                 and torch.get_autocast_dtype("cpu") == torch.bfloat16
             )
-            bn.num_batches_tracked.add_(1)
-            y = _ConvBNMaxPoolReLU.apply(
-                x, conv.weight, conv.bias, conv.padding[0], bn.weight, bn.bias, bn.running_mean,
-                bn.running_var, bn.momentum, bn.eps, bf16_out,
-            )  # fmt: skip
+            args = (x, conv.weight, conv.bias, conv.padding[0], bn.weight, bn.bias, bn.running_mean,
+                    bn.running_var, bn.momentum, bn.eps, bf16_out)  # fmt: skip
+            if mode == "train":
+                bn.num_batches_tracked.add_(1)
+                y = _ConvBNMaxPoolReLU.apply(_state["ext"], *args)
+            else:
+                y = _state["ext"].conv_bn_pool_relu_forward(*args, False)[0]
             x = _hand_on(y, consumer)
             i += 4
             continue
-        if enabled() and i + 1 < len(modules) and _bn_relu_applies(m, modules[i + 1], x):
+        mode = _mode(modules[i : i + 2]) if enabled() and i + 1 < len(modules) else None
+        if mode is not None and _bn_relu_applies(m, modules[i + 1], x):
             assert isinstance(m, nn.BatchNorm2d) and m.num_batches_tracked is not None
-            m.num_batches_tracked.add_(1)
-            x = _BNReLUChannelsLast.apply(
-                x, m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps
-            )
+            bn_args = (x, m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps)
+            if mode == "train":
+                m.num_batches_tracked.add_(1)
+                x = _BNReLUChannelsLast.apply(_state["ext"], *bn_args)
+            else:
+                x = _state["ext"].bn_relu_channels_last_forward(*bn_args, False)[0]
             i += 2
             continue
         if enabled() and i + 2 < len(modules) and _fusable(m, modules[i + 1], modules[i + 2], x):

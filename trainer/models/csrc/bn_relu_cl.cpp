@@ -62,12 +62,39 @@ std::vector<float> padded(const float* v, int64_t n) {
   return p;
 }
 
-// The forward for channels c0..c0+16 NV: statistics, running buffers, then y.
+template <typename T, int NV>
+void batch_stats(const T* xp, int64_t P, int64_t C, int64_t c0, const float* wp, const float* bp, float* rmp,
+                 float* rvp, float* mp, float* ip, double momentum, double eps, const __mmask16* mk, float* scale,
+                 float* shift);
+template <typename T, int NV>
+void normalize_relu(const T* xp, T* yp, int64_t P, int64_t C, int64_t c0, const __mmask16* mk, const float* scale,
+                    const float* shift);
+
+// The forward for channels c0..c0+16 NV: statistics (or the running ones), then y.
 template <typename T, int NV>
 void fwd_block(const T* xp, T* yp, int64_t P, int64_t C, int64_t c0, const float* wp, const float* bp, float* rmp,
-               float* rvp, float* mp, float* ip, double momentum, double eps) {
+               float* rvp, float* mp, float* ip, double momentum, double eps, bool training) {
   __mmask16 mk[NV];
   for (int v = 0; v < NV; ++v) mk[v] = first16(C - c0 - v * 16);
+  alignas(64) float scale[NV * 16] = {}, shift[NV * 16] = {};
+  if (training) {
+    batch_stats<T, NV>(xp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps, mk, scale, shift);
+  } else {  // inference: the running statistics, left as they are
+    for (int64_t c = c0; c < std::min(C, c0 + NV * 16); ++c) {
+      mp[c] = rmp[c];
+      ip[c] = float(1.0 / std::sqrt(double(rvp[c]) + eps));
+      scale[c - c0] = wp[c] * ip[c];
+      shift[c - c0] = bp[c] - rmp[c] * scale[c - c0];
+    }
+  }
+  normalize_relu<T, NV>(xp, yp, P, C, c0, mk, scale, shift);
+}
+
+// Batch statistics of channels c0..c0+16 NV: mean, invstd, the running buffers, and y's scale and shift.
+template <typename T, int NV>
+void batch_stats(const T* xp, int64_t P, int64_t C, int64_t c0, const float* wp, const float* bp, float* rmp,
+                 float* rvp, float* mp, float* ip, double momentum, double eps, const __mmask16* mk, float* scale,
+                 float* shift) {
   std::vector<float> shift0(NV * 16, 0.f);
   for (int64_t c = c0; c < std::min(C, c0 + NV * 16); ++c) shift0[c - c0] = float(xp[c]);  // the first pixel: sums of (x - it) cancel less
   __m512 s0[NV];
@@ -79,7 +106,6 @@ void fwd_block(const T* xp, T* yp, int64_t P, int64_t C, int64_t c0, const float
     }
   });
   const double n = double(P);
-  alignas(64) float scale[NV * 16] = {}, shift[NV * 16] = {};
   for (int64_t c = c0; c < std::min(C, c0 + NV * 16); ++c) {
     const int64_t l = c - c0;
     const double md = sums[l] / n, var = std::max(sums[NV * 16 + l] / n - md * md, 0.0), m = md + shift0[l];
@@ -90,6 +116,12 @@ void fwd_block(const T* xp, T* yp, int64_t P, int64_t C, int64_t c0, const float
     rmp[c] = float((1 - momentum) * rmp[c] + momentum * m);
     rvp[c] = float((1 - momentum) * rvp[c] + momentum * var * n / std::max(n - 1, 1.0));
   }
+}
+
+// y = max(x * scale + shift, 0) for channels c0..c0+16 NV.
+template <typename T, int NV>
+void normalize_relu(const T* xp, T* yp, int64_t P, int64_t C, int64_t c0, const __mmask16* mk, const float* scale,
+                    const float* shift) {
   at::parallel_for(0, P, 256, [&](int64_t p0, int64_t p1) {
     const __m512 zero = _mm512_setzero_ps();
     __m512 sc[NV], sh[NV];
@@ -156,7 +188,8 @@ void for_each_block(int64_t C, F&& f) {
 
 template <typename T>
 std::vector<torch::Tensor> fwd_impl(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& bias,
-                                    torch::Tensor& running_mean, torch::Tensor& running_var, double momentum, double eps) {
+                                    torch::Tensor& running_mean, torch::Tensor& running_var, double momentum, double eps,
+                                    bool training) {
   const int64_t C = x.size(1), P = x.numel() / C;
   auto mean = torch::empty({C}, weight.options()), invstd = torch::empty({C}, weight.options());
   auto y = torch::empty_like(x, x.options().memory_format(at::MemoryFormat::ChannelsLast));
@@ -166,10 +199,10 @@ std::vector<torch::Tensor> fwd_impl(const torch::Tensor& x, const torch::Tensor&
   float* mp = mean.data_ptr<float>(); float* ip = invstd.data_ptr<float>();
   for_each_block(C, [&](int64_t c0, int64_t nv) {
     switch (nv) {
-      case 4: fwd_block<T, 4>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps); break;
-      case 3: fwd_block<T, 3>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps); break;
-      case 2: fwd_block<T, 2>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps); break;
-      default: fwd_block<T, 1>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps); break;
+      case 4: fwd_block<T, 4>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps, training); break;
+      case 3: fwd_block<T, 3>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps, training); break;
+      case 2: fwd_block<T, 2>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps, training); break;
+      default: fwd_block<T, 1>(xp, yp, P, C, c0, wp, bp, rmp, rvp, mp, ip, momentum, eps, training); break;
     }
   });
   return {y, mean, invstd};
@@ -207,13 +240,15 @@ void check_vector(const torch::Tensor& v, int64_t c) {
 }
 }  // namespace
 
+// training = false: BatchNorm with its running statistics (mean and invstd return those).
 std::vector<torch::Tensor> bn_relu_cl_fwd(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
-                                          torch::Tensor running_var, double momentum, double eps) {
+                                          torch::Tensor running_var, double momentum, double eps, bool training) {
   check_cl(x, "x");
-  TORCH_CHECK(x.numel() > x.size(1), "bn_relu_cl: more than one value per channel is needed in training");
+  TORCH_CHECK(!training || x.numel() > x.size(1), "bn_relu_cl: more than one value per channel is needed in training");
   for (const auto* t : {&weight, &bias, &running_mean, &running_var}) check_vector(*t, x.size(1));
-  if (x.scalar_type() == torch::kBFloat16) return fwd_impl<at::BFloat16>(x, weight, bias, running_mean, running_var, momentum, eps);
-  return fwd_impl<float>(x, weight, bias, running_mean, running_var, momentum, eps);
+  if (x.scalar_type() == torch::kBFloat16)
+    return fwd_impl<at::BFloat16>(x, weight, bias, running_mean, running_var, momentum, eps, training);
+  return fwd_impl<float>(x, weight, bias, running_mean, running_var, momentum, eps, training);
 }
 
 std::vector<torch::Tensor> bn_relu_cl_bwd(torch::Tensor dy, torch::Tensor y, torch::Tensor x, torch::Tensor weight,

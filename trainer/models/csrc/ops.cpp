@@ -12,12 +12,13 @@ torch::Tensor conv_first_fwd(torch::Tensor x, torch::Tensor weight, c10::optiona
 std::vector<torch::Tensor> conv_first_wgrad(torch::Tensor dy, torch::Tensor x, int64_t K, int64_t pad, bool with_bias);
 std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor cw, c10::optional<torch::Tensor> cb, int64_t pad,
                                                   torch::Tensor bw, torch::Tensor bb, torch::Tensor running_mean,
-                                                  torch::Tensor running_var, double momentum, double eps, bool out_bf16);
+                                                  torch::Tensor running_var, double momentum, double eps, bool out_bf16,
+                                                  bool training);
 std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor code, torch::Tensor xmax, torch::Tensor mean,
                                                   torch::Tensor invstd, torch::Tensor x, torch::Tensor cw,
                                                   c10::optional<torch::Tensor> cb, int64_t pad, torch::Tensor bw);
 std::vector<torch::Tensor> bn_relu_cl_fwd(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
-                                          torch::Tensor running_var, double momentum, double eps);
+                                          torch::Tensor running_var, double momentum, double eps, bool training);
 std::vector<torch::Tensor> bn_relu_cl_bwd(torch::Tensor dy, torch::Tensor y, torch::Tensor x, torch::Tensor weight,
                                           torch::Tensor mean, torch::Tensor invstd);
 std::vector<torch::Tensor> add_maxpool_cl_fwd(torch::Tensor a, torch::Tensor b);
@@ -31,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bn_maxpool_relu_backward", &bn_pool_relu_bwd,
         "(grad_out, out, argmax, x_at_max, x, weight, mean, invstd) -> (dx, dweight, dbias)");
   m.def("bn_relu_channels_last_forward", &bn_relu_cl_fwd,
-        "(x, weight, bias, running_mean, running_var, momentum, eps) -> (y, mean, invstd)");
+        "(x, weight, bias, running_mean, running_var, momentum, eps, training) -> (y, mean, invstd)");
   m.def("bn_relu_channels_last_backward", &bn_relu_cl_bwd, "(grad_y, y, x, weight, mean, invstd) -> (dx, dweight, dbias)");
   m.def("add_maxpool_channels_last_forward", &add_maxpool_cl_fwd, "(a, b) -> (maxpool2x2(a + b), code)");
   m.def("add_maxpool_channels_last_backward", &add_maxpool_cl_bwd, "(grad_out, code, input_size) -> grad of a and b");
@@ -40,7 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_cin_forward", &conv_first_fwd, "(x, weight, bias or None, padding) -> y");
   m.def("conv_bn_pool_relu_forward", &conv_bn_pool_relu_fwd,
         "(x, conv_weight, conv_bias or None, padding, bn_weight, bn_bias, running_mean, running_var, momentum, eps, "
-        "bf16_out) -> (out channels-last, code, conv_at_max, mean, invstd)");
+        "bf16_out, training) -> (out channels-last, code, conv_at_max, mean, invstd)");
   m.def("conv_bn_pool_relu_backward", &conv_bn_pool_relu_bwd,
         "(grad_out, code, conv_at_max, mean, invstd, x, conv_weight, conv_bias or None, padding, bn_weight) "
         "-> (d conv_weight, d conv_bias, d bn_weight, d bn_bias)");
