@@ -66,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
     )
     add("--fc-width", help="lenet5: hidden FC width multiplier", type=int)
+    add(
+        "--wide-stem",
+        help="fmnist_net: the 28x28 first stage outputs 2x the base channels and stage 2 opens with no conv",
+        **boolean,
+    )
     add("--init", help="weight init", choices=C.INITS)
     add("--epochs", help="epochs to train", type=int)
     add("-b", "--batch-size", help="global batch size (split across DDP processes)", type=int)

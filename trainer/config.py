@@ -21,9 +21,9 @@ AUGMENTS = ("none", "flip", "crop", "crop-flip")
 KNOB_ARCHS: dict[str, tuple[str, ...]] = {
     "lenet5": ("activation", "pool", "batchnorm", "dropout", "width", "fc_width"),
     "alexnet": ("activation", "pool", "batchnorm", "dropout", "width"),
-    "fmnist_net": ("width", "dropout"),
+    "fmnist_net": ("width", "dropout", "wide_stem"),
 }
-MODEL_KNOBS = ("activation", "pool", "batchnorm", "dropout", "width", "fc_width")
+MODEL_KNOBS = ("activation", "pool", "batchnorm", "dropout", "width", "fc_width", "wide_stem")
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,7 @@ class TrainConfig:
     dropout: float | None = None
     width: int | None = None
     fc_width: int | None = None
+    wide_stem: bool | None = None
     init: str = "default"
     # optimization
     epochs: int = 10

@@ -89,13 +89,16 @@ _PRESETS = (
     ),
     Preset(
         "fmnist-fast",
-        "fast accurate CPU recipe for Fashion-MNIST: fmnist_net (width 16), SGD+Nesterov one-cycle, label "
+        "fast accurate CPU recipe for Fashion-MNIST: fmnist_net (width 16, wide stem), SGD+Nesterov one-cycle, label "
         "smoothing, flip augmentation, weight EMA, flip TTA, bf16 where native, 8 epochs (about 0.93 test acc in "
         "about 2 min on 2 cores)",
         {
             "arch": "fmnist_net",
             "dataset": "fashion-mnist",
             "width": 16,
+            # Measured on 2 cores, back to back, seeds 0 and 1: 11% faster epochs (12.1 against
+            # 13.5 s) and 93.10 / 93.20% flip-TTA accuracy against 93.15 / 92.94% without it.
+            "wide_stem": True,
             "optimizer": "sgd",
             "lr": 0.2,
             "momentum": 0.9,

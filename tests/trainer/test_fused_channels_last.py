@@ -295,11 +295,16 @@ def test_pools_run_as_modules_where_the_kernels_do_not_apply(kernel: None, case:
 
 
 def fmnist_steps(
-    fused: bool, bf16: bool = False, dtype: torch.dtype = torch.float32, steps: int = 4
+    fused: bool,
+    bf16: bool = False,
+    dtype: torch.dtype = torch.float32,
+    steps: int = 4,
+    wide_stem: bool = False,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     _fused.prepare(fused)
     torch.manual_seed(0)
-    model = get_model("fmnist_net", width=16).to(dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model = get_model("fmnist_net", width=16, wide_stem=wide_stem)
+    model = model.to(dtype).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     x = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(dtype)
     y = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -316,12 +321,14 @@ def fmnist_steps(
     return {k: v.double() for k, v in model.state_dict().items()}, losses
 
 
-def test_fmnist_net_trains_the_same_through_the_kernels(kernel: None) -> None:
+@pytest.mark.parametrize("wide_stem", [False, True], ids=["stem-c", "wide-stem"])
+def test_fmnist_net_trains_the_same_through_the_kernels(kernel: None, wide_stem: bool) -> None:
     """Four SGD steps: through the kernels the weights stay about as close to a float64 run as
     through the modules. (Neither fp32 path matches the other to 1e-4: the first conv's weight
     gradient sums ~50k terms that nearly cancel, and both are 0.2-0.4% off float64 after one step.)"""
-    exact, exact_losses = fmnist_steps(False, dtype=torch.float64)
-    (ref, ref_losses), (got, got_losses) = fmnist_steps(False), fmnist_steps(True)
+    exact, exact_losses = fmnist_steps(False, dtype=torch.float64, wide_stem=wide_stem)
+    ref, ref_losses = fmnist_steps(False, wide_stem=wide_stem)
+    got, got_losses = fmnist_steps(True, wide_stem=wide_stem)
     assert list(got) == list(ref) == list(exact)
     assert got_losses == pytest.approx(exact_losses, rel=1e-4)
 
@@ -333,7 +340,8 @@ def test_fmnist_net_trains_the_same_through_the_kernels(kernel: None) -> None:
         assert (got[key] - exact[key]).abs().max() <= 0.05 * (exact[key].abs().max() + 1e-3), key
     # Under bf16 autocast the first stage computes in fp32 with the kernels (bf16 without): the same
     # training, within bf16's rounding.
-    (_, ref_losses), (_, got_losses) = fmnist_steps(False, True), fmnist_steps(True, True)
+    (_, ref_losses) = fmnist_steps(False, True, wide_stem=wide_stem)
+    (_, got_losses) = fmnist_steps(True, True, wide_stem=wide_stem)
     assert got_losses == pytest.approx(ref_losses, rel=3e-2)
     assert got_losses[-1] < got_losses[0]
 

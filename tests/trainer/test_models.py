@@ -142,8 +142,21 @@ def test_max_pool_before_activation_is_the_seed_order_function(name: str, activa
     assert all(isinstance(avg[i - 1], ACTIVATIONS) for i, m in enumerate(avg) if isinstance(m, nn.AvgPool2d))
 
 
-def test_fmnist_net_first_pool_before_relu_is_conv_bn_relu_pool() -> None:
-    _assert_same_function_as_seed_order(build("fmnist_net", width=4))
+@pytest.mark.parametrize("wide_stem", [False, True], ids=["stem-c", "wide-stem"])
+def test_fmnist_net_first_pool_before_relu_is_conv_bn_relu_pool(wide_stem: bool) -> None:
+    _assert_same_function_as_seed_order(build("fmnist_net", width=4, wide_stem=wide_stem))
+
+
+@pytest.mark.parametrize("shape", DATASET_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[1]}-{s[2]}cls")
+def test_fmnist_net_wide_stem_skips_stage_2s_opening_conv(shape: tuple[int, int, int]) -> None:
+    c, size, classes = shape
+    narrow, wide = (build("fmnist_net", c, size, classes, width=8, wide_stem=w) for w in (False, True))
+    convs = [[m for m in net.modules() if isinstance(m, nn.Conv2d)] for net in (narrow, wide)]
+    assert [(m.in_channels, m.out_channels) for m in convs[0][:2]] == [(c, 8), (8, 16)]
+    assert [(m.in_channels, m.out_channels) for m in convs[1][:2]] == [(c, 16), (16, 16)]  # residual next
+    assert len(convs[1]) == len(convs[0]) - 1 and wide.stage2_conv is convs[1][1]
+    x = torch.rand(2, c, size, size)
+    assert wide.eval()(x).shape == narrow.eval()(x).shape == (2, classes)
 
 
 @pytest.mark.parametrize("name", KNOB_ARCHS)
