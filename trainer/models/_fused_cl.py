@@ -28,22 +28,22 @@ class _ConvBNMaxPoolReLU(torch.autograd.Function):
         eps: float,
         bf16_out: bool,
     ) -> Tensor:
-        # (B, C, H, W) -> (B, O, Ho, Wo) channels-last; code, conv_at_max: (B, Ho, Wo, O)
-        out, code, conv_at_max, mean, invstd = ext.conv_bn_pool_relu_forward(
+        # (B, C, H, W) -> (B, O, Ho, Wo) channels-last; code: (B, Ho, Wo, O) uint8
+        out, code, mean, invstd = ext.conv_bn_pool_relu_forward(
             x, conv_weight, conv_bias, padding, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
             bf16_out, True,
         )  # fmt: skip
         ctx.ext = ext
-        ctx.save_for_backward(code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight)
+        ctx.save_for_backward(code, mean, invstd, x, conv_weight, conv_bias, bn_weight)
         ctx.padding = padding
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        code, conv_at_max, mean, invstd, x, conv_weight, conv_bias, bn_weight = ctx.saved_tensors
+        code, mean, invstd, x, conv_weight, conv_bias, bn_weight = ctx.saved_tensors
         dcw, dcb, dbw, dbb = ctx.ext.conv_bn_pool_relu_backward(
-            grad_out.contiguous(memory_format=torch.channels_last), code, conv_at_max, mean, invstd, x,
-            conv_weight, conv_bias, ctx.padding, bn_weight,
+            grad_out.contiguous(memory_format=torch.channels_last), code, mean, invstd, x, conv_weight,
+            conv_bias, ctx.padding, bn_weight,
         )  # fmt: skip
         return None, None, dcw, dcb if conv_bias is not None else None, None, dbw, dbb, *([None] * 5)
 

@@ -8,10 +8,9 @@
 // twice, plus two layout copies: ~13 ms of a ~65 ms step on 2 cores, bound by memory, not by its
 // 29 M multiply-adds. Here the conv output is never stored: it is recomputed in registers (one
 // 16-channel vector per pixel, the input pixels broadcast) by each pass:
-//   forward 1: batch statistics; forward 2: normalize, 2x2 max, ReLU, store the pooled output,
-//   a byte per value (argmax | 4 if the output is positive) and the conv output at the argmax;
-//   backward 1: BatchNorm's two sums from the pooled tensors; backward 2: dx of the conv output at
-//   every pixel, folded at once into the conv's weight gradient.
+//   forward 1: batch statistics; forward 2: normalize, 2x2 max, ReLU, store the pooled output and
+//   a byte per value (argmax | 4 if the output is positive); backward (one pass): BatchNorm's and
+//   the conv's weight-gradient sums together (see conv_bn_pool_relu_bwd).
 // The same function as the modules (ATen's first-maximum tie rule, ReLU keeping NaN, unbiased
 // variance into running_var); rounding differs by a few ulp (another summation order).
 #include <torch/extension.h>
@@ -126,9 +125,9 @@ void check_vector(const torch::Tensor& v, int64_t n, const char* name) {
 }  // namespace
 
 // (x, conv weight, conv bias or None, padding, BN weight, bias, running_mean, running_var, momentum,
-// eps, bf16 output, training) -> (out (B, O, Ho, Wo) channels-last, code (B, Ho, Wo, O) uint8, conv
-// output at each argmax (B, Ho, Wo, O), mean (O), invstd (O)). training = false: BatchNorm with its
-// running statistics, and code and the conv outputs are not stored (empty).
+// eps, bf16 output, training) -> (out (B, O, Ho, Wo) channels-last, code (B, Ho, Wo, O) uint8, mean
+// (O), invstd (O)). training = false: BatchNorm with its running statistics, and code is not stored
+// (empty).
 std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor cw, c10::optional<torch::Tensor> cb, int64_t pad,
                                                   torch::Tensor bw, torch::Tensor bb, torch::Tensor running_mean,
                                                   torch::Tensor running_var, double momentum, double eps, bool out_bf16,
@@ -216,8 +215,8 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
   auto out = torch::empty({g.B, g.O, g.Ho, g.Wo}, out_bf16 ? opts.dtype(torch::kBFloat16) : opts);
   // What the backward needs (not stored in inference).
   const int64_t saved = training ? g.B * g.Ho * g.Wo * g.O : 0;
-  auto code = torch::empty({saved}, x.options().dtype(torch::kUInt8)), xmax = torch::empty({saved}, x.options());
-  void* outp = out.data_ptr(); uint8_t* kp = code.data_ptr<uint8_t>(); float* xmp = xmax.data_ptr<float>();
+  auto code = torch::empty({saved}, x.options().dtype(torch::kUInt8));
+  void* outp = out.data_ptr(); uint8_t* kp = code.data_ptr<uint8_t>();
   with_taps(g, [&](auto taps) {
     using D = decltype(taps);
     at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
@@ -246,10 +245,7 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
             const int64_t e = ((b * g.Ho + i) * g.Wo + j) * g.O + v * 16;
             if (out_bf16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(outp) + e, mc, cnnstack::to_bf16(r));
             else _mm512_mask_storeu_ps(static_cast<float*>(outp) + e, mc, r);
-            if (!training) return;
-            _mm_mask_storeu_epi8(kp + e, mc, _mm512_cvtepi32_epi8(k));
-            const __m512 xl = _mm512_mask_blend_ps(dl, x0, x2), xr = _mm512_mask_blend_ps(dr, x1, x3);
-            _mm512_mask_storeu_ps(xmp + e, mc, _mm512_mask_blend_ps(right, xl, xr));
+            if (training) _mm_mask_storeu_epi8(kp + e, mc, _mm512_cvtepi32_epi8(k));
           };
           __m512 acc[8];
           for (int64_t i = 0; i < g.Ho; ++i) {
@@ -268,13 +264,18 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
       }
     });
   });
-  return {out, code, xmax, mean, invstd};
+  return {out, code, mean, invstd};
 }
 
-// (grad_out (B, O, Ho, Wo) channels-last, float32 or bfloat16; the forward's code, conv output at
-// argmax, mean, invstd; x; conv weight, bias or None, padding; BN weight) -> (d conv weight,
-// d conv bias (zeros without one), d BN weight, d BN bias).
-std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor code, torch::Tensor xmax, torch::Tensor mean,
+// (grad_out (B, O, Ho, Wo) channels-last, float32 or bfloat16; the forward's code, mean, invstd; x;
+// conv weight, bias or None, padding; BN weight) -> (d conv weight, d conv bias (zeros without
+// one), d BN weight, d BN bias).
+//
+// One pass: BatchNorm's backward gives the conv output's gradient dx = k1 dy - k2 - k3 (x - mean),
+// with k2, k3 known only once the pass has summed dy and dy (x - mean). So the pass sums, per
+// channel and tap t, S1 = sum dy in(t) and S3 = sum (x - mean) in(t), with S2 = sum in(t), and the
+// weight gradient is k1 S1 - k2 S2 - k3 S3 at the end: x is recomputed once, nothing is stored.
+std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor code, torch::Tensor mean,
                                                   torch::Tensor invstd, torch::Tensor x, torch::Tensor cw,
                                                   c10::optional<torch::Tensor> cb, int64_t pad, torch::Tensor bw) {
   check(x, 4, "x");
@@ -285,124 +286,129 @@ std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tens
                   gout.size(1) == g.O && gout.size(2) == g.Ho && gout.size(3) == g.Wo &&
                   (gout.scalar_type() == torch::kFloat || gout.scalar_type() == torch::kBFloat16),
               "conv_bn_pool_relu: grad_out must be a channels-last float32 or bfloat16 (B, O, Ho, Wo) tensor");
-  TORCH_CHECK(code.is_contiguous() && xmax.is_contiguous() && code.numel() == gout.numel() && xmax.numel() == gout.numel(),
-              "conv_bn_pool_relu: saved tensors do not match grad_out");
+  TORCH_CHECK(code.is_contiguous() && code.numel() == gout.numel(), "conv_bn_pool_relu: saved code does not match grad_out");
   const bool bf16 = gout.scalar_type() == torch::kBFloat16;
   const int64_t OP = g.NV * 16, CHW = g.C * g.H * g.W, NW = g.C * g.K * g.K;
-  const void* gp = gout.data_ptr(); const uint8_t* kp = code.data_ptr<uint8_t>(); const float* xmp = xmax.data_ptr<float>();
+  const void* gp = gout.data_ptr(); const uint8_t* kp = code.data_ptr<uint8_t>();
   const float* mp = mean.data_ptr<float>(); const float* ip = invstd.data_ptr<float>(); const float* bwp = bw.data_ptr<float>();
   std::vector<float> meanv(OP, 0.f);
   std::copy(mp, mp + g.O, meanv.begin());
-  const int nt = at::get_num_threads();
-
-  // Pass 1: per channel, the sum of dy and of dy * (x - mean) over the windows' positive maxima.
-  std::vector<double> ps(int64_t(nt) * OP, 0.0), pq(int64_t(nt) * OP, 0.0);
-  at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
-    const int t = at::get_thread_num();
-    const __m512i four = _mm512_set1_epi32(4);
-    for (int64_t b = b0; b < b1; ++b)
-      for (int64_t v = 0; v < g.NV; ++v) {
-        const __mmask16 mc = first16(g.O - v * 16);
-        const __m512 m = _mm512_loadu_ps(meanv.data() + v * 16);
-        __m512 a = _mm512_setzero_ps(), q = _mm512_setzero_ps();
-        for (int64_t pix = b * g.Ho * g.Wo; pix < (b + 1) * g.Ho * g.Wo; ++pix) {
-          const int64_t e = pix * g.O + v * 16;
-          const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mc, kp + e));
-          const __m512 gg = _mm512_maskz_mov_ps(_mm512_test_epi32_mask(k, four), load_grad(gp, e, mc, bf16));
-          a = _mm512_add_ps(a, gg);
-          q = _mm512_fmadd_ps(gg, _mm512_sub_ps(_mm512_maskz_loadu_ps(mc, xmp + e), m), q);
-        }
-        alignas(64) float al[16], ql[16];
-        _mm512_store_ps(al, a); _mm512_store_ps(ql, q);
-        for (int l = 0; l < 16; ++l) { ps[t * OP + v * 16 + l] += al[l]; pq[t * OP + v * 16 + l] += ql[l]; }
-      }
-  });
-  const double n = double(g.B * g.Hc * g.Wc);
-  auto dbw = torch::empty({g.O}, x.options()), dbb = torch::empty({g.O}, x.options());
-  // dx = k1 * dy - k2 - k3 * (x - mean), dy non-zero only at each window's positive maximum.
-  std::vector<float> k1(OP, 0.f), k2(OP, 0.f), k3(OP, 0.f);
-  for (int64_t o = 0; o < g.O; ++o) {
-    double a = 0, q = 0;
-    for (int t = 0; t < nt; ++t) { a += ps[t * OP + o]; q += pq[t * OP + o]; }
-    const double is = ip[o], sc = bwp[o] * is;
-    dbb.data_ptr<float>()[o] = float(a); dbw.data_ptr<float>()[o] = float(q * is);
-    k1[o] = float(sc); k2[o] = float(sc * a / n); k3[o] = float(sc * q * is * is / n);
-  }
-
-  // Pass 2: recompute the conv output, form dx, and add dx * input into the weight gradient.
   const std::vector<float> wpk = pack_weight(cw.data_ptr<float>(), g);
   std::vector<float> bias(OP, 0.f);
   if (cb.has_value()) std::copy(cb->data_ptr<float>(), cb->data_ptr<float>() + g.O, bias.begin());
-  std::vector<double> pw(int64_t(nt) * NW * OP, 0.0), pb(int64_t(nt) * OP, 0.0);
+  const int nt = at::get_num_threads();
+  // per thread: a, q, S4 = sum (x - mean) per channel; S1, S3 per tap and channel; S2 per tap
+  const int64_t PT = 3 * OP + 2 * NW * OP + NW;
+  std::vector<double> part(int64_t(nt) * PT, 0.0);
   const float* xp = x.data_ptr<float>();
   with_taps(g, [&](auto taps) {
     using D = decltype(taps);
     at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
-      const int t = at::get_thread_num();
+      double* acc_t = part.data() + int64_t(at::get_thread_num()) * PT;
+      double *pa = acc_t, *pq = acc_t + OP, *p4 = acc_t + 2 * OP, *p1 = acc_t + 3 * OP, *p3 = p1 + NW * OP;
+      double* p2 = p3 + NW * OP;
       std::vector<float> buf(g.C * g.Hp * g.Wp + 32);
-      std::vector<float> accw(NW * 16);  // one image's weight gradient for one channel vector
-      const __m512i four = _mm512_set1_epi32(4);
+      std::vector<float> s1(NW * 16), s3(NW * 16);  // one image, one channel vector
       for (int64_t b = b0; b < b1; ++b) {
         pad_image(xp + b * CHW, g.C, g.H, g.W, g.pad, g.Hp, g.Wp, buf.data());
+        for (int64_t c = 0; c < g.C; ++c)  // S2: each tap's input summed over the conv output's pixels
+          for (int64_t kh = 0; kh < g.K; ++kh)
+            for (int64_t kw = 0; kw < g.K; ++kw) {
+              double sum = 0;
+              for (int64_t h = 0; h < g.Hc; ++h) {
+                const float* row = buf.data() + (c * g.Hp + h + kh) * g.Wp + kw;
+                float rs = 0.f;
+                for (int64_t w = 0; w < g.Wc; ++w) rs += row[w];
+                sum += rs;
+              }
+              p2[(c * g.K + kh) * g.K + kw] += sum;
+            }
         for (int64_t v = 0; v < g.NV; ++v) {
           const __mmask16 mc = first16(g.O - v * 16);
-          const __m512 a1 = _mm512_loadu_ps(k1.data() + v * 16), a2 = _mm512_loadu_ps(k2.data() + v * 16);
-          const __m512 a3 = _mm512_loadu_ps(k3.data() + v * 16), m = _mm512_loadu_ps(meanv.data() + v * 16);
-          const __m512 bias_v = _mm512_loadu_ps(bias.data() + v * 16), neg_a2 = _mm512_sub_ps(_mm512_setzero_ps(), a2);
-          std::fill(accw.begin(), accw.end(), 0.f);
-          __m512 db = _mm512_setzero_ps();
+          const __m512 m = _mm512_loadu_ps(meanv.data() + v * 16), bias_v = _mm512_loadu_ps(bias.data() + v * 16);
+          std::fill(s1.begin(), s1.end(), 0.f);
+          std::fill(s3.begin(), s3.end(), 0.f);
+          __m512 va = _mm512_setzero_ps(), vq = _mm512_setzero_ps(), v4 = _mm512_setzero_ps();
           for_each_tile<D>(buf.data(), wpk.data() + v * 16, bias_v, g, [&](int64_t h, int64_t w0, __m512* acc, auto RR, auto PP) {
             constexpr int R = decltype(RR)::value, P = decltype(PP)::value;
             const int64_t K = D::K(g), C = D::C(g);
-            for (int r = 0; r < R; ++r)
-              for (int p = 0; p < P; ++p) {
-                const int64_t hh = h + r, ww = w0 + p;
-                __m512 dy = _mm512_setzero_ps();
-                if (hh < 2 * g.Ho && ww < 2 * g.Wo) {
-                  const int64_t e = ((b * g.Ho + hh / 2) * g.Wo + ww / 2) * g.O + v * 16;
+            __m512 dy[R * P];
+            bool done = false;
+            if constexpr (R == 2 && P % 2 == 0) {  // whole windows: each one's code and gradient loaded once
+              if (h + 2 <= 2 * g.Ho && w0 + P <= 2 * g.Wo) {
+                for (int q = 0; q < P / 2; ++q) {
+                  const int64_t e = ((b * g.Ho + h / 2) * g.Wo + w0 / 2 + q) * g.O + v * 16;
                   const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mc, kp + e));
-                  const __m512i want = _mm512_set1_epi32(int((hh & 1) * 2 + (ww & 1)) | 4);
-                  dy = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, want), load_grad(gp, e, mc, bf16));
+                  const __m512 gw = load_grad(gp, e, mc, bf16);
+                  for (int r = 0; r < 2; ++r)
+                    for (int p = 2 * q; p < 2 * q + 2; ++p)
+                      dy[r * P + p] = _mm512_maskz_mov_ps(
+                          _mm512_cmpeq_epi32_mask(k, _mm512_set1_epi32((r * 2 + (p & 1)) | 4)), gw);
                 }
-                const __m512 d = _mm512_fmadd_ps(a1, dy, _mm512_fnmadd_ps(a3, _mm512_sub_ps(acc[r * P + p], m), neg_a2));
-                acc[r * P + p] = d;  // the conv output's gradient at this pixel
-                db = _mm512_add_ps(db, d);
+                done = true;
               }
+            }
+            if (!done)
+              for (int r = 0; r < R; ++r)
+                for (int p = 0; p < P; ++p) {
+                  const int64_t hh = h + r, ww = w0 + p;
+                  dy[r * P + p] = _mm512_setzero_ps();
+                  if (hh < 2 * g.Ho && ww < 2 * g.Wo) {  // pixels past an odd last row or column get none
+                    const int64_t e = ((b * g.Ho + hh / 2) * g.Wo + ww / 2) * g.O + v * 16;
+                    const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(mc, kp + e));
+                    const __m512i want = _mm512_set1_epi32(int((hh & 1) * 2 + (ww & 1)) | 4);
+                    dy[r * P + p] = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(k, want), load_grad(gp, e, mc, bf16));
+                  }
+                }
+            for (int i = 0; i < R * P; ++i) {
+              acc[i] = _mm512_sub_ps(acc[i], m);  // x - mean
+              va = _mm512_add_ps(va, dy[i]);
+              vq = _mm512_fmadd_ps(dy[i], acc[i], vq);
+              v4 = _mm512_add_ps(v4, acc[i]);
+            }
             for (int64_t c = 0; c < C; ++c)
               for (int64_t kh = 0; kh < K; ++kh)
                 for (int64_t kw = 0; kw < K; ++kw) {
-                  float* aw = accw.data() + ((c * K + kh) * K + kw) * 16;
-                  __m512 s = _mm512_loadu_ps(aw);
+                  const int64_t t = ((c * K + kh) * K + kw) * 16;
+                  __m512 t1 = _mm512_loadu_ps(s1.data() + t), t3 = _mm512_loadu_ps(s3.data() + t);
                   for (int r = 0; r < R; ++r) {
                     const float* row = buf.data() + (c * g.Hp + h + r + kh) * g.Wp + w0 + kw;
-                    for (int p = 0; p < P; ++p) s = _mm512_fmadd_ps(acc[r * P + p], _mm512_set1_ps(row[p]), s);
+                    for (int p = 0; p < P; ++p) {
+                      const __m512 in = _mm512_set1_ps(row[p]);
+                      t1 = _mm512_fmadd_ps(dy[r * P + p], in, t1);
+                      t3 = _mm512_fmadd_ps(acc[r * P + p], in, t3);
+                    }
                   }
-                  _mm512_storeu_ps(aw, s);
+                  _mm512_storeu_ps(s1.data() + t, t1);
+                  _mm512_storeu_ps(s3.data() + t, t3);
                 }
           });
-          double* tw = pw.data() + int64_t(t) * NW * OP;
+          alignas(64) float la[16], lq[16], l4[16];
+          _mm512_store_ps(la, va); _mm512_store_ps(lq, vq); _mm512_store_ps(l4, v4);
+          for (int l = 0; l < 16; ++l) { pa[v * 16 + l] += la[l]; pq[v * 16 + l] += lq[l]; p4[v * 16 + l] += l4[l]; }
           for (int64_t i = 0; i < NW; ++i)
-            for (int l = 0; l < 16; ++l) tw[i * OP + v * 16 + l] += accw[i * 16 + l];
-          alignas(64) float dl[16];
-          _mm512_store_ps(dl, db);
-          for (int l = 0; l < 16; ++l) pb[t * OP + v * 16 + l] += dl[l];
+            for (int l = 0; l < 16; ++l) {
+              p1[i * OP + v * 16 + l] += s1[i * 16 + l];
+              p3[i * OP + v * 16 + l] += s3[i * 16 + l];
+            }
         }
       }
     });
   });
+  std::vector<double> tot(PT, 0.0);
+  for (int t = 0; t < nt; ++t)
+    for (int64_t i = 0; i < PT; ++i) tot[i] += part[t * PT + i];
+  const double *ta = tot.data(), *tq = ta + OP, *t4 = ta + 2 * OP, *t1 = ta + 3 * OP, *t3 = t1 + NW * OP, *t2 = t3 + NW * OP;
+  const double n = double(g.B * g.Hc * g.Wc);
   auto dcw = torch::empty({g.O, g.C, g.K, g.K}, x.options()), dcb = torch::zeros({g.O}, x.options());
+  auto dbw = torch::empty({g.O}, x.options()), dbb = torch::empty({g.O}, x.options());
   float* dwp = dcw.data_ptr<float>();
   for (int64_t o = 0; o < g.O; ++o) {
-    for (int64_t i = 0; i < NW; ++i) {
-      double s = 0;
-      for (int t = 0; t < nt; ++t) s += pw[(int64_t(t) * NW + i) * OP + o];
-      dwp[o * NW + i] = float(s);
-    }
-    if (cb.has_value()) {
-      double s = 0;
-      for (int t = 0; t < nt; ++t) s += pb[t * OP + o];
-      dcb.data_ptr<float>()[o] = float(s);
-    }
+    const double is = ip[o], k1 = bwp[o] * is, k2 = k1 * ta[o] / n, k3 = k1 * tq[o] * is * is / n;
+    dbb.data_ptr<float>()[o] = float(ta[o]);
+    dbw.data_ptr<float>()[o] = float(tq[o] * is);
+    for (int64_t i = 0; i < NW; ++i) dwp[o * NW + i] = float(k1 * t1[i * OP + o] - k2 * t2[i] - k3 * t3[i * OP + o]);
+    if (cb.has_value()) dcb.data_ptr<float>()[o] = float(k1 * ta[o] - k2 * n - k3 * t4[o]);
   }
   return {dcw, dcb, dbw, dbb};
 }

@@ -14,7 +14,7 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
                                                   torch::Tensor bw, torch::Tensor bb, torch::Tensor running_mean,
                                                   torch::Tensor running_var, double momentum, double eps, bool out_bf16,
                                                   bool training);
-std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor code, torch::Tensor xmax, torch::Tensor mean,
+std::vector<torch::Tensor> conv_bn_pool_relu_bwd(torch::Tensor gout, torch::Tensor code, torch::Tensor mean,
                                                   torch::Tensor invstd, torch::Tensor x, torch::Tensor cw,
                                                   c10::optional<torch::Tensor> cb, int64_t pad, torch::Tensor bw);
 std::vector<torch::Tensor> bn_relu_cl_fwd(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, torch::Tensor running_mean,
@@ -41,9 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_small_cin_forward", &conv_first_fwd, "(x, weight, bias or None, padding) -> y");
   m.def("conv_bn_pool_relu_forward", &conv_bn_pool_relu_fwd,
         "(x, conv_weight, conv_bias or None, padding, bn_weight, bn_bias, running_mean, running_var, momentum, eps, "
-        "bf16_out, training) -> (out channels-last, code, conv_at_max, mean, invstd)");
+        "bf16_out, training) -> (out channels-last, code, mean, invstd)");
   m.def("conv_bn_pool_relu_backward", &conv_bn_pool_relu_bwd,
-        "(grad_out, code, conv_at_max, mean, invstd, x, conv_weight, conv_bias or None, padding, bn_weight) "
+        "(grad_out, code, mean, invstd, x, conv_weight, conv_bias or None, padding, bn_weight) "
         "-> (d conv_weight, d conv_bias, d bn_weight, d bn_bias)");
   m.def("conv_small_cin_weight_grad", &conv_first_wgrad, "(grad_y, x, kernel_size, padding, with_bias) -> (dweight, dbias)");
 }
