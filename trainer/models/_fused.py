@@ -198,24 +198,38 @@ def _fusable(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
     return bn.training and _bn_pool_relu_ok(bn, pool, act, x)
 
 
-def _bn_pool_relu_ok(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
-    """BN -> 2x2 max-pool -> ReLU that the kernels compute (training mode aside)."""
+def _bn_ok(bn: nn.Module) -> bool:
+    """A BatchNorm2d our kernels compute: affine, running statistics with a momentum, fp32 parameters."""
     return (
         type(bn) is nn.BatchNorm2d
         and bn.affine
         and bn.track_running_stats
         and bn.momentum is not None
-        and isinstance(pool, nn.MaxPool2d)
+        and bn.weight.dtype == torch.float32
+    )
+
+
+def _max_pool_2x2(pool: nn.Module) -> bool:
+    """MaxPool2d(2, 2): no padding, dilation, ceil mode or returned indices."""
+    return (
+        isinstance(pool, nn.MaxPool2d)
         and pool.kernel_size in (2, (2, 2))
         and pool.stride in (2, (2, 2))
         and pool.padding in (0, (0, 0))
         and pool.dilation in (1, (1, 1))
         and not pool.ceil_mode
         and not pool.return_indices
+    )
+
+
+def _bn_pool_relu_ok(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) -> bool:
+    """BN -> 2x2 max-pool -> ReLU that the kernels compute (training mode aside)."""
+    return (
+        _bn_ok(bn)
+        and _max_pool_2x2(pool)
         and type(act) is nn.ReLU
         and eager_cpu_nchw(x)  # our kernels need no oneDNN
         and x.dtype == torch.float32
-        and bn.weight.dtype == torch.float32
         and x.shape[0] > 0
         and x.shape[2] >= 2
         and x.shape[3] >= 2
@@ -225,14 +239,10 @@ def _bn_pool_relu_ok(bn: nn.Module, pool: nn.Module, act: nn.Module, x: Tensor) 
 def _bn_relu_applies(bn: nn.Module, act: nn.Module, x: Tensor) -> bool:
     """BN -> ReLU that the channels-last kernel computes (training mode aside: see ``_mode``)."""
     return (
-        type(bn) is nn.BatchNorm2d
-        and bn.affine
-        and bn.track_running_stats
-        and bn.momentum is not None
+        _bn_ok(bn)
         and type(act) is nn.ReLU
         and eager_cpu_nchw(x, torch.channels_last)
         and x.dtype in (torch.float32, torch.bfloat16)
-        and bn.weight.dtype == torch.float32
         and x.shape[1] == bn.num_features
         and x.numel() > x.shape[1]  # else BatchNorm's own error: one value per channel
     )
@@ -243,14 +253,8 @@ def add_then_pool(a: Tensor, b: Tensor, pool: nn.Module) -> Tensor:
     CPU training when ``pool`` is a 2x2 max-pool and a, b are channels-last float32/bfloat16."""
     if (
         enabled()
-        and isinstance(pool, nn.MaxPool2d)
+        and _max_pool_2x2(pool)
         and _mode([pool]) is not None
-        and pool.kernel_size in (2, (2, 2))
-        and pool.stride in (2, (2, 2))
-        and pool.padding in (0, (0, 0))
-        and pool.dilation in (1, (1, 1))
-        and not pool.ceil_mode
-        and not pool.return_indices
         and eager_cpu_nchw(a, torch.channels_last)
         and eager_cpu_nchw(b, torch.channels_last)
         and a.shape == b.shape

@@ -95,7 +95,6 @@ std::vector<torch::Tensor> bn_pool_relu_fwd(torch::Tensor x, torch::Tensor weigh
   float* op = out.data_ptr<float>(); uint8_t* kp = idx.data_ptr<uint8_t>(); float* xmp = xmax.data_ptr<float>();
   at::parallel_for(0, B * C, 1, [&](int64_t p0, int64_t p1) {
     const __m512 zero = _mm512_setzero_ps();
-    const __m512i i0 = _mm512_set1_epi32(0), i1 = _mm512_set1_epi32(1), i2 = _mm512_set1_epi32(2), i3 = _mm512_set1_epi32(3);
     for (int64_t pl = p0; pl < p1; ++pl) {
       const int64_t c = pl % C;
       const __m512 sc = _mm512_set1_ps(scale[c]), sh = _mm512_set1_ps(shift[c]);
@@ -107,20 +106,12 @@ std::vector<torch::Tensor> bn_pool_relu_fwd(torch::Tensor x, torch::Tensor weigh
           Win w = load_win(p + 2 * i * W + j0, p + (2 * i + 1) * W + j0, nin);
           const __m512 v0 = _mm512_fmadd_ps(w.v0, sc, sh), v1 = _mm512_fmadd_ps(w.v1, sc, sh);
           const __m512 v2 = _mm512_fmadd_ps(w.v2, sc, sh), v3 = _mm512_fmadd_ps(w.v3, sc, sh);
-          const __mmask16 dl = _mm512_cmp_ps_mask(v2, v0, _CMP_GT_OQ), dr = _mm512_cmp_ps_mask(v3, v1, _CMP_GT_OQ);
-          const __m512 lv = _mm512_mask_blend_ps(dl, v0, v2), rv = _mm512_mask_blend_ps(dr, v1, v3);
-          // Right wins if larger, or equal with the smaller row-major index (1 vs 2): ATen's first maximum.
-          const __mmask16 right = _mm512_cmp_ps_mask(rv, lv, _CMP_GT_OQ) |
-                                  (_mm512_cmp_ps_mask(rv, lv, _CMP_EQ_OQ) & dl & __mmask16(~dr));
-          const __m512 m = _mm512_mask_blend_ps(right, lv, rv);
-          const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), m, zero);  // ReLU, NaN kept
-          const __m512i li = _mm512_mask_blend_epi32(dl, i0, i2), ri = _mm512_mask_blend_epi32(dr, i1, i3);
-          const __m512i kk = _mm512_mask_blend_epi32(right, li, ri);
+          const cnnstack::WindowMax wm = cnnstack::window_max(v0, v1, v2, v3);
+          const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(wm.m, zero, _CMP_LT_OQ), wm.m, zero);  // ReLU, NaN kept
           const __mmask16 mo = first16(nin / 2);
           _mm512_mask_storeu_ps(o + j0 / 2, mo, r);
-          _mm_mask_storeu_epi8(k + j0 / 2, mo, _mm512_cvtepi32_epi8(kk));
-          const __m512 xl = _mm512_mask_blend_ps(dl, w.v0, w.v2), xr = _mm512_mask_blend_ps(dr, w.v1, w.v3);
-          _mm512_mask_storeu_ps(xo + j0 / 2, mo, _mm512_mask_blend_ps(right, xl, xr));
+          _mm_mask_storeu_epi8(k + j0 / 2, mo, _mm512_cvtepi32_epi8(wm.k));
+          _mm512_mask_storeu_ps(xo + j0 / 2, mo, wm.select(w.v0, w.v1, w.v2, w.v3));
         }
       }
     }

@@ -222,7 +222,6 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
     at::parallel_for(0, g.B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<float> buf(g.C * g.Hp * g.Wp + 32);
       const __m512 zero = _mm512_setzero_ps();
-      const __m512i i0 = _mm512_set1_epi32(0), i1 = _mm512_set1_epi32(1), i2 = _mm512_set1_epi32(2), i3 = _mm512_set1_epi32(3);
       const __m512i four = _mm512_set1_epi32(4);
       for (int64_t b = b0; b < b1; ++b) {
         pad_image(xp + b * CHW, g.C, g.H, g.W, g.pad, g.Hp, g.Wp, buf.data());
@@ -234,14 +233,9 @@ std::vector<torch::Tensor> conv_bn_pool_relu_fwd(torch::Tensor x, torch::Tensor 
           auto window = [&](int64_t i, int64_t j, __m512 x0, __m512 x1, __m512 x2, __m512 x3) {
             const __m512 v0 = _mm512_fmadd_ps(x0, sc, sh), v1 = _mm512_fmadd_ps(x1, sc, sh);
             const __m512 v2 = _mm512_fmadd_ps(x2, sc, sh), v3 = _mm512_fmadd_ps(x3, sc, sh);
-            const __mmask16 dl = _mm512_cmp_ps_mask(v2, v0, _CMP_GT_OQ), dr = _mm512_cmp_ps_mask(v3, v1, _CMP_GT_OQ);
-            const __m512 lv = _mm512_mask_blend_ps(dl, v0, v2), rv = _mm512_mask_blend_ps(dr, v1, v3);
-            const __mmask16 right = _mm512_cmp_ps_mask(rv, lv, _CMP_GT_OQ) |
-                                    (_mm512_cmp_ps_mask(rv, lv, _CMP_EQ_OQ) & dl & __mmask16(~dr));
-            const __m512 m = _mm512_mask_blend_ps(right, lv, rv);
-            const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(m, zero, _CMP_LT_OQ), m, zero);  // ReLU, NaN kept
-            __m512i k = _mm512_mask_blend_epi32(right, _mm512_mask_blend_epi32(dl, i0, i2), _mm512_mask_blend_epi32(dr, i1, i3));
-            k = _mm512_mask_or_epi32(k, _mm512_cmp_ps_mask(m, zero, _CMP_GT_OQ), k, four);
+            const cnnstack::WindowMax wm = cnnstack::window_max(v0, v1, v2, v3);
+            const __m512 r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(wm.m, zero, _CMP_LT_OQ), wm.m, zero);  // ReLU, NaN kept
+            const __m512i k = _mm512_mask_or_epi32(wm.k, _mm512_cmp_ps_mask(wm.m, zero, _CMP_GT_OQ), wm.k, four);
             const int64_t e = ((b * g.Ho + i) * g.Wo + j) * g.O + v * 16;
             if (out_bf16) _mm256_mask_storeu_epi16(static_cast<uint16_t*>(outp) + e, mc, cnnstack::to_bf16(r));
             else _mm512_mask_storeu_ps(static_cast<float*>(outp) + e, mc, r);

@@ -38,6 +38,31 @@ template <> inline void store16<c10::BFloat16>(c10::BFloat16* p, __mmask16 m, __
 template <typename T> inline __m512 round_to(__m512 v) { return v; }
 template <> inline __m512 round_to<c10::BFloat16>(__m512 v) { return from_bf16(to_bf16(v)); }
 
+// The maximum of each lane's 2x2 window v0..v3 (top-left, top-right, bottom-left, bottom-right) and
+// its index 0..3, by ATen's rule: the first maximum in row-major order. dl / dr: the bottom pixel
+// won its column; right: the right column won; select() picks the same pixel from other vectors.
+struct WindowMax {
+  __m512 m;
+  __m512i k;
+  __mmask16 dl, dr, right;
+  __m512 select(__m512 a0, __m512 a1, __m512 a2, __m512 a3) const {
+    return _mm512_mask_blend_ps(right, _mm512_mask_blend_ps(dl, a0, a2), _mm512_mask_blend_ps(dr, a1, a3));
+  }
+};
+inline WindowMax window_max(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  WindowMax w;
+  w.dl = _mm512_cmp_ps_mask(v2, v0, _CMP_GT_OQ);
+  w.dr = _mm512_cmp_ps_mask(v3, v1, _CMP_GT_OQ);
+  const __m512 lv = _mm512_mask_blend_ps(w.dl, v0, v2), rv = _mm512_mask_blend_ps(w.dr, v1, v3);
+  // Right wins if larger, or equal with the smaller row-major index (1 vs 2).
+  w.right = _mm512_cmp_ps_mask(rv, lv, _CMP_GT_OQ) | (_mm512_cmp_ps_mask(rv, lv, _CMP_EQ_OQ) & w.dl & __mmask16(~w.dr));
+  w.m = _mm512_mask_blend_ps(w.right, lv, rv);
+  const __m512i li = _mm512_mask_blend_epi32(w.dl, _mm512_set1_epi32(0), _mm512_set1_epi32(2));
+  const __m512i ri = _mm512_mask_blend_epi32(w.dr, _mm512_set1_epi32(1), _mm512_set1_epi32(3));
+  w.k = _mm512_mask_blend_epi32(w.right, li, ri);
+  return w;
+}
+
 // One image's input channels copied into zero-padded planes (Hp, Wp), with 32 spare floats per row
 // end so every 32-wide load stays inside the buffer.
 inline void pad_image(const float* x, int64_t C, int64_t H, int64_t W, int64_t pad, int64_t Hp, int64_t Wp, float* buf) {
