@@ -47,9 +47,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from trainer.config import TrainConfig
 from trainer.data import DatasetInfo, Split, load_dataset
-from trainer.engine import resolve_precision
 from trainer.hostmem import tune_malloc
-from trainer.models import _fused
+from trainer.precision import resolve_precision
 from trainer.train import build_model
 from trainer.train import main as train_main
 
@@ -167,9 +166,6 @@ def d2l_style(
         train = dataclasses.replace(train, x=train.x[keep], y=train.y[keep])
     torch.manual_seed(cfg.seed)
     net, _ = build_model(cfg, info)
-    # The same model code as ours, so the same CPU kernels (first conv; BN + max-pool + ReLU) where
-    # ours uses them (built or loaded here, before the timing, as our trainer does).
-    fused = _fused.prepare(cfg.fused_kernels and _fused.has_fused_ops(net))[0]
     train_iter = DataLoader(
         DATASETS[data](train.x, train.y, info), batch_size=cfg.batch_size, shuffle=True, num_workers=workers
     )
@@ -201,7 +197,6 @@ def d2l_style(
     return {
         "images_per_s": images / train_seconds,
         "test_acc": evaluate_accuracy(net, test_iter),
-        "fused": fused,
     }
 
 
@@ -216,7 +211,6 @@ def ours(cfg: TrainConfig, wait: Callable[[], None]) -> dict[str, float]:
         "images_per_s": images / seconds,
         "test_acc": summary["test_acc"],
         "precision": summary["precision"],
-        "fused": summary["fused_kernels"],
     }
 
 
@@ -336,12 +330,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-malloc", choices=("default", "tuned"), default="default",
                    help="d2l loop's allocator: glibc's defaults, as its users run it, or our trainer's "
                         "mallopt settings (trainer/hostmem.py) to see how much of the gap they are")  # fmt: skip
-    p.add_argument(
-        "--fused-kernels",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="both loops: the model's first conv and BN + max-pool + ReLU through our CPU kernels where they apply",
-    )
     p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     p.add_argument("--turn-fds", help=argparse.SUPPRESS)  # internal: the lockstep pipes (TurnClient)
@@ -363,15 +351,17 @@ def main(argv: list[str] | None = None) -> int:
         schedule="constant",
         precision=args.precision,
         seed=args.seed,
-        fused_kernels=args.fused_kernels,
         quiet=True,
         **KNOBS[args.arch],
     )
     if args.side is not None:  # a child process: the dataset and model are needed only here
         # channels-last goes with bf16 (oneDNN's layout for it); what `auto` resolves to depends on the model.
         dataset = load_dataset(cfg.dataset, data_dir=cfg.data_dir, seed=0)
-        resolved = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, dataset[0])[0])
-        cfg = dataclasses.replace(cfg, channels_last=resolved == "bf16")
+        info = dataset[0]
+        choice = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, info)[0],
+                                   input_shape=info.input_shape, num_classes=info.num_classes,
+                                   batch_size=cfg.batch_size, channels_last=True)  # fmt: skip
+        cfg = dataclasses.replace(cfg, precision=choice.precision, channels_last=choice.precision == "bf16")
         turns = TurnClient(args.turn_fds)
         result = run_side(args, cfg, dataset, turns)
         turns.finish()
@@ -389,11 +379,10 @@ def main(argv: list[str] | None = None) -> int:
             pair = pair_in_lockstep([*argv, "--seed", str(seed)], Path(tmp))
         baseline, result = pair["baseline"], pair["ours"]
         print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
-              f"fp32, {args.baseline_malloc} malloc{', our CPU kernels' if baseline['fused'] else ''}): "
+              f"fp32, {args.baseline_malloc} malloc): "
               f"{baseline['images_per_s']:,.0f} train images/s, test acc "
               f"{baseline['test_acc']:.4f}", flush=True)  # fmt: skip
-        fused = ", our CPU kernels" if result["fused"] else ""
-        print(f"{tag}ours (on-device batches, {result['precision']}{fused}): {result['images_per_s']:,.0f} "
+        print(f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} "
               f"train images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
         ratios.append(result["images_per_s"] / baseline["images_per_s"])
         accs.append((baseline["test_acc"], result["test_acc"]))

@@ -117,13 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
         "every step; off keeps glibc's defaults",
         **boolean,
     )
-    add(
-        "--fused-kernels",
-        help="train lenet5's and fmnist_net's first convolution and BatchNorm + 2x2 max-pool + ReLU blocks "
-        "through our C++ kernels on an AVX-512 CPU (built once, ~30-40 s; the same function, fp32); off runs "
-        "PyTorch's ops",
-        **boolean,
-    )
     add("--out", help="output folder")
     add(
         "--resume",

@@ -73,7 +73,6 @@ class TrainConfig:
     compile: bool = False
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
     tune_malloc: bool = True  # fixed glibc mmap/trim thresholds (trainer/hostmem.py): no page-fault churn
-    fused_kernels: bool = True  # our CPU kernels where they apply (trainer/models/_fused.py)
     # outputs
     out: str = "runs/train"
     resume: str | None = None

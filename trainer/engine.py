@@ -30,39 +30,6 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.step, self.lr = epoch, step, lr
 
 
-def cpu_supports_bf16() -> bool:
-    """oneDNN has fast bf16 kernels on this CPU (AVX512-BF16 / AMX); otherwise bf16 is emulated and slow."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-# On a CPU, bf16 pays off only when the convolutions are wide enough for oneDNN's bf16 kernels.
-# Measured on 2 AMX cores: LeNet-5 (6/16 channels) trains at 14.5k images/s in fp32 and 12.6k in
-# bf16; a 30/80-channel LeNet and fmnist_net (16-64 channels) run 1.3-1.5x faster in bf16.
-CPU_BF16_MIN_CHANNELS = 32
-
-
-def widest_conv(model: nn.Module) -> int:
-    """Output channels of the model's widest convolution (0 without convolutions)."""
-    return max((m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)), default=0)
-
-
-def resolve_precision(requested: str, device: torch.device, model: nn.Module | None = None) -> str:
-    """'auto' -> 'bf16' where the hardware runs it natively (on a CPU: and the model's widest
-    convolution has at least CPU_BF16_MIN_CHANNELS outputs), else 'fp32'; fp16 only on CUDA."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if model is not None and widest_conv(model) < CPU_BF16_MIN_CHANNELS:
-            return "fp32"
-        return "bf16" if cpu_supports_bf16() else "fp32"
-    if requested == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA (on CPU use bf16 or fp32)")
-    return requested
-
-
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()

@@ -25,10 +25,10 @@ from trainer.checkpoint import SCHEMA_VERSION, CheckpointError, git_commit, load
 from trainer.config import TrainConfig
 from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
-from trainer.engine import ModelEMA, evaluate, resolve_precision, train_one_epoch
+from trainer.engine import ModelEMA, evaluate, train_one_epoch
 from trainer.hostmem import tune_malloc
 from trainer.meta import ModelMeta
-from trainer.models import _fused, count_parameters, get_model
+from trainer.models import count_parameters, get_model
 from trainer.outputs import (
     check_output_dir,
     cpu_state_dict,
@@ -38,6 +38,7 @@ from trainer.outputs import (
     write_json,
     write_metrics_jsonl,
 )
+from trainer.precision import resolve_precision
 
 
 class ResumeError(RuntimeError):
@@ -219,7 +220,12 @@ def _run(
     meta = ModelMeta(cfg.arch, info.name, info.input_shape, info.mean, info.std, info.class_names)
 
     model, model_args = build_model(cfg, info)
-    precision = resolve_precision(cfg.precision, device, model)
+    choice = resolve_precision(
+        cfg.precision, device, model, input_shape=info.input_shape, num_classes=info.num_classes,
+        batch_size=batch_size, channels_last=cfg.channels_last, dist_info=dist_info,
+    )  # fmt: skip
+    precision = choice.precision
+    log(choice.describe(cfg.precision), dist_info)
     ckpt = load_resume_checkpoint(cfg, model_args) if cfg.resume else None
     model.to(device)
     if cfg.channels_last:
@@ -260,15 +266,6 @@ def _run(
         )
         train_model = torch.compile(train_model)  # type: ignore[assignment]  # an OptimizedModule
     eval_model = ema.module if ema is not None else model
-    fused = False
-    # The kernels check each call (fp32 NCHW tensors, training mode); under bf16 autocast the layers
-    # they cover compute in fp32 (fmnist_net's first stage: its input is the fp32 image).
-    if cfg.fused_kernels and device.type == "cpu" and not cfg.compile and _fused.has_fused_ops(model):
-        fused, why = _fused.prepare()  # builds once (~30 s), before the timed epochs
-        log(f"CPU kernels (first conv, BN + max-pool + ReLU): {'on' if fused else 'off, ' + why}", dist_info)
-    else:
-        _fused.prepare(False)
-
     log(
         f"training {cfg.arch} ({params:,} params) on {info.name} ({len(train)} train / {len(test)} test) "
         f"device {device} x{dist_info.world_size} precision {precision} batch {cfg.batch_size} "
@@ -368,7 +365,6 @@ def _run(
         "world_size": dist_info.world_size,
         "ema_decay": cfg.ema_decay,
         "malloc_tuned": malloc_tuned,
-        "fused_kernels": fused,
         "config": dataclasses.asdict(cfg),
     }
     if dist_info.is_main:

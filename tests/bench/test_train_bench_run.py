@@ -25,8 +25,6 @@ def test_the_two_sides_take_turns_epoch_by_epoch(tmp_path: Path) -> None:
     assert [side for _, _, side in turns] == ["baseline", "ours", "baseline", "ours", "baseline"]
     assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:], strict=False))
     assert all(r["images_per_s"] > 0 and 0 <= r["test_acc"] <= 1 for r in pair.values())
-    # Both sides run the same model code: the fused kernel on both or on neither.
-    assert pair["baseline"]["fused"] == pair["ours"]["fused"]
 
 
 @pytest.mark.slow

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 ACTIVATIONS = ("sigmoid", "relu", "tanh")
 POOLS = ("avg", "max")
@@ -23,7 +22,7 @@ def make_pool(name: str, kernel_size: int, stride: int | None = None, padding: i
     if name == "avg":
         return nn.AvgPool2d(kernel_size, stride, padding)
     if name == "max":
-        return MaxPool2d(kernel_size, stride, padding)
+        return nn.MaxPool2d(kernel_size, stride, padding)
     raise ValueError(f"unknown pool '{name}'; choose one of: {', '.join(POOLS)}")
 
 
@@ -36,68 +35,11 @@ def activation_and_pool(
     max(act(a), act(b)) = act(max(a, b)) (max-pool pads with -inf, so padding never wins), and the
     gradient reaches the same input: ties differ only where the activation's slope is zero (ReLU's
     zeros, saturated sigmoid/tanh). Pooling first runs the activation and its backward on a quarter
-    of the elements (2x2 pools): 0.4 ms of a ~20 ms LeNet-5 ReLU+BN step at batch 256 on 2 cores.
+    of the elements (2x2 pools).
     Average pooling does not commute with a nonlinearity, so it keeps the seed's order.
     """
     act, pooling = make_activation(activation), make_pool(pool, kernel_size, stride, padding)
     return [pooling, act] if pool == "max" else [act, pooling]
-
-
-def _pair(v: int | tuple[int, ...]) -> list[int]:
-    return [v, v] if isinstance(v, int) else list(v)
-
-
-def eager_cpu_nchw(x: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> bool:
-    """A (B, C, H, W) CPU tensor contiguous in ``memory_format`` (NCHW unless told), in eager mode:
-    where our own CPU paths may replace an op (export, tracing, scripting and compile see the plain op)."""
-    return (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=memory_format)
-        and not torch.jit.is_tracing()
-        and not torch.jit.is_scripting()
-        and not torch.compiler.is_compiling()
-        and not torch.onnx.is_in_onnx_export()
-    )
-
-
-def _onednn_pool_applies(x: Tensor) -> bool:
-    """Contiguous NCHW float on CPU, in eager mode, with oneDNN on."""
-    return (
-        eager_cpu_nchw(x)
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and bool(torch.backends.mkldnn.enabled)
-        and torch.backends.mkldnn.is_available()
-    )
-
-
-class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d`` that runs oneDNN's kernel on contiguous NCHW float tensors on the CPU.
-
-    Why: ATen's NCHW max-pool kernel is scalar. On LeNet-5's (256, 6, 28, 28) activations it took a
-    fifth of a training step on 2 cores (4.1 ms forward + backward; 2.0 ms through oneDNN, forward
-    alone 3.4 ms vs 0.5 ms). Outputs are identical, and so are gradients of non-overlapping pools;
-    where windows overlap (3x3/2) a shared pixel's gradients are summed in another order.
-    Channels-last tensors keep ATen's kernel, which is vectorized over channels and faster there;
-    ONNX export, tracing and ``torch.compile`` see the plain op. State and repr are nn.MaxPool2d's.
-    oneDNN skips NaN (a window of NaNs gives -3.4e38, which a ReLU turns into 0), which would hide
-    a diverged run from the trainer's NaN-loss stop: a tensor whose sum is NaN takes ATen's kernel,
-    which propagates it (the sum: ~0.05 ms on (256, 6, 28, 28), against ~1.5 ms for the pool).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.return_indices or not _onednn_pool_applies(x) or bool(torch.isnan(x.detach().sum())):
-            return super().forward(x)
-        stride = self.stride if self.stride is not None else self.kernel_size
-        y = torch.mkldnn_max_pool2d(  # (B, C, H', W'), autograd through to_mkldnn/to_dense
-            x.to_mkldnn(),
-            _pair(self.kernel_size),
-            _pair(stride),
-            _pair(self.padding),
-            _pair(self.dilation),
-            self.ceil_mode,
-        )
-        return y.to_dense()
 
 
 def pooled_size(size: int, kernel_size: int, stride: int, padding: int = 0) -> int:

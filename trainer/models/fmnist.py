@@ -11,9 +11,8 @@ and 7x7, each stage a conv + a residual pair of 3x3 convs with BatchNorm::
     wide_stem: 28x28: conv3x3 1 -> 2c + BN, max-pool 2, ReLU; 14x14: residual block 2c, max-pool 2; ...
 
 ``width`` sets c (default 32: ~ 0.5 M parameters at 28 px). ``wide_stem`` makes the 28x28 stage
-output 2c channels and drops stage 2's opening conv (c -> 2c): one conv fewer, 11% faster to train
-on 2 cores (the full-resolution stage runs as one op of ours, ``_fused.py``), as accurate in the
-``fmnist-fast`` recipe (measured there). Works for any square input >= 8 px and any channel count
+output 2c channels and drops stage 2's opening conv (c -> 2c): one conv (10% of the FLOPs) fewer.
+Works for any square input >= 8 px and any channel count
 (CIFAR too), but the preset that uses it is ``fmnist-fast``.
 """
 
@@ -23,24 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import MaxPool2d
-from trainer.models._fused import add_then_pool, global_max_avg_pool, run_sequential
 
 
-class ConvBNReLU(nn.Sequential):
-    """conv3x3 -> BN -> ReLU; in CPU training BN + ReLU may run as one op of ours (_fused.py)."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, cin, S, S) -> (B, cout, S, S)
-        return run_sequential(list(self), x)
-
-
-def conv_bn(cin: int, cout: int) -> ConvBNReLU:
-    return ConvBNReLU(cin, cout)
+def conv_bn(cin: int, cout: int) -> nn.Sequential:
+    """conv3x3 -> BN -> ReLU at constant resolution: (B, cin, S, S) -> (B, cout, S, S)."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
 
 
 class Residual(nn.Module):
@@ -70,16 +58,16 @@ class FMNISTNet(nn.Module):
         c = width
         stem = 2 * c if wide_stem else c
         # The first max-pool runs before its ReLU: the same function (max commutes with ReLU), with
-        # the ReLU and its backward on a quarter of the elements (0.5 ms of a ~65 ms step).
-        # Parameter names stay those of conv_bn + MaxPool2d.
+        # the ReLU and its backward on a quarter of the elements. Parameter names stay those of
+        # conv_bn + MaxPool2d, so checkpoints of either order load.
         self.features = nn.Sequential(
             nn.Sequential(
                 nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem)
             ),  # (B, stem, S, S)
-            nn.Sequential(MaxPool2d(2), nn.ReLU(inplace=True)),  # (B, stem, S/2, S/2)
+            nn.Sequential(nn.MaxPool2d(2), nn.ReLU(inplace=True)),  # (B, stem, S/2, S/2)
             nn.Identity() if wide_stem else conv_bn(c, 2 * c),  # (B, 2c, S/2, S/2)
             Residual(2 * c),  # (B, 2c, S/2, S/2)
-            MaxPool2d(2),  # (B, 2c, S/4, S/4)
+            nn.MaxPool2d(2),  # (B, 2c, S/4, S/4)
             conv_bn(2 * c, 4 * c),
             Residual(4 * c),  # (B, 4c, S/4, S/4)
         )
@@ -87,7 +75,7 @@ class FMNISTNet(nn.Module):
         # gradient that makes every later ReLU backward take a slow mixed-layout path under
         # channels_last (7x slower in profiles).
         spatial = image_size // 4
-        self.max_pool = MaxPool2d(spatial)
+        self.max_pool = nn.MaxPool2d(spatial)
         self.avg_pool = nn.AvgPool2d(spatial)
         self.classifier = nn.Sequential(
             nn.Flatten(),  # (B, 8c)
@@ -98,39 +86,9 @@ class FMNISTNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    @property
-    def stage2_conv(self) -> nn.Conv2d:
-        """The conv the first stage feeds: conv_bn(c, 2c)'s, or with a wide stem the residual block's first."""
-        block = self.features[2]
-        if isinstance(block, nn.Identity):
-            residual = self.features[3]
-            assert isinstance(residual, Residual)
-            block = residual.body[0]
-        assert isinstance(block, nn.Sequential)
-        conv = block[0]
-        assert isinstance(conv, nn.Conv2d)
-        return conv
-
-    def fused_runs(self) -> list[list[nn.Module]]:
-        """The first stage (conv, BN, max-pool, ReLU) as forward passes it to ``_fused.run_sequential``."""
-        conv_bn1, pool_relu = self.features[0], self.features[1]
-        assert isinstance(conv_bn1, nn.Sequential) and isinstance(pool_relu, nn.Sequential)
-        return [[*conv_bn1, *pool_relu]]
-
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        # In training on the CPU the first stage may run as one op of ours (_fused.py), even under
-        # bf16 autocast (it is not an autocast op: that stage then computes in fp32 and hands on
-        # bf16, as autocast would cast it for the next convolution).
-        x = run_sequential(self.fused_runs()[0], x, feeds=self.stage2_conv)  # (B, c, S/2, S/2)
-        if self.stage2_conv.weight.is_contiguous(memory_format=torch.channels_last):
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.features[2](x)  # (B, 2c, S/2, S/2)
-        res, pool = self.features[3], self.features[4]
-        assert isinstance(res, Residual)
-        # pool(x + body(x)): in CPU training one op of ours (the sum is never stored)
-        x = add_then_pool(x, res.body(x), pool)  # (B, 2c, S/4, S/4)
-        f = self.features[5:](x)  # (B, 4c, S/4, S/4)
-        pooled = global_max_avg_pool(f, self.max_pool, self.avg_pool)  # (B, 8c, 1, 1) max, then mean
+        f = self.features(x)  # (B, 4c, S/4, S/4)
+        pooled = torch.cat([self.max_pool(f), self.avg_pool(f)], dim=1)  # (B, 8c, 1, 1)
         return self.classifier(pooled)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import MaxPool2d, conv_bn_relu, init_weights
+from trainer.models._blocks import conv_bn_relu, init_weights
 
 
 class Inception(nn.Module):
@@ -43,7 +43,7 @@ class Inception(nn.Module):
             conv_bn_relu(cin, c3[0], 1, batchnorm=batchnorm),
             conv_bn_relu(c3[0], c3[1], 5, batchnorm=batchnorm),
         )
-        self.branch4 = nn.Sequential(MaxPool2d(3, 1, 1), conv_bn_relu(cin, c4, 1, batchnorm=batchnorm))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), conv_bn_relu(cin, c4, 1, batchnorm=batchnorm))
         self.out_channels = c1 + c2[1] + c3[1] + c4
 
     def forward(self, x: Tensor) -> Tensor:  # (B, cin, H, W) -> (B, out_channels, H, W)
@@ -68,12 +68,12 @@ class GoogLeNet(nn.Module):
             conv_bn_relu(in_channels, 64, 3, batchnorm=bn),  # (B, 64, S, S)
             conv_bn_relu(64, 64, 1, batchnorm=bn),
             conv_bn_relu(64, 192, 3, batchnorm=bn),  # (B, 192, S, S)
-            MaxPool2d(3, 2, 1),  # (B, 192, S/2, S/2)
+            nn.MaxPool2d(3, 2, 1),  # (B, 192, S/2, S/2)
         )
         self.stage3 = nn.Sequential(
             Inception(192, 64, (96, 128), (16, 32), 32, bn),  # 256 channels
             Inception(256, 128, (128, 192), (32, 96), 64, bn),  # 480
-            MaxPool2d(3, 2, 1),  # (B, 480, S/4, S/4)
+            nn.MaxPool2d(3, 2, 1),  # (B, 480, S/4, S/4)
         )
         self.stage4 = nn.Sequential(
             Inception(480, 192, (96, 208), (16, 48), 64, bn),  # 512
@@ -81,7 +81,7 @@ class GoogLeNet(nn.Module):
             Inception(512, 128, (128, 256), (24, 64), 64, bn),  # 512
             Inception(512, 112, (144, 288), (32, 64), 64, bn),  # 528
             Inception(528, 256, (160, 320), (32, 128), 128, bn),  # 832
-            MaxPool2d(3, 2, 1),  # (B, 832, 4, 4) at 28/32 px
+            nn.MaxPool2d(3, 2, 1),  # (B, 832, 4, 4) at 28/32 px
         )
         self.stage5 = nn.Sequential(
             Inception(832, 256, (160, 320), (32, 128), 128, bn),  # 832

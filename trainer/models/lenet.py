@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from trainer.models._api import register_model
 from trainer.models._blocks import activation_and_pool, make_activation
-from trainer.models._fused import run_sequential
 
 
 class LeNet(nn.Module):
@@ -57,14 +56,8 @@ class LeNet(nn.Module):
             nn.Linear(f2, num_classes),
         )
 
-    def fused_runs(self) -> list[list[nn.Module]]:
-        """The module runs forward passes to ``_fused.run_sequential``."""
-        return [list(self.features)]
-
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, num_classes)
-        # In training on the CPU, conv1 and each BN, max-pool, ReLU run may go through our own kernels
-        # (trainer/models/_fused.py): the same function; the modules, their state and export unchanged.
-        return self.classifier(run_sequential(self.features, x))  # type: ignore[arg-type]  # a Sequence
+        return self.classifier(self.features(x))
 
 
 @register_model()

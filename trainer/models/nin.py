@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import MaxPool2d, conv_bn_relu, init_weights
+from trainer.models._blocks import conv_bn_relu, init_weights
 
 
 def nin_block(cin: int, cout: int, kernel_size: int, batchnorm: bool) -> nn.Sequential:
@@ -43,11 +43,11 @@ class NiN(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.features = nn.Sequential(
             nin_block(in_channels, 96, 5, batchnorm),  # (B, 96, S, S)
-            MaxPool2d(3, 2, 1),  # (B, 96, S/2, S/2)
+            nn.MaxPool2d(3, 2, 1),  # (B, 96, S/2, S/2)
             nin_block(96, 256, 5, batchnorm),
-            MaxPool2d(3, 2, 1),  # (B, 256, S/4, S/4)
+            nn.MaxPool2d(3, 2, 1),  # (B, 256, S/4, S/4)
             nin_block(256, 384, 3, batchnorm),
-            MaxPool2d(3, 2, 1),  # (B, 384, 4, 4) at 28/32 px
+            nn.MaxPool2d(3, 2, 1),  # (B, 384, 4, 4) at 28/32 px
             nn.Dropout(dropout),
             nin_block(384, num_classes, 3, batchnorm),  # (B, num_classes, 4, 4)
         )

@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from trainer.models._api import register_model
-from trainer.models._blocks import MaxPool2d, init_weights
+from trainer.models._blocks import init_weights
 
 # Channel plans; "M" is a 2x2 max-pool.
 CFGS: dict[str, list[int | str]] = {
@@ -32,7 +32,7 @@ def make_features(cfg: list[int | str], in_channels: int, batchnorm: bool) -> nn
     for v in cfg:
         if v == "M":
             # ceil_mode: 7 px -> 4 px instead of 3 (see module docstring).
-            layers.append(MaxPool2d(2, 2, ceil_mode=True))
+            layers.append(nn.MaxPool2d(2, 2, ceil_mode=True))
             continue
         assert isinstance(v, int)
         layers.append(nn.Conv2d(cin, v, 3, padding=1, bias=not batchnorm))
