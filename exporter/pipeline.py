@@ -10,6 +10,7 @@ Nothing touches the repository until every FP32 check passed; a failed check rai
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,13 @@ class ExportResult:
     report: dict[str, Any]
     published: dict[str, int] = field(default_factory=dict)  # model name -> version
     problems: list[str] = field(default_factory=list)  # empty when everything asked for was published
+
+
+def say(name: str, what: str) -> None:
+    """One line before each step that can take seconds: an export is never silent."""
+    from tqdm import tqdm
+
+    tqdm.write(f"[{name}] {what}", file=sys.stderr)  # above the progress bar, if any
 
 
 def gate_of(cfg: ExportConfig) -> checks.Gate:
@@ -171,6 +179,8 @@ def _gate(report: dict[str, Any], result: checks.CheckResult) -> None:
 
 def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cfg: ExportConfig) -> Candidate:
     """Export and gate the FP32 model; ``report`` gathers numbers as it goes."""
+    name = report["name"]
+    say(name, f"exporting to ONNX (opset {cfg.opset})")
     t = time.perf_counter()
     try:
         proto, exporter_used, note = onnx_export.export_onnx(wrapper, src.meta, cfg.opset)
@@ -181,6 +191,10 @@ def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cf
     report["export"] = {"torch_exporter": exporter_used, "note": note, "opset": cfg.opset}
     report["data"] = {"eval": data.source, "real_test_set": data.real}
 
+    say(
+        name,
+        f"checks: ONNX checker, parity with PyTorch on {len(data.x):,} images, onnxruntime optimizations",
+    )
     t = time.perf_counter()
     _gate(report, checks.check_onnx(proto, src.meta.input_shape, src.meta.num_classes))
     model_bytes = proto.SerializeToString()
@@ -189,6 +203,7 @@ def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cf
     _gate(report, checks.optimization_check(model_bytes, data.x, gate_of(cfg)))
     _timed(report, "checks", t)
 
+    say(name, f"speed: onnxruntime at batch {BENCH_BATCH} for {cfg.bench_seconds:g} s")
     t = time.perf_counter()
     speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds, cfg.threads)
     _timed(report, "speed_fp32", t)
@@ -317,6 +332,7 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
         raise BadInput(str(e)) from e
 
     report = base_report(src, name, count_parameters(wrapper.model), cfg)
+    say(name, f"loading evaluation data ({src.meta.dataset})")
     t = time.perf_counter()
     try:  # a dataset that does not fit the metadata (channels, labels) is bad input, not a crash
         data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
@@ -330,6 +346,7 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
 
     variants = []
     for precision in precisions:
+        say(names[precision], f"converting to {precision}, then its accuracy and speed against fp32")
         t = time.perf_counter()
         try:
             variants.append(export_variant(precision, fp32, src, data, cfg, calib))  # type: ignore[arg-type]

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from trainer.data import DatasetInfo, Split, augment, to_float
 from trainer.distributed import DistInfo, all_reduce_sum
+from trainer.progress import Progress
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,7 +111,7 @@ def train_one_epoch(
     dist_info: DistInfo,
     ema: ModelEMA | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    progress: bool = False,
+    progress: str = "off",
 ) -> EpochStats:
     """One pass over this rank's shard of the training set (``train`` already on the device).
 
@@ -133,7 +133,7 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=device)
     bad = torch.zeros((), dtype=torch.float32, device=device)
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", leave=False, disable=not progress, unit="batch")
+    bar = Progress(steps, f"epoch {epoch}/{epochs}", progress)  # progress.mode_for: bar, lines or off
     for step in range(steps):
         idx = perm[step * batch_size : (step + 1) * batch_size]  # (B,)
         x = to_float(train.x[idx], info)  # (B, C, H, W) float32, normalized
@@ -166,9 +166,8 @@ def train_one_epoch(
         if checkpoint_step and all_reduce_sum(bad, dist_info).item() > 0:
             bar.close()
             raise NonFiniteLossError(epoch, step + 1, optimizer.param_groups[0]["lr"])
-        if progress and (step % 10 == 0 or step + 1 == steps):
-            bar.set_postfix(loss=f"{loss_d.item():.4f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-        bar.update(1)
+        due = bar.due()
+        bar.advance(1, f"loss {loss_d.item():.4f} lr {optimizer.param_groups[0]['lr']:.3g}" if due else "")
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

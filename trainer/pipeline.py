@@ -170,7 +170,7 @@ def train_commands(cfg: PipelineConfig) -> list[tuple[str, list[str]]]:
             cmd += ["--epochs", str(cfg.epochs)]
         if cfg.max_train is not None:
             cmd += ["--max-train", str(cfg.max_train)]  # argparse: the last one wins
-        if _no_progress_bars(cfg):
+        if cfg.quiet:  # piped, the trainer prints a progress line every few seconds instead of a bar
             cmd.append("--quiet")
         jobs.append((name, cmd))
     return jobs
@@ -324,7 +324,7 @@ def parse_args(argv: Sequence[str] | None) -> PipelineConfig:
     )
     p.add_argument("--loadtest-duration", type=float, default=8.0, help="max seconds per load-test step")
     p.add_argument("--parity-samples", type=int, default=None, help="cnn-export --parity-samples")
-    p.add_argument("--quiet", action="store_true", help="no progress bars from the trainer")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines from the trainer")
     a = p.parse_args(argv)
     for flag, value in (
         ("--epochs", a.epochs),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +23,9 @@ from torch import nn
 from trainer import plots
 from trainer.checkpoint import SCHEMA_VERSION, CheckpointError, git_commit, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import DatasetInfo, Split, load_dataset
+from trainer.data import DatasetInfo, Split, load_dataset, to_float
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
-from trainer.engine import ModelEMA, evaluate, train_one_epoch
+from trainer.engine import ModelEMA, autocast, evaluate, train_one_epoch
 from trainer.hostmem import tune_malloc
 from trainer.meta import ModelMeta
 from trainer.models import count_parameters, get_model
@@ -38,7 +38,8 @@ from trainer.outputs import (
     write_json,
     write_metrics_jsonl,
 )
-from trainer.precision import resolve_precision
+from trainer.precision import cpu_supports_bf16, resolve_precision
+from trainer.progress import mode_for
 
 
 class ResumeError(RuntimeError):
@@ -141,6 +142,46 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
 
 
+def compile_model(
+    model: nn.Module, train: Split, info: DatasetInfo, batch_size: int, precision: str, channels_last: bool
+) -> tuple[nn.Module, float]:
+    """``torch.compile(model)``, compiled now on one training batch so the epochs time training only.
+
+    The warm-up step leaves no trace: BatchNorm statistics are restored, gradients cleared and the
+    random streams forked. Inductor's cache lives in the checkout's ``.cache/inductor``. On a CPU,
+    Inductor builds C++: without a compiler that is a clear error here, not a traceback mid-epoch.
+    """
+    device = train.x.device
+    if device.type == "cpu" and not (
+        os.environ.get("CXX") or any(map(shutil.which, ("c++", "g++", "clang++")))
+    ):
+        raise ValueError(
+            "--compile on a CPU needs a C++ compiler (Inductor builds C++): install g++ or drop --compile"
+        )
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")
+    )
+    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]  # an OptimizedModule
+    x = to_float(train.x[:batch_size], info)  # (B, C, H, W), the shape every step has
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN running statistics
+    t = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        with autocast(device, precision):
+            loss = nn.functional.cross_entropy(compiled(x), train.y[:batch_size])
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+    return compiled, seconds
+
+
 def load_resume_checkpoint(cfg: TrainConfig, model_args: dict[str, Any]) -> dict[str, Any]:
     path = Path(cfg.resume or "")
     if path.is_dir():
@@ -204,7 +245,13 @@ def _run(
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
     batch_size = cfg.batch_size // dist_info.world_size  # per process
     malloc_tuned = tune_malloc() if cfg.tune_malloc else False  # before the big allocations
+    log(f"loading {cfg.dataset}{f' from {cfg.data_dir}' if cfg.data_dir else ''}", dist_info)
+    t_data = time.perf_counter()
     info, train, test = load_data(cfg, device)
+    log(
+        f"loaded {len(train):,} train / {len(test):,} test images in {time.perf_counter() - t_data:.1f} s",
+        dist_info,
+    )
     steps_per_epoch = (len(train) // dist_info.world_size) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -220,6 +267,8 @@ def _run(
     meta = ModelMeta(cfg.arch, info.name, info.input_shape, info.mean, info.std, info.class_names)
 
     model, model_args = build_model(cfg, info)
+    if cfg.precision == "auto" and device.type == "cpu" and cpu_supports_bf16():
+        log("precision auto: checking whether this CPU trains this model faster in bf16", dist_info)
     choice = resolve_precision(
         cfg.precision, device, model, input_shape=info.input_shape, num_classes=info.num_classes,
         batch_size=batch_size, channels_last=cfg.channels_last, dist_info=dist_info,
@@ -260,11 +309,13 @@ def _run(
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    compile_s = None
     if cfg.compile:
-        os.environ.setdefault(
-            "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")
+        log("torch.compile: compiling the training step (once, before the timed epochs)", dist_info)
+        train_model, compile_s = compile_model(
+            train_model, train, info, batch_size, precision, cfg.channels_last
         )
-        train_model = torch.compile(train_model)  # type: ignore[assignment]  # an OptimizedModule
+        log(f"torch.compile: ready in {compile_s:.1f} s", dist_info)
     eval_model = ema.module if ema is not None else model
     log(
         f"training {cfg.arch} ({params:,} params) on {info.name} ({len(train)} train / {len(test)} test) "
@@ -272,7 +323,7 @@ def _run(
         f"epochs {cfg.epochs} -> {out}",
         dist_info,
     )
-    progress = dist_info.is_main and not cfg.quiet and sys.stderr.isatty()
+    progress = mode_for(cfg.quiet, dist_info.is_main)
     commit = git_commit() if dist_info.is_main else None
     result = None
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
@@ -365,6 +416,7 @@ def _run(
         "world_size": dist_info.world_size,
         "ema_decay": cfg.ema_decay,
         "malloc_tuned": malloc_tuned,
+        "compile_s": compile_s,
         "config": dataclasses.asdict(cfg),
     }
     if dist_info.is_main:

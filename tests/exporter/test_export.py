@@ -37,6 +37,8 @@ from trainer.checkpoint import build_model, load_checkpoint
 from trainer.meta import ModelMeta
 from trainer.models import list_models
 
+pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch
+
 CPU = ["CPUExecutionProvider"]
 REQUIRED_PROPS = {
     "arch",

@@ -15,6 +15,21 @@ from export_helpers import FAST, make_model, run_export, synthetic_meta, write_c
 from exporter import onnx_export, quantize
 from exporter.repository import MODEL_FILE, REPORT_FILE, SUMMARY_JSON, list_model_names
 
+pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch
+
+# FP32's top-1 logit ahead of its second by this much: a clear answer (a trained LeNet's logits
+# spread over ~10 units; FP16 and INT8 move them by a few hundredths to tenths).
+CLEAR_MARGIN = 1.0
+
+
+def real_test_images() -> np.ndarray:
+    """The synthetic test set the fixture's LeNet was trained for, as cnn-export evaluates it."""
+    from trainer.data import load_dataset
+
+    _, _, test = load_dataset("synthetic", seed=0)
+    return test.x.numpy().astype(np.float32) / 255.0
+
+
 # The whole synthetic test set (512 images) so accuracies mean something; small INT8 calibration.
 ACCURATE = [
     "--parity-samples",
@@ -40,8 +55,14 @@ def test_fp16_and_int8_are_published_with_deltas(trained_lenet: Path, tmp_path: 
     fp32_acc = fp32_report["precisions"]["fp32"]["accuracy"]
     assert fp32_acc > 0.5  # trained: the deltas below are about a model that works
 
-    x = np.random.default_rng(0).random((5, 1, 28, 28), dtype=np.float32)
+    # Real test images, and agreement counted where FP32 is clear about its answer: an image near a
+    # decision boundary may flip under any rounding (a CPU's kernels too), a clear one must not.
+    x = real_test_images()  # (N, 1, 28, 28) float32 in [0, 1]
     ref = ort.InferenceSession(str(repo / "lenet" / "1" / MODEL_FILE), providers=["CPUExecutionProvider"])
+    ref_logits = ref.run(["logits"], {"input": x})[0]  # (N, 10)
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] >= CLEAR_MARGIN
+    assert clear.mean() > 0.5  # most of a trained model's answers are clear: the check below means something
     for precision in ("fp16", "int8"):
         vdir = repo / f"lenet-{precision}" / "1"
         report = json.loads((vdir / REPORT_FILE).read_text())
@@ -60,7 +81,8 @@ def test_fp16_and_int8_are_published_with_deltas(trained_lenet: Path, tmp_path: 
         assert [o.type for o in sess.get_outputs()] == ["tensor(float)", "tensor(float)"]
         logits, probs = sess.run(None, {"input": x})
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)
-        assert (logits.argmax(1) == ref.run(["logits"], {"input": x})[0].argmax(1)).mean() >= 0.8
+        agree = logits.argmax(1) == ref_logits.argmax(1)
+        assert agree[clear].all(), f"{precision}: {int((~agree[clear]).sum())} clear answers changed"
         assert (repo / f"lenet-{precision}" / "config.pbtxt").read_text() == (
             (repo / "lenet" / "config.pbtxt").read_text().replace('"lenet"', f'"lenet-{precision}"')
         )
@@ -80,15 +102,16 @@ def test_fp16_and_int8_are_published_with_deltas(trained_lenet: Path, tmp_path: 
 
 
 def _damaged_int8(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An INT8 conversion that zeroes the largest weight tensor: accuracy collapses to chance."""
+    """An INT8 conversion that zeroes every int8 weight: each layer outputs its bias alone, so the
+    model answers one class for every image (chance), whatever the CPU's kernels."""
     real = quantize.to_int8
 
     def damaged(proto, calibration):
         out = real(proto, calibration)
-        init = max(out.graph.initializer, key=lambda t: int(np.prod(t.dims)))
-        init.CopyFrom(
-            onnx.numpy_helper.from_array(np.zeros_like(onnx.numpy_helper.to_array(init)), init.name)
-        )
+        for init in out.graph.initializer:
+            if init.data_type == onnx.TensorProto.INT8:
+                zeros = np.zeros_like(onnx.numpy_helper.to_array(init))
+                init.CopyFrom(onnx.numpy_helper.from_array(zeros, init.name))
         return out
 
     monkeypatch.setattr(quantize, "to_int8", damaged)
@@ -115,8 +138,9 @@ def test_accuracy_gate_keeps_a_bad_int8_out_unless_forced(
     assert "lenet-int8 not published" in err and "drop" in err
     assert list_model_names(repo) == ["lenet"]  # FP32 passed its own gate and is published
     report = json.loads((repo / "lenet" / "1" / REPORT_FILE).read_text())
+    assert report["precisions"]["fp32"]["accuracy"] > 0.5
     int8 = report["precisions"]["int8"]
-    assert int8["published"] is False and int8["accuracy_delta_pp"] < -1.0
+    assert int8["published"] is False and int8["accuracy_delta_pp"] < -20.0
 
     assert run_export(*args, "--force-precision", *ACCURATE) == 0
     assert list_model_names(repo) == ["lenet", "lenet-int8"]

@@ -15,7 +15,7 @@ from exporter.repository import REPORT_FILE, list_model_names
 from trainer.meta import ModelMeta
 from trainer.models import get_model
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.numerics]
 
 
 def test_trained_lenet_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_path: Path) -> None:

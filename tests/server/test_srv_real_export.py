@@ -11,7 +11,7 @@ from srv_helpers import server_config
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.numerics]
 
 
 def test_serves_a_lenet5_exported_by_cnn_export(tmp_path, start_server) -> None:
