@@ -5,7 +5,7 @@ It never parses the request and answers every call with the same pre-serialized 
 framing, the request's bytes, Python's per-RPC cost on the event loop. ListModels answers with one
 model of the given input shape, so ``cnn-loadtest`` can target it like the real server.
 
-    python bench/echo_server.py --port 0 --input-shape 1,28,28     # prints "listening on 127.0.0.1:PORT"
+    python -m bench.echo_server --port 0 --input-shape 1,28,28     # prints "listening on 127.0.0.1:PORT"
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import argparse
 import asyncio
 import signal
 import sys
-from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from protos.cnnstack.classifier.v1 import classifier_pb2 as pb  # noqa: E402
+from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 
 SERVICE = "cnnstack.classifier.v1.Classifier"
 

@@ -8,8 +8,8 @@ own stages (export -> onnx checker -> PyTorch vs ORT parity at batch 1 and at --
 ORT optimized vs plain), and for --precision-archs the FP16 / INT8 variants: accuracy delta vs
 FP32 and CPU onnxruntime images/s ratio.
 
-    .venv/bin/python bench/export_matrix.py                                    # untrained, all archs
-    .venv/bin/python bench/export_matrix.py --checkpoints artifacts/runs       # trained where found
+    .venv/bin/python -m bench.export_matrix                                    # untrained, all archs
+    .venv/bin/python -m bench.export_matrix --checkpoints artifacts/runs       # trained where found
 
 Prints a Markdown table and writes matrix.json / matrix.md under --out.
 """
@@ -24,17 +24,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
+from exporter.config import ExportConfig
+from exporter.pipeline import BadInput, ExportFailed, export_one, load_source
+from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+from trainer.meta import ModelMeta
+from trainer.models import get_model, list_models
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from exporter.config import ExportConfig  # noqa: E402
-from exporter.pipeline import BadInput, ExportFailed, export_one, load_source  # noqa: E402
-from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint  # noqa: E402
-from trainer.meta import ModelMeta  # noqa: E402
-from trainer.models import get_model, list_models  # noqa: E402
 
 
 def find_checkpoints(paths: list[Path]) -> dict[str, Path]:

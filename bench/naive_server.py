@@ -6,7 +6,7 @@ those images and builds the response. Same session options as cnn-serve (ORT_ENA
 ``--threads`` intra-op threads, no spinning), so the difference measured is batching and the
 serving path, not onnxruntime settings.
 
-    python bench/naive_server.py --model-file REPO/NAME/1/model.onnx --port 0   # "listening on ..."
+    python -m bench.naive_server --model-file REPO/NAME/1/model.onnx --port 0   # "listening on ..."
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from protos.cnnstack.classifier.v1 import classifier_pb2 as pb  # noqa: E402
-from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc  # noqa: E402
+from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
+from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
 
 def session_options(threads: int) -> ort.SessionOptions:

@@ -12,7 +12,7 @@ then the ratios against the targets. Every server is a subprocess on 127.0.0.1 (
 is stopped at the end; the client is loadtest's pre-serialized uvloop client in this process.
 Finally the client's own ceiling: loadtest against the echo server with 1 and 2 client processes.
 
-    .venv/bin/python bench/serve_bench.py --out-dir artifacts/bench          # ~5 minutes
+    .venv/bin/python -m bench.serve_bench --out-dir artifacts/bench          # ~5 minutes
 """
 
 from __future__ import annotations
@@ -32,17 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from bench import h2load_client
+from bench.serve_report import MODELS, merge_repeats, ratio_table, ratios, table
+from loadtest import metrics_scrape
+from loadtest.client import LocalClient, describe_model
+from loadtest.multiproc import MultiProcClient
+from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images
+from loadtest.runner import StepSpec
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import h2load_client  # noqa: E402  (bench/ is on sys.path when run as a script)
-from serve_report import MODELS, merge_repeats, ratio_table, ratios, table  # noqa: E402
-
-from loadtest import metrics_scrape  # noqa: E402
-from loadtest.client import LocalClient, describe_model  # noqa: E402
-from loadtest.multiproc import MultiProcClient  # noqa: E402
-from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images  # noqa: E402
-from loadtest.runner import StepSpec  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -268,7 +266,7 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     target = f"127.0.0.1:{port}"
     py = sys.executable
     print(f"[bench] {name}: bare echo server", flush=True)
-    echo = [py, "bench/echo_server.py", "--port", str(port), "--model", name,
+    echo = [py, "-m", "bench.echo_server", "--port", str(port), "--model", name,
             "--input-shape", ",".join(map(str, shape))]  # fmt: skip
     h2 = cfg.h2load and h2load_client.available()
     with server_process(echo, target, name) as proc:
@@ -276,7 +274,7 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
         if h2:
             out["echo_h2"] = {c: h2load_step(cfg, target, name, shape, c, proc.pid) for c in (1, 64)}
     print(f"[bench] {name}: naive server (one session.run per RPC)", flush=True)
-    naive = [py, "bench/naive_server.py", "--model-file", str(model_file), "--port", str(port)]
+    naive = [py, "-m", "bench.naive_server", "--model-file", str(model_file), "--port", str(port)]
     with server_process(naive, target, name) as proc:
         out["naive"] = {c: load_step(cfg, target, name, shape, 1, c, pid=proc.pid) for c in cfg.concurrency}
     print(f"[bench] {name}: cnn-serve", flush=True)
@@ -304,7 +302,7 @@ def client_ceiling(cfg: BenchConfig) -> dict[int, Any]:
     port = free_port()
     target = f"127.0.0.1:{port}"
     shape = MODELS["lenet"][2]
-    echo = [sys.executable, "bench/echo_server.py", "--port", str(port), "--model", "lenet"]
+    echo = [sys.executable, "-m", "bench.echo_server", "--port", str(port), "--model", "lenet"]
     with server_process(echo, target, "lenet") as proc:
         print("[bench] client ceiling: loadtest -> echo, 1 and 2 client processes", flush=True)
         return {p: load_step(cfg, target, "lenet", shape, 1, 64, processes=p, pid=proc.pid) for p in (1, 2)}
@@ -353,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.ceiling:
         results["client_ceiling"] = client_ceiling(cfg)
     rat = ratios(results, max(cfg.concurrency))
-    command = "python bench/serve_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.serve_bench " + " ".join(sys.argv[1:] if argv is None else argv)
     lines = [f"`{command.strip()}` on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / "
              f"{os.getloadavg()[0]:.1f} after; median of {cfg.repeat} run(s) per setup.", "",
              table(results, cfg.max_batch, cfg.concurrency, cfg.big_request), "", ratio_table(rat)]  # fmt: skip

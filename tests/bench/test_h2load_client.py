@@ -10,12 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from bench import h2load_client
+from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import h2load_client  # noqa: E402
-
-from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images  # noqa: E402
 
 
 def test_grpc_frame_is_flag_length_message() -> None:
@@ -35,7 +33,7 @@ def test_parse_log_reads_start_status_latency() -> None:
 )
 def test_h2load_drives_the_echo_server() -> None:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "bench/echo_server.py"), "--port", "0", "--input-shape", "1,28,28"],
+        [sys.executable, "-m", "bench.echo_server", "--port", "0", "--input-shape", "1,28,28"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
     try:

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from serve_report import merge_repeats, ratio_table, ratios, table  # noqa: E402
+from bench.serve_report import merge_repeats, ratio_table, ratios, table
 
 
 def step(req_s: float, p50: float, k: int = 1) -> dict:

@@ -3,17 +3,11 @@ ToTensor, Normalize) gives the same tensors as the plain numpy path, for 1- and 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-
-from train_bench import PerSampleDataset, TorchvisionStyleDataset  # noqa: E402
-
-from trainer.datasets._types import DatasetInfo  # noqa: E402
+from bench.train_bench import PerSampleDataset, TorchvisionStyleDataset
+from trainer.datasets._types import DatasetInfo
 
 
 @pytest.mark.parametrize("channels", [1, 3])

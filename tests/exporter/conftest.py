@@ -1,4 +1,4 @@
-"""Fixtures of the exporter tests: checkpoints written by the tests (see export_helpers)."""
+"""Fixtures of the exporter tests: checkpoints written by the tests (see tests.exporter.helpers)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import make_model, synthetic_meta, train_briefly, write_checkpoint
 
+from tests.exporter.helpers import make_model, synthetic_meta, train_briefly, write_checkpoint
 from trainer.models import get_model
 
 CheckpointFactory = Callable[..., Path]

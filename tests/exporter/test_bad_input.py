@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import FAST, run_export, tree, write_checkpoint
 
+from tests.exporter.helpers import FAST, run_export, tree, write_checkpoint
 from trainer.checkpoint import load_checkpoint
 from trainer.meta import ModelMeta
 from trainer.models import get_model

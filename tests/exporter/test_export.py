@@ -11,16 +11,6 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import (
-    FAST,
-    FAST_CHECKS,
-    HEAVY_ARCHS,
-    make_model,
-    published_tree,
-    run_export,
-    synthetic_meta,
-    tree,
-)
 from google.protobuf import text_format
 
 from exporter import onnx_export
@@ -32,6 +22,16 @@ from exporter.repository import (
     REPORT_FILE,
     SUMMARY_JSON,
     SUMMARY_MD,
+)
+from tests.exporter.helpers import (
+    FAST,
+    FAST_CHECKS,
+    HEAVY_ARCHS,
+    make_model,
+    published_tree,
+    run_export,
+    synthetic_meta,
+    tree,
 )
 from trainer.checkpoint import build_model, load_checkpoint
 from trainer.meta import ModelMeta
@@ -284,7 +284,7 @@ def test_verify_passes_on_the_source_and_fails_on_other_weights(
 
 def test_noise_inputs_when_the_dataset_is_missing(tmp_path: Path) -> None:
     """A checkpoint whose dataset files are absent: parity on seeded noise, and the report says so."""
-    from export_helpers import write_checkpoint
+    from tests.exporter.helpers import write_checkpoint
 
     meta = synthetic_meta("lenet5", dataset="fashion-mnist")
     ckpt = write_checkpoint(tmp_path / "c.pt", make_model("lenet5", meta), meta)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from export_helpers import run_export, train_briefly, write_checkpoint
 
 from exporter.repository import REPORT_FILE, list_model_names
+from tests.exporter.helpers import run_export, train_briefly, write_checkpoint
 from trainer.meta import ModelMeta
 from trainer.models import get_model
 

@@ -1,4 +1,4 @@
-"""Fixtures of the server tests; the builders they use live in srv_helpers.py."""
+"""Fixtures of the server tests; the builders they use live in tests.server.helpers."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from srv_helpers import RunningServer, TinyModel, publish, server_config, tiny_model
 
 from server.config import ServerConfig
+from tests.server.helpers import RunningServer, TinyModel, publish, server_config, tiny_model
 
 
 @pytest.fixture

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from srv_helpers import publish, server_config, tiny_model
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server.helpers import publish, server_config, tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,12 @@ import math
 import grpc
 import numpy as np
 import pytest
-from srv_helpers import RunningServer, publish, server_config, tiny_model
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
+from tests.server.helpers import RunningServer, publish, server_config, tiny_model
 
 pytestmark = pytest.mark.integration
 

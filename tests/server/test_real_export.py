@@ -6,10 +6,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from srv_helpers import server_config
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server.helpers import server_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.numerics]
 

@@ -7,11 +7,11 @@ import time
 import grpc
 import numpy as np
 import pytest
-from lt_fakes import FAKE_MODEL, FAKE_SHAPE, FakeServer, RemoteFakeServer
 
 from loadtest.client import LocalClient
 from loadtest.payload import build_payloads
 from loadtest.runner import StepSpec
+from tests.loadtest.fakes import FAKE_MODEL, FAKE_SHAPE, FakeServer, RemoteFakeServer
 
 
 def _payloads(k: int = 1, model: str = FAKE_MODEL) -> list[bytes]:

@@ -8,10 +8,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-from srv_helpers import publish, server_config, tiny_model
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server.helpers import publish, server_config, tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from lt_fakes import FAKE_MODEL, FakeServer
 
 from loadtest.__main__ import main
 from loadtest.config import parse_args
+from tests.loadtest.fakes import FAKE_MODEL, FakeServer
 
 FAST = ["--warmup", "0.1", "--window", "0.3", "--duration", "0.9", "--quiet"]
 
@@ -34,7 +34,7 @@ def test_cli_writes_json_csv_and_plot(fake_server: FakeServer, tmp_path: Path) -
         assert s["sent"] == s["ok"] and s["errors_total"] == {}
     # The server answered every request the client counted (the pre-flight request is one more).
     assert fake_server.behaviour.answered["OK"] == 1 + sum(s["ok"] for s in steps)
-    assert steps[2]["send_lag_ms"]["p50_ms"] < 5.0  # sent on schedule (see test_lt_runner for stalls)
+    assert steps[2]["send_lag_ms"]["p50_ms"] < 5.0  # sent on schedule (see test_runner for stalls)
     rows = list(csv.DictReader(table.open()))
     assert [r["mode"] for r in rows] == ["closed", "closed", "open"]
     assert float(rows[1]["requests_per_s"]) == pytest.approx(steps[1]["requests_per_s"], rel=1e-3)

@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from srv_helpers import config_pbtxt, publish, server_config, tiny_model
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server.helpers import config_pbtxt, publish, server_config, tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from srv_helpers import config_pbtxt, publish, server_config, tiny_model
 
 from server.config import ServerConfig
 from server.repository import RepositoryError, check_report, parse_config, scan_repository, select_versions
+from tests.server.helpers import config_pbtxt, publish, server_config, tiny_model
 
 
 def test_every_flag_has_an_env_variable_and_the_command_line_wins() -> None:

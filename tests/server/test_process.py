@@ -17,10 +17,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from srv_helpers import publish, tiny_model
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from tests.server.helpers import publish, tiny_model
 
 pytestmark = pytest.mark.integration
 

@@ -2,7 +2,7 @@
 
 ``fake_server`` runs it on its own event loop in a background thread, so the load-test code under
 test can run its own (uv)loop in the test thread exactly as the CLI does. ``fake_server_process``
-runs it in a child process (``python lt_fakes.py``, driven by JSON lines on stdin/stdout), for
+runs it in a child process (``python -m tests.loadtest.fakes``, driven by JSON lines on stdin/stdout), for
 timing tests: a server in the test's process shares its GIL, and its work after a stall would delay
 the client being timed.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -146,10 +145,12 @@ class RemoteFakeServer:
     clock for every process, so the test's instants and the child's compare directly."""
 
     def __init__(self) -> None:
-        root = Path(__file__).resolve().parents[2]
-        env = {**os.environ, "PYTHONPATH": str(root)}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, "-m", "tests.loadtest.fakes"],
+            cwd=Path(__file__).resolve().parents[2],  # the checkout: where `tests` is a package
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.port = int(self._reply()["port"])
         self.state: dict | None = None
