@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnstack.contract import ExportReport, ModelMeta
 from exporter.config import ExportConfig
 from exporter.pipeline import BadInput, ExportFailed, export_one, load_source
 from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
-from trainer.meta import ModelMeta
 from trainer.models import get_model, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,24 +88,20 @@ def untrained_checkpoint(arch: str, dataset: str, data_dir: Path | None, out: Pa
     return path
 
 
-def check_numbers(report: dict[str, Any], name: str) -> dict[str, Any]:
-    return next((c["numbers"] for c in report.get("checks", []) if c["name"] == name), {})
-
-
 def row_for(
-    arch: str, source: Path, trained: bool, report: dict[str, Any], failed: str | None, secs: float
+    arch: str, source: Path, trained: bool, report: ExportReport, failed: str | None, secs: float
 ) -> dict:
-    parity = check_numbers(report, "parity")
-    opt = check_numbers(report, "ort_optimizations")
+    parity = report.check("parity")
+    opt = report.check("ort_optimizations")
     by_batch = parity.get("by_batch", {})
     big: dict[str, Any] = next((v for k, v in by_batch.items() if k != "batch_1"), {})
-    precisions = report.get("precisions", {})
+    precisions = report.precisions or {}
     row = {
         "arch": arch,
         "weights": "trained" if trained else "untrained",
         "source": str(source),
-        "params": report.get("model", {}).get("params"),
-        "exporter": report.get("export", {}).get("torch_exporter"),
+        "params": report.model.params,
+        "exporter": report.export.torch_exporter if report.export else None,
         "eval_images": big.get("images"),
         "max_abs_diff_b1": by_batch.get("batch_1", {}).get("max_abs_diff"),
         "max_abs_diff_bN": big.get("max_abs_diff"),

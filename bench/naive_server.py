@@ -12,7 +12,6 @@ serving path, not onnxruntime settings.
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import threading
@@ -23,6 +22,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from cnnstack.contract import INPUT_NAME, PROBABILITIES_NAME, ModelMeta
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 
@@ -42,9 +42,9 @@ class NaiveClassifier(pb_grpc.ClassifierServicer):
         self.session = ort.InferenceSession(
             str(model_file), session_options(threads), providers=["CPUExecutionProvider"]
         )
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.shape = tuple(json.loads(props["input_shape"]))  # (C, H, W)
-        self.class_names = json.loads(props["class_names"])
+        meta = ModelMeta.from_onnx_props(self.session.get_modelmeta().custom_metadata_map)
+        self.shape = meta.input_shape  # (C, H, W)
+        self.class_names = meta.class_names
 
     def Classify(self, request: pb.ClassifyRequest, context: grpc.ServicerContext) -> pb.ClassifyResponse:
         if request.model != self.name:
@@ -53,7 +53,7 @@ class NaiveClassifier(pb_grpc.ClassifierServicer):
         x = np.stack(
             [np.frombuffer(im.tensor.data, dtype="<f4").reshape(self.shape) for im in request.images]
         )
-        (probs,) = self.session.run(["probabilities"], {"input": x})  # (K, classes)
+        (probs,) = self.session.run([PROBABILITIES_NAME], {INPUT_NAME: x})  # (K, classes)
         k = max(1, request.top_k)
         top = np.argsort(-probs, axis=1)[:, :k]
         results = [

@@ -34,6 +34,7 @@ import numpy as np
 
 from bench import h2load_client
 from bench.serve_report import MODELS, merge_repeats, ratio_table, ratios, table
+from cnnstack.contract import MODEL_FILE
 from loadtest import metrics_scrape
 from loadtest.client import LocalClient, describe_model
 from loadtest.multiproc import MultiProcClient
@@ -66,9 +67,9 @@ class BenchConfig:
 
 
 def write_untrained_checkpoint(name: str, path: Path) -> None:
+    from cnnstack.contract import ModelMeta
     from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
     from trainer.data import FASHION_MNIST_CLASSES, STATS
-    from trainer.meta import ModelMeta
     from trainer.models import get_model
 
     arch, dataset, shape = MODELS[name]
@@ -85,7 +86,7 @@ def write_untrained_checkpoint(name: str, path: Path) -> None:
 def prepare_repository(cfg: BenchConfig) -> Path:
     repo = cfg.out_dir / "models"
     for name in cfg.models:
-        if (repo / name / "1" / "model.onnx").is_file():
+        if (repo / name / "1" / MODEL_FILE).is_file():
             continue
         ckpt = cfg.checkpoints.get(name) or cfg.out_dir / "checkpoints" / f"{name}.pt"
         if name not in cfg.checkpoints and not ckpt.is_file():
@@ -253,7 +254,7 @@ def h2load_step(
 
 def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     _, _, shape = MODELS[name]
-    model_file = repo / name / "1" / "model.onnx"
+    model_file = repo / name / "1" / MODEL_FILE
     out: dict[str, Any] = {"shape": list(shape)}
     print(f"[bench] {name}: in-process onnxruntime", flush=True)
     out["inprocess_b1"] = inprocess(model_file, 1, cfg.inprocess_s)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from exporter import repository
+from cnnstack.contract import FAILED_DIR, RepositoryError, ensure_writable, write_failed_report, write_summary
 from exporter.config import ExportConfig, parse_config
 from exporter.report import summary_document, summary_row, text_table
 
@@ -30,8 +30,8 @@ def export_all(cfg: ExportConfig) -> int:
 
     assert cfg.repository is not None
     try:
-        repo = repository.ensure_writable(cfg.repository)
-    except repository.RepositoryError as e:
+        repo = ensure_writable(cfg.repository)
+    except RepositoryError as e:
         _err(f"cnn-export: {e}")
         return 1
     rows, failures = [], 0
@@ -47,11 +47,9 @@ def export_all(cfg: ExportConfig) -> int:
             continue
         except ExportFailed as e:
             failures += 1
-            where = repository.write_failed_report(
-                cfg.report_dir or repo / repository.FAILED_DIR, e.report["name"], e.report
-            )
+            where = write_failed_report(cfg.report_dir or repo / FAILED_DIR, e.report.name, e.report)
             _err(f"cnn-export: {given}: FAILED check '{e.check}': {e}\n  nothing published; report: {where}")
-            rows.append(summary_row(str(given), e.report["name"], e.report, {}, f"failed: {e.check}"))
+            rows.append(summary_row(str(given), e.report.name, e.report, {}, f"failed: {e.check}"))
             continue
         status = "ok" if not result.problems else "; ".join(result.problems)
         if result.problems:
@@ -66,7 +64,7 @@ def export_all(cfg: ExportConfig) -> int:
     print(text_table(rows))
     if any(row["published"] for row in rows):
         doc, markdown = summary_document(rows, failures)
-        json_path, md_path = repository.write_summary(repo, doc, markdown)
+        json_path, md_path = write_summary(repo, doc, markdown)
         print(f"\nsummary: {json_path} {md_path}; {len(rows) - failures} ok, {failures} failed")
     else:  # nothing was published: leave the repository as it was
         print(f"\nnothing published; {failures} failed")

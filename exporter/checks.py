@@ -14,12 +14,14 @@ Gate: max_abs_diff <= atol and every disagreement tolerated.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+
+from cnnstack.contract import INPUT_NAME, LOGITS_NAME, CheckResult
 
 CPU = ["CPUExecutionProvider"]
 REL_FLOOR = 1e-3
@@ -33,17 +35,6 @@ class Gate:
     batch1_samples: int
     atol: float
     threads: int = 0  # intra-op threads of onnxruntime sessions; 0 = onnxruntime's default
-
-
-@dataclass
-class CheckResult:
-    name: str
-    passed: bool
-    numbers: dict[str, Any] = field(default_factory=dict)
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def session(model_bytes: bytes, optimized: bool = True, threads: int = 0) -> ort.InferenceSession:
@@ -100,7 +91,7 @@ def torch_logits(wrapper, x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def ort_logits(sess: ort.InferenceSession, x: np.ndarray, batch: int) -> np.ndarray:
-    return run_batches(lambda xb: sess.run(["logits"], {"input": xb})[0].astype(np.float32), x, batch)
+    return run_batches(lambda xb: sess.run([LOGITS_NAME], {INPUT_NAME: xb})[0].astype(np.float32), x, batch)
 
 
 def compare(ref: np.ndarray, got: np.ndarray, atol: float) -> dict[str, Any]:
@@ -173,16 +164,35 @@ def accuracy(logits: np.ndarray, labels: np.ndarray | None) -> float | None:
     return None if labels is None else float((logits.argmax(1) == labels).mean())
 
 
+def accuracy_gate(
+    precision: str, acc: float, ref_acc: float, max_drop_pp: float, ref_key: str, ref_label: str
+) -> CheckResult:
+    """A reduced-precision model's accuracy against its reference's (``ref_label``: fp32, PyTorch)."""
+    drop = 100.0 * (ref_acc - acc)
+    numbers = {
+        f"{ref_key}_accuracy": ref_acc,
+        "accuracy": acc,
+        "drop_pp": round(drop, 3),
+        "max_drop_pp": max_drop_pp,
+    }
+    message = (
+        f"{precision} accuracy {100 * acc:.2f}% vs {ref_label} {100 * ref_acc:.2f}% "
+        f"(drop {drop:.2f} pp, max {max_drop_pp:g})"
+    )
+    return CheckResult("accuracy_gate", drop <= max_drop_pp, numbers, message)
+
+
 def images_per_second(
     model_bytes: bytes, x: np.ndarray, batch: int = 64, seconds: float = 1.0, threads: int = 0
 ) -> float:
     """CPU onnxruntime throughput at ``batch`` (after one warm-up run), measured for ~``seconds``."""
     sess = session(model_bytes, optimized=True, threads=threads)
     xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))  # (batch, C, H, W), repeats if N < batch
-    sess.run(["logits"], {"input": xb})
+    feed = {INPUT_NAME: xb}
+    sess.run([LOGITS_NAME], feed)
     done, start = 0, time.perf_counter()
     while True:
-        sess.run(["logits"], {"input": xb})
+        sess.run([LOGITS_NAME], feed)
         done += batch
         elapsed = time.perf_counter() - start
         if elapsed >= seconds or done >= 1000 * batch:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.meta import ModelMeta
+from cnnstack.contract import ModelMeta
 
 NOISE_SAMPLES = 512  # parity inputs drawn from the metadata when no dataset is available
 

@@ -1,11 +1,8 @@
-"""PyTorch -> ONNX: the served graph takes [0, 1] pixels and folds the dataset normalization in.
-
-    input          float32 (N, C, H, W), pixels in [0, 1], N dynamic
-    logits         float32 (N, num_classes)
-    probabilities  float32 (N, num_classes), softmax of logits
+"""PyTorch -> ONNX: the served graph takes [0, 1] pixels and folds the dataset normalization in;
+its tensors are the contract's (``cnnstack.contract.model``), the batch dimension dynamic.
 
 One self-contained file (no external data). ``metadata_props`` carry what consumers need
-(``trainer.meta.ModelMeta.to_onnx_props()`` plus provenance); the server reads them from there.
+(``ModelMeta`` and ``Provenance``, both ``cnnstack.contract``); the server reads them from there.
 """
 
 from __future__ import annotations
@@ -19,10 +16,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from trainer.meta import ModelMeta
+from cnnstack.contract import INPUT_NAME, OUTPUT_NAMES, ModelMeta, Provenance
 
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("logits", "probabilities")
 TRACE_BATCH = 2  # a batch of 1 would let the tracer specialize the batch dim to a constant
 
 
@@ -113,7 +108,7 @@ def _check_interface(proto: onnx.ModelProto, meta: ModelMeta) -> None:
     outputs = [o.name for o in proto.graph.output]
     if inputs != [INPUT_NAME] or outputs != list(OUTPUT_NAMES):
         raise RuntimeError(
-            f"exported graph has inputs {inputs} and outputs {outputs}; expected input/logits/probs"
+            f"exported graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}"
         )
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     if not dims[0].dim_param or [d.dim_value for d in dims[1:]] != list(meta.input_shape):
@@ -122,32 +117,27 @@ def _check_interface(proto: onnx.ModelProto, meta: ModelMeta) -> None:
         )
 
 
-def metadata_props(
-    meta: ModelMeta,
-    *,
-    precision: str,
-    test_accuracy: float | None,
-    accuracy_source: str,
-    source_sha256: str,
-    exporter: str,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, str]:
-    """String key/values for ``metadata_props`` (the server reads these)."""
+def provenance(
+    precision: str, test_accuracy: float | None, accuracy_source: str, source_sha256: str, exporter: str
+) -> Provenance:
+    """This exporter's provenance record for a graph (versions of the tools filled in)."""
     from exporter import __version__
 
-    props = meta.to_onnx_props()
-    props.update(
-        {
-            "precision": precision,
-            "test_accuracy": "nan" if test_accuracy is None else f"{test_accuracy:.6f}",
-            "test_accuracy_source": accuracy_source,
-            "source_sha256": source_sha256,
-            "exporter_version": __version__,
-            "torch_exporter": exporter,
-            "torch_version": torch.__version__,
-            "onnx_version": onnx.__version__,
-        }
+    return Provenance(
+        precision=precision,
+        test_accuracy=test_accuracy,
+        test_accuracy_source=accuracy_source,
+        source_sha256=source_sha256,
+        exporter_version=__version__,
+        torch_exporter=exporter,
+        torch_version=str(torch.__version__),
+        onnx_version=onnx.__version__,
     )
+
+
+def metadata_props(meta: ModelMeta, made: Provenance, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """String key/values for ``metadata_props`` (the server reads these)."""
+    props = {**meta.to_onnx_props(), **made.to_onnx_props()}
     props.update({k: str(v) for k, v in (extra or {}).items()})
     return props
 

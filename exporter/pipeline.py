@@ -4,11 +4,13 @@
     -> fp16 / int8 variants (accuracy gate) -> publish (atomic, versioned)
 
 Nothing touches the repository until every FP32 check passed; a failed check raises
-``ExportFailed`` naming it, with the report of what was measured so far.
+``ExportFailed`` naming it, with the report of what was measured so far. The report is the
+contract's ``ExportReport``; each stage fills its part.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import time
@@ -18,10 +20,26 @@ from typing import Any
 
 import numpy as np
 
-from exporter import checks, onnx_export, quantize, repository
+from cnnstack.contract import (
+    CheckResult,
+    DataInfo,
+    ExportInfo,
+    ExportReport,
+    ModelMeta,
+    ModelSection,
+    ModelSignature,
+    Provenance,
+    RepositoryError,
+    SourceRef,
+    check_name_clash,
+    model_config,
+    publish,
+    render_config,
+    sanitize_name,
+)
+from exporter import checks, onnx_export, quantize
 from exporter.config import ExportConfig
 from exporter.inputs import EvalData, load_calibration, load_eval_data
-from trainer.meta import ModelMeta
 
 BENCH_BATCH = 64
 
@@ -31,7 +49,7 @@ class BadInput(ValueError):
 
 
 class ExportFailed(RuntimeError):
-    def __init__(self, check: str, message: str, report: dict[str, Any]) -> None:
+    def __init__(self, check: str, message: str, report: ExportReport) -> None:
         super().__init__(f"check '{check}' failed: {message}")
         self.check = check
         self.report = report
@@ -52,7 +70,7 @@ class Candidate:
 
     precision: str
     model_bytes: bytes
-    checks: list[checks.CheckResult]
+    checks: list[CheckResult]
     numbers: dict[str, Any] = field(default_factory=dict)  # JSON-safe
     top1: np.ndarray | None = None  # (N,) predictions on the eval images
     publish: bool = True
@@ -63,7 +81,7 @@ class Candidate:
 class ExportResult:
     given: Path
     name: str | None
-    report: dict[str, Any]
+    report: ExportReport
     published: dict[str, int] = field(default_factory=dict)  # model name -> version
     problems: list[str] = field(default_factory=list)  # empty when everything asked for was published
 
@@ -121,15 +139,11 @@ def build_wrapper(src: Source) -> onnx_export.NormalizedClassifier:
 
 def default_name(src: Source) -> str:
     if src.given.is_dir():
-        return repository.sanitize_name(src.given.resolve().name)
-    return repository.sanitize_name(f"{src.meta.arch}-{src.meta.dataset}")
+        return sanitize_name(src.given.resolve().name)
+    return sanitize_name(f"{src.meta.arch}-{src.meta.dataset}")
 
 
-def signature(meta: ModelMeta) -> dict[str, Any]:
-    return {"arch": meta.arch, "input_shape": list(meta.input_shape), "num_classes": meta.num_classes}
-
-
-def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> dict[str, Any]:
+def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> ExportReport:
     import onnx
     import onnxruntime
     import torch
@@ -137,62 +151,60 @@ def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> dict[
     import exporter
 
     metrics = {k: v for k, v in (src.ckpt.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
-    return {
-        "passed": False,
-        "name": name,
-        "source": {"path": str(src.path.resolve()), "sha256": src.sha256, "epoch": src.ckpt.get("epoch")},
-        "checkpoint_metrics": metrics,
-        "model": {
-            **signature(src.meta),
-            "dataset": src.meta.dataset,
-            "class_names": list(src.meta.class_names),
-            "model_args": src.ckpt.get("model_args"),
-            "params": params,
-        },
-        "versions": {
+    meta = src.meta
+    return ExportReport(
+        passed=False,
+        name=name,
+        source=SourceRef(str(src.path.resolve()), src.sha256, src.ckpt.get("epoch")),
+        checkpoint_metrics=metrics,
+        model=ModelSection(
+            ModelSignature.of(meta), meta.dataset, meta.class_names, src.ckpt.get("model_args"), params
+        ),
+        versions={
             "exporter": exporter.__version__,
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
         },
-        "settings": {
+        settings={
             "opset": cfg.opset,
             "atol": cfg.atol,
             "parity_batch": cfg.parity_batch,
             "batch1_samples": cfg.batch1_samples,
             "max_accuracy_drop_pp": cfg.max_accuracy_drop,
         },
-        "checks": [],
-        "timings_s": {},
-    }
+    )
 
 
-def _timed(report: dict[str, Any], key: str, start: float) -> None:
-    report["timings_s"][key] = round(time.perf_counter() - start, 3)
+def _timed(report: ExportReport, key: str, start: float) -> None:
+    report.timings_s[key] = round(time.perf_counter() - start, 3)
 
 
-def _gate(report: dict[str, Any], result: checks.CheckResult) -> None:
-    report["checks"].append(result.to_dict())
+def _gate(report: ExportReport, result: CheckResult) -> None:
+    report.checks.append(result)
     if not result.passed:
         raise ExportFailed(result.name, result.message, report)
 
 
-def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cfg: ExportConfig) -> Candidate:
+def _accuracy_source(acc: float | None, data: EvalData) -> str:
+    return f"onnxruntime on the {data.source}" if acc is not None else "unavailable (no test set)"
+
+
+def export_fp32(src: Source, wrapper, data: EvalData, report: ExportReport, cfg: ExportConfig) -> Candidate:
     """Export and gate the FP32 model; ``report`` gathers numbers as it goes."""
-    name = report["name"]
-    say(name, f"exporting to ONNX (opset {cfg.opset})")
+    say(report.name, f"exporting to ONNX (opset {cfg.opset})")
     t = time.perf_counter()
     try:
         proto, exporter_used, note = onnx_export.export_onnx(wrapper, src.meta, cfg.opset)
     except Exception as e:  # both exporters failed: an export problem, not bad input
-        _gate(report, checks.CheckResult("export", False, {}, f"{type(e).__name__}: {e}"))
+        _gate(report, CheckResult("export", False, {}, f"{type(e).__name__}: {e}"))
         raise  # unreachable: _gate raised
     _timed(report, "export", t)
-    report["export"] = {"torch_exporter": exporter_used, "note": note, "opset": cfg.opset}
-    report["data"] = {"eval": data.source, "real_test_set": data.real}
+    report.export = ExportInfo(exporter_used, note, cfg.opset)
+    report.data = DataInfo(data.source, data.real)
 
     say(
-        name,
+        report.name,
         f"checks: ONNX checker, parity with PyTorch on {len(data.x):,} images, onnxruntime optimizations",
     )
     t = time.perf_counter()
@@ -203,21 +215,16 @@ def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cf
     _gate(report, checks.optimization_check(model_bytes, data.x, gate_of(cfg)))
     _timed(report, "checks", t)
 
-    say(name, f"speed: onnxruntime at batch {BENCH_BATCH} for {cfg.bench_seconds:g} s")
+    say(report.name, f"speed: onnxruntime at batch {BENCH_BATCH} for {cfg.bench_seconds:g} s")
     t = time.perf_counter()
     speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds, cfg.threads)
     _timed(report, "speed_fp32", t)
     acc = checks.accuracy(logits, data.y)
-    source = f"onnxruntime on the {data.source}" if acc is not None else "unavailable (no test set)"
+    source = _accuracy_source(acc, data)
     if acc is None and isinstance((src.ckpt.get("metrics") or {}).get("test_acc"), float):
         acc, source = float(src.ckpt["metrics"]["test_acc"]), "checkpoint metrics (the trainer's test_acc)"
     props = onnx_export.metadata_props(
-        src.meta,
-        precision="fp32",
-        test_accuracy=acc,
-        accuracy_source=source,
-        source_sha256=src.sha256,
-        exporter=exporter_used,
+        src.meta, onnx_export.provenance("fp32", acc, source, src.sha256, exporter_used)
     )
     final = onnx_export.set_metadata(proto, props).SerializeToString()
     numbers = {
@@ -227,6 +234,19 @@ def export_fp32(src: Source, wrapper, data: EvalData, report: dict[str, Any], cf
         "onnx_bytes": len(final),
     }
     return Candidate("fp32", final, [], numbers, top1=logits.argmax(1))
+
+
+def _variant_gate(
+    precision: str, acc: float | None, fp32_acc: float | None, data: EvalData, cfg: ExportConfig
+) -> CheckResult:
+    if acc is None or fp32_acc is None:
+        return CheckResult(
+            "accuracy_gate",
+            False,
+            {"max_drop_pp": cfg.max_accuracy_drop},
+            f"{precision} accuracy unknown (needs labelled test images; eval data: {data.source})",
+        )
+    return checks.accuracy_gate(precision, acc, fp32_acc, cfg.max_accuracy_drop, "fp32", "fp32")
 
 
 def export_variant(
@@ -241,7 +261,7 @@ def export_variant(
     import onnx
 
     base = onnx.ModelProto.FromString(fp32.model_bytes)
-    fp32_props = onnx_export.read_metadata(base)
+    exporter_used = Provenance.from_onnx_props(onnx_export.read_metadata(base)).torch_exporter
     t = time.perf_counter()
     proto = quantize.to_fp16(base) if precision == "fp16" else quantize.to_int8(base, calib[0])
     numbers: dict[str, Any] = {"convert_s": round(time.perf_counter() - t, 3)}
@@ -257,51 +277,26 @@ def export_variant(
     logits = checks.ort_logits(checks.session(model_bytes, threads=cfg.threads), data.x, cfg.parity_batch)
     acc = checks.accuracy(logits, data.y)
     speed = checks.images_per_second(model_bytes, data.x, BENCH_BATCH, cfg.bench_seconds, cfg.threads)
-    fp32_acc = fp32.numbers["accuracy"]
     numbers.update(
         accuracy=acc,
         top1_agreement_vs_fp32=float((logits.argmax(1) == fp32.top1).mean()),
         images_per_second=round(speed, 1),
         speed_ratio_vs_fp32=round(speed / fp32.numbers["images_per_second"], 3),
     )
-    if acc is None or fp32_acc is None:
-        gate = checks.CheckResult(
-            "accuracy_gate",
-            False,
-            {"max_drop_pp": cfg.max_accuracy_drop},
-            f"{precision} accuracy unknown (needs labelled test images; eval data: {data.source})",
-        )
-    else:
-        drop = 100.0 * (fp32_acc - acc)
-        numbers["accuracy_delta_pp"] = round(-drop, 3)
-        gate = checks.CheckResult(
-            "accuracy_gate",
-            drop <= cfg.max_accuracy_drop,
-            {
-                "fp32_accuracy": fp32_acc,
-                "accuracy": acc,
-                "drop_pp": round(drop, 3),
-                "max_drop_pp": cfg.max_accuracy_drop,
-            },
-            f"{precision} accuracy {100 * acc:.2f}% vs fp32 {100 * fp32_acc:.2f}% "
-            f"(drop {drop:.2f} pp, max {cfg.max_accuracy_drop:g})",
-        )
+    gate = _variant_gate(precision, acc, fp32.numbers["accuracy"], data, cfg)
+    if "drop_pp" in gate.numbers:
+        numbers["accuracy_delta_pp"] = -gate.numbers["drop_pp"]
     results.append(gate)
     if not gate.passed and not cfg.force_precision:
         cand.publish, cand.why_not = False, gate.message
     numbers["forced"] = not gate.passed and cfg.force_precision
 
-    props = onnx_export.metadata_props(
-        src.meta,
-        precision=precision,
-        test_accuracy=acc,
-        accuracy_source=f"onnxruntime on the {data.source}"
-        if acc is not None
-        else "unavailable (no test set)",
-        source_sha256=src.sha256,
-        exporter=fp32_props["torch_exporter"],
+    provenance = onnx_export.provenance(
+        precision, acc, _accuracy_source(acc, data), src.sha256, exporter_used
     )
-    cand.model_bytes = onnx_export.set_metadata(proto, props).SerializeToString()
+    cand.model_bytes = onnx_export.set_metadata(
+        proto, onnx_export.metadata_props(src.meta, provenance)
+    ).SerializeToString()
     numbers["onnx_bytes"] = len(cand.model_bytes)
     cand.top1 = logits.argmax(1)
     return cand
@@ -314,25 +309,23 @@ def _variant_summary(cands: list[Candidate]) -> dict[str, Any]:
     }
 
 
-def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
-    """Everything for one checkpoint. Raises BadInput (nothing written) or ExportFailed (nothing published)."""
-    from trainer.models import count_parameters
-
+def _names(name: str, src: Source, cfg: ExportConfig) -> dict[str, str]:
+    """precision -> model name (NAME, NAME-fp16, NAME-int8), none of them taken by another model."""
     assert cfg.repository is not None
-    t0 = time.perf_counter()
-    src = load_source(given)
-    name = repository.sanitize_name(cfg.name) if cfg.name else default_name(src)
-    wrapper = build_wrapper(src)
     precisions = [p for p, on in (("fp16", cfg.fp16), ("int8", cfg.int8)) if on]
     names = {"fp32": name, **{p: f"{name}-{p}" for p in precisions}}
     try:
         for n in names.values():
-            repository.check_name_clash(cfg.repository, n, signature(src.meta))
-    except repository.RepositoryError as e:
+            check_name_clash(cfg.repository, n, ModelSignature.of(src.meta))
+    except RepositoryError as e:
         raise BadInput(str(e)) from e
+    return names
 
-    report = base_report(src, name, count_parameters(wrapper.model), cfg)
-    say(name, f"loading evaluation data ({src.meta.dataset})")
+
+def _eval_data(
+    src: Source, report: ExportReport, cfg: ExportConfig
+) -> tuple[EvalData, tuple[np.ndarray, str] | None]:
+    say(report.name, f"loading evaluation data ({src.meta.dataset})")
     t = time.perf_counter()
     try:  # a dataset that does not fit the metadata (channels, labels) is bad input, not a crash
         data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
@@ -342,10 +335,13 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
     except ValueError as e:
         raise BadInput(f"{src.path}: evaluation data for '{src.meta.dataset}': {e}") from e
     _timed(report, "load_data", t)
-    fp32 = export_fp32(src, wrapper, data, report, cfg)
+    return data, calib
 
+
+def _variants(fp32: Candidate, names: dict[str, str], src: Source, data: EvalData, report: ExportReport,
+              cfg: ExportConfig, calib: tuple[np.ndarray, str] | None) -> list[Candidate]:  # fmt: skip
     variants = []
-    for precision in precisions:
+    for precision in [p for p in names if p != "fp32"]:
         say(names[precision], f"converting to {precision}, then its accuracy and speed against fp32")
         t = time.perf_counter()
         try:
@@ -353,37 +349,51 @@ def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
         except Exception as e:  # a converter crash costs this variant only
             variants.append(Candidate(precision, b"", [], publish=False, why_not=f"{type(e).__name__}: {e}"))
         _timed(report, f"variant_{precision}", t)
+    return variants
 
-    every = [fp32, *variants]
-    report.update(
-        passed=True,
-        accuracy={c.precision: c.numbers.get("accuracy") for c in every},
-        precisions=_variant_summary(every),
-    )
-    result = ExportResult(given, name, report)
+
+def _publish_all(result: ExportResult, every: list[Candidate], names: dict[str, str], src: Source,
+                 cfg: ExportConfig, t0: float) -> None:  # fmt: skip
+    assert cfg.repository is not None
+    report = result.report
     # fp16/int8 keep fp32 inputs/outputs: every precision gets the same interface in config.pbtxt.
     for cand in every:
         model_name = names[cand.precision]
         if not cand.publish:
             result.problems.append(f"{model_name} not published: {cand.why_not}")
             continue
-        checks_run = report["checks"] + [c.to_dict() for c in cand.checks]
-        own = {"name": model_name, "precision": cand.precision, "checks": checks_run}
+        own = {"name": model_name, "precision": cand.precision, "checks": report.checks + cand.checks}
         _timed(report, "total", t0)
 
-        def report_for(version: int, own: dict[str, Any] = own) -> dict[str, Any]:
-            return {**report, **own, "version": version}
+        def report_for(version: int, own: dict[str, Any] = own) -> ExportReport:
+            return dataclasses.replace(report, **own, version=version)
 
-        text = repository.render_config_pbtxt(
+        config = model_config(
             model_name, src.meta.input_shape, src.meta.num_classes, cfg.max_batch_size, cfg.max_queue_delay_us
         )
-        result.published[model_name] = repository.publish(
-            cfg.repository,
-            model_name,
-            cand.model_bytes,
-            report_for,
-            text,
+        result.published[model_name] = publish(
+            cfg.repository, model_name, cand.model_bytes, report_for, render_config(config),
             labels=src.meta.class_names,
-        )
-    report["published"] = dict(result.published)
+        )  # fmt: skip
+    report.published = dict(result.published)
+
+
+def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
+    """Everything for one checkpoint. Raises BadInput (nothing written) or ExportFailed (nothing published)."""
+    from trainer.models import count_parameters
+
+    t0 = time.perf_counter()
+    src = load_source(given)
+    name = sanitize_name(cfg.name) if cfg.name else default_name(src)
+    wrapper = build_wrapper(src)
+    names = _names(name, src, cfg)
+    report = base_report(src, names["fp32"], count_parameters(wrapper.model), cfg)
+    data, calib = _eval_data(src, report, cfg)
+    fp32 = export_fp32(src, wrapper, data, report, cfg)
+    every = [fp32, *_variants(fp32, names, src, data, report, cfg, calib)]
+    report.passed = True
+    report.accuracy = {c.precision: c.numbers.get("accuracy") for c in every}
+    report.precisions = _variant_summary(every)
+    result = ExportResult(given, names["fp32"], report)
+    _publish_all(result, every, names, src, cfg, t0)
     return result

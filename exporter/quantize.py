@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from cnnstack.contract import INPUT_NAME
+
 CALIBRATION_BATCH = 32
 
 
@@ -58,7 +60,7 @@ class _Calibration:
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         xb = next(self._batches, None)
-        return None if xb is None else {"input": np.ascontiguousarray(xb, dtype=np.float32)}
+        return None if xb is None else {INPUT_NAME: np.ascontiguousarray(xb, dtype=np.float32)}
 
 
 def to_int8(proto: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from cnnstack.contract import ExportReport
+
 COLUMNS = (
     ("model", "model"),
     ("version", "version"),
@@ -20,17 +22,12 @@ COLUMNS = (
 )
 
 
-def _check(report: dict[str, Any], name: str) -> dict[str, Any]:
-    return next((c["numbers"] for c in report.get("checks", []) if c["name"] == name), {})
-
-
 def summary_row(
-    source: str, name: str | None, report: dict[str, Any] | None, published: dict[str, int], status: str
+    source: str, name: str | None, report: ExportReport | None, published: dict[str, int], status: str
 ) -> dict[str, Any]:
     """JSON-safe row; missing numbers are None."""
-    report = report or {}
-    precisions = report.get("precisions", {})
-    parity = _check(report, "parity")
+    precisions = (report.precisions if report else None) or {}
+    parity = report.check("parity") if report else {}
 
     def acc(p: str) -> float | None:
         return precisions.get(p, {}).get("accuracy")
@@ -43,7 +40,7 @@ def summary_row(
         "model": name,
         "version": published.get(name) if name else None,
         "published": published,
-        "params": report.get("model", {}).get("params"),
+        "params": report.model.params if report else None,
         "onnx_bytes": precisions.get("fp32", {}).get("onnx_bytes"),
         "parity_max_abs_diff": parity.get("max_abs_diff"),
         "top1_agreement": parity.get("top1_agreement"),

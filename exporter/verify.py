@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from exporter import checks, onnx_export, repository
+from cnnstack.contract import MODEL_FILE, CheckResult, ModelMeta, Provenance
+from exporter import checks, onnx_export
 from exporter.config import ExportConfig
 from exporter.inputs import load_eval_data
 from exporter.pipeline import BadInput, build_wrapper, gate_of, load_source
@@ -20,26 +21,28 @@ def verify_published(cfg: ExportConfig) -> dict[str, Any]:
 
     assert cfg.checkpoint is not None
     vdir = cfg.sources[0]
-    model_path = vdir / repository.MODEL_FILE
+    model_path = vdir / MODEL_FILE
     if not model_path.is_file():
-        raise BadInput(f"{vdir} is not a published model version: no {repository.MODEL_FILE} in it")
+        raise BadInput(f"{vdir} is not a published model version: no {MODEL_FILE} in it")
     try:
         proto = onnx.load_model(model_path)
     except Exception as e:
         raise BadInput(f"{model_path} is not a readable ONNX model: {e}") from e
     props = onnx_export.read_metadata(proto)
     src = load_source(cfg.checkpoint)
-    if props.get("arch") not in (None, src.meta.arch):
-        raise BadInput(f"{model_path} is a '{props['arch']}' model, {src.path} holds a '{src.meta.arch}'")
+    arch = _published_arch(props)
+    if arch not in (None, src.meta.arch):
+        raise BadInput(f"{model_path} is a '{arch}' model, {src.path} holds a '{src.meta.arch}'")
     wrapper = build_wrapper(src)
-    precision = props.get("precision", "fp32")
+    provenance = Provenance.from_onnx_props(props)
+    precision = provenance.precision
     data = load_eval_data(src.meta, cfg.data_dir, cfg.parity_samples, cfg.seed)
     report: dict[str, Any] = {
         "model": str(model_path.resolve()),
         "precision": precision,
         "checkpoint": str(src.path.resolve()),
         "checkpoint_sha256": src.sha256,
-        "source_sha256_matches": props.get("source_sha256") == src.sha256,
+        "source_sha256_matches": provenance.source_sha256 == src.sha256,
         "data": data.source,
         "checks": [],
     }
@@ -58,24 +61,19 @@ def verify_published(cfg: ExportConfig) -> dict[str, Any]:
     return report
 
 
-def _accuracy_gate(
-    wrapper, model_bytes: bytes, data, cfg: ExportConfig, precision: str
-) -> checks.CheckResult:
+def _accuracy_gate(wrapper, model_bytes: bytes, data, cfg: ExportConfig, precision: str) -> CheckResult:
     ref = checks.accuracy(checks.torch_logits(wrapper, data.x, cfg.parity_batch), data.y)
     got = checks.accuracy(
         checks.ort_logits(checks.session(model_bytes, threads=cfg.threads), data.x, cfg.parity_batch), data.y
     )
     if ref is None or got is None:
-        return checks.CheckResult("accuracy_gate", False, {}, f"accuracy unknown: {data.source}")
-    drop = 100.0 * (ref - got)
-    return checks.CheckResult(
-        "accuracy_gate",
-        drop <= cfg.max_accuracy_drop,
-        {
-            "pytorch_accuracy": ref,
-            "accuracy": got,
-            "drop_pp": round(drop, 3),
-            "max_drop_pp": cfg.max_accuracy_drop,
-        },
-        f"{precision} accuracy {100 * got:.2f}% vs PyTorch fp32 {100 * ref:.2f}% (drop {drop:.2f} pp)",
-    )
+        return CheckResult("accuracy_gate", False, {}, f"accuracy unknown: {data.source}")
+    return checks.accuracy_gate(precision, got, ref, cfg.max_accuracy_drop, "pytorch", "PyTorch fp32")
+
+
+def _published_arch(props: dict[str, str]) -> str | None:
+    """The arch a published model declares (None for one without cnn-export's metadata)."""
+    try:
+        return ModelMeta.from_onnx_props(props).arch
+    except ValueError:
+        return None

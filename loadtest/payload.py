@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from cnnstack.contract import INPUT_NAME, PROBABILITIES_NAME, TENSOR_DATATYPE
+
 CLASSIFY_METHOD = "/cnnstack.classifier.v1.Classifier/Classify"
 KSERVE_METHOD = "/inference.GRPCInferenceService/ModelInfer"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -109,12 +111,12 @@ def classify_request(
 
 
 def kserve_request(images: np.ndarray, model: str, version: int) -> bytes:
-    """One serialized KServe v2 ModelInferRequest: input "input" FP32 (K, C, H, W) as raw bytes."""
+    """One serialized KServe v2 ModelInferRequest: the model's FP32 input (K, C, H, W) as raw bytes."""
     pb = kserve_pb2()
     req = pb.ModelInferRequest(model_name=model, model_version=str(version) if version else "")
-    tensor = req.inputs.add(name="input", datatype="FP32", shape=list(images.shape))
-    del tensor  # contents travel in raw_input_contents, the fast path
-    req.outputs.add(name="probabilities")
+    # The contents travel in raw_input_contents, the fast path.
+    req.inputs.add(name=INPUT_NAME, datatype=TENSOR_DATATYPE, shape=list(images.shape))
+    req.outputs.add(name=PROBABILITIES_NAME)
     req.raw_input_contents.append(np.ascontiguousarray(images, "<f4").tobytes())
     return req.SerializeToString()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from cnnstack.contract import RepositoryError
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc
 from protos.inference import grpc_service_pb2_grpc
 from server.classifier_service import ClassifierService
@@ -27,7 +28,6 @@ from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, en
 from server.kserve_service import KServeService
 from server.metrics import ServerMetrics, start_metrics_http
 from server.models import ModelManager
-from server.repository import RepositoryError
 from server.runtime import DeviceError, resolve_device, usable_cpus
 from server.served import ServingSettings
 

@@ -16,13 +16,13 @@ import time
 import grpc
 import numpy as np
 
+from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
 from server.common import Call, Inference, deadline_of, error_code, pipelined
 from server.errors import invalid, not_found
 from server.postprocess import top_k_of
 from server.preprocess import check_count
-from server.repository import PLATFORM
 from server.served import ServedVersion
 
 perf_counter = time.perf_counter
@@ -42,13 +42,15 @@ def parse_version(text: str) -> int:
 def input_array(request: ks.ModelInferRequest, served: ServedVersion) -> np.ndarray:
     """The request's one input -> (N, C, H, W) float32 (a view of the raw bytes when sent raw)."""
     if len(request.inputs) != 1:
-        raise invalid(f"model {served.name!r} takes exactly 1 input ('input'), got {len(request.inputs)}")
+        raise invalid(
+            f"model {served.name!r} takes exactly 1 input ({INPUT_NAME!r}), got {len(request.inputs)}"
+        )
     inp = request.inputs[0]
     expected_name = served.instances[0].input_name
     if inp.name != expected_name:
         raise invalid(f"unknown input {inp.name!r}; model {served.name!r} has one input {expected_name!r}")
-    if inp.datatype != "FP32":
-        raise invalid(f"input {inp.name!r} must be FP32, got {inp.datatype!r}")
+    if inp.datatype != TENSOR_DATATYPE:
+        raise invalid(f"input {inp.name!r} must be {TENSOR_DATATYPE}, got {inp.datatype!r}")
     shape = tuple(inp.shape)
     if len(shape) != 4 or shape[1:] != served.input_shape:
         raise invalid(
@@ -113,7 +115,7 @@ def build_response(
             response.outputs.add(name=req_out.name, datatype="BYTES", shape=[out.shape[0], k])
             raw.append(_classification_bytes(served, outputs, k))
         else:
-            response.outputs.add(name=req_out.name, datatype="FP32", shape=list(out.shape))
+            response.outputs.add(name=req_out.name, datatype=TENSOR_DATATYPE, shape=list(out.shape))
             raw.append(np.ascontiguousarray(out, dtype="<f4").tobytes())
     response.raw_output_contents.extend(raw)
     return response
@@ -159,8 +161,17 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
             name=served.name,
             versions=[str(v) for v in sorted(entry.versions)] if entry else [str(served.version)],
             platform=PLATFORM,
-            inputs=[T(name=served.instances[0].input_name, datatype="FP32", shape=[-1, *served.input_shape])],
-            outputs=[T(name=n, datatype="FP32", shape=[-1, served.num_classes]) for n in served.output_names],
+            inputs=[
+                T(
+                    name=served.instances[0].input_name,
+                    datatype=TENSOR_DATATYPE,
+                    shape=[-1, *served.input_shape],
+                )
+            ],
+            outputs=[
+                T(name=n, datatype=TENSOR_DATATYPE, shape=[-1, served.num_classes])
+                for n in served.output_names
+            ],
         )
 
     async def ModelConfig(self, request, context) -> ks.ModelConfigResponse:

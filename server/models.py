@@ -20,10 +20,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnstack.contract import RepoModel, RepositoryError, scan_repository, select_versions
 from protos.inference import model_config_pb2 as mc
 from server.errors import not_found
 from server.metrics import ServerMetrics
-from server.repository import RepoModel, RepositoryError, scan_repository, select_versions
 from server.served import ServedVersion, ServingSettings, load_version
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from cnnstack.contract import LOGITS_NAME, PROBABILITIES_NAME
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
@@ -28,10 +30,10 @@ def ranked(outputs: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarr
     Runs with the batch on the instance's executor thread: numpy's argmax always releases the GIL,
     and on the event loop each release lets another thread cut in (see server.batcher).
     """
-    if "probabilities" in names:
-        probs = outputs[names.index("probabilities")]
+    if PROBABILITIES_NAME in names:
+        probs = outputs[names.index(PROBABILITIES_NAME)]
     else:
-        probs = softmax(outputs[names.index("logits")])
+        probs = softmax(outputs[names.index(LOGITS_NAME)])
     top1 = probs.argmax(axis=1)
     return [*outputs, probs, top1, probs[np.arange(top1.shape[0]), top1]]
 

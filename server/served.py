@@ -16,21 +16,24 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from cnnstack.contract import (
+    LOGITS_NAME,
+    OUTPUT_NAMES,
+    PLATFORM,
+    PROBABILITIES_NAME,
+    ModelMeta,
+    RepositoryError,
+    VersionFiles,
+    add_tensors,
+    check_report,
+    meta_from_props,
+)
 from protos.inference import model_config_pb2 as mc
 from server.batcher import STOP, Batcher, submit
 from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
 from server.postprocess import ranked
-from server.repository import (
-    PLATFORM,
-    RepositoryError,
-    VersionFiles,
-    check_report,
-    effective_limit,
-    meta_from_props,
-)
 from server.runtime import CPU, CUDA, Instance, create_instances, create_session, threads_per_instance
-from trainer.meta import ModelMeta
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +116,9 @@ def load_version(
                 f"{files.model_path}: input dims {static} disagree with metadata {meta.input_shape}"
             )
         names = [o.name for o in outputs]
-        if "probabilities" not in names and "logits" not in names:
+        if not set(OUTPUT_NAMES) & set(names):
             raise RepositoryError(
-                f"{files.model_path}: needs a 'probabilities' or 'logits' output, has {names}"
+                f"{files.model_path}: needs a {PROBABILITIES_NAME!r} or {LOGITS_NAME!r} output, has {names}"
             )
         # The server flags are ceilings; a model's config.pbtxt may only lower them.
         batching = repo_config.dynamic_batching
@@ -142,6 +145,11 @@ def load_version(
     return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue, inline_max)
 
 
+def effective_limit(server_value: float, model_value: float) -> float:
+    """A model's config may lower a server ceiling (0 in the config means "not set")."""
+    return min(server_value, model_value) if model_value > 0 else server_value
+
+
 def _warm_up(
     inst: Instance, meta: ModelMeta, max_batch: int, source: str, inline_s: float
 ) -> dict[int, float]:
@@ -163,7 +171,7 @@ def _warm_up(
             raise RepositoryError(f"{source}: fails to run a batch of {b}: {type(e).__name__}: {e}") from e
         timings[b] = best
         for name, out in zip(inst.output_names, outs, strict=True):
-            if name in ("probabilities", "logits") and out.shape != (b, meta.num_classes):
+            if name in OUTPUT_NAMES and out.shape != (b, meta.num_classes):
                 raise RepositoryError(
                     f"{source}: output {name!r} has shape {list(out.shape)} for a batch of {b}, "
                     f"expected [{b}, {meta.num_classes}] ({meta.num_classes} class names in the metadata)"
@@ -199,11 +207,7 @@ def _effective_config(
     config.name = name
     config.platform = PLATFORM
     config.max_batch_size = max_batch
-    if not config.input:
-        config.input.add(name="input", data_type=mc.TYPE_FP32, dims=list(meta.input_shape))
-    if not config.output:
-        for out in outputs:
-            config.output.add(name=out, data_type=mc.TYPE_FP32, dims=[meta.num_classes])
+    add_tensors(config, meta.input_shape, meta.num_classes, outputs)
     config.dynamic_batching.max_queue_delay_microseconds = int(round(delay_s * 1e6))
     del config.instance_group[:]
     kind = mc.ModelInstanceGroup.KIND_GPU if provider == CUDA else mc.ModelInstanceGroup.KIND_CPU

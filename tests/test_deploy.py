@@ -16,7 +16,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from exporter import repository
+from cnnstack.contract import publish
 from exporter.config import parse_config
 from loadtest.config import parse_args as parse_loadtest
 from server.config import ENV_PREFIX, ServerConfig
@@ -217,7 +217,7 @@ def test_artifacts_flow_trainer_to_exporter_to_server_to_loadtest() -> None:
 
 def test_published_versions_are_readable_by_the_server(tmp_path: Path) -> None:
     exporter_user, server_user = run_user(services()["exporter"]), run_user(services()["server"])
-    version = repository.publish(tmp_path, "m", b"onnx", lambda v: {}, "config")
+    version = publish(tmp_path, "m", b"onnx", lambda v: {}, "config")
     mode = (tmp_path / "m" / str(version)).stat().st_mode
     assert exporter_user == server_user or mode & 0o005 == 0o005, f"{oct(mode)} by {exporter_user}"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import atomic_write_bytes
+from cnnstack.contract import atomic_write_text, json_text
 from trainer.config import ConfigError, TrainConfig
 
 
@@ -155,10 +155,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate: error: {e}", file=sys.stderr)
         return 2
     table = to_markdown(rows, base)
-    atomic_write_bytes(out / "ablation.md", lambda f: f.write(table.encode()))
+    atomic_write_text(out / "ablation.md", table)
     report = {"config": dataclasses.asdict(base), "variants": rows}
-    data = (json.dumps(report, indent=2) + "\n").encode()
-    atomic_write_bytes(out / "ablation.json", lambda f: f.write(data))
+    atomic_write_text(out / "ablation.json", json_text(report, sort_keys=False))
     print(table)
     return 0
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.checkpoint import atomic_write_bytes
+from cnnstack.contract import atomic_write_text, json_text
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json")
 
@@ -70,14 +70,12 @@ def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write_text(path, json_text(obj, sort_keys=False))
 
 
 def write_metrics_jsonl(path: Path, history: list[dict[str, Any]]) -> None:
     """The whole history each epoch: a crash mid-write leaves the previous complete file."""
-    data = "".join(json.dumps(r) + "\n" for r in history).encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in history))
 
 
 def read_metrics_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -90,8 +88,7 @@ def write_confusion_csv(path: Path, confusion: list[list[int]], class_names: tup
     w.writerow(["true\\predicted", *class_names])
     for name, row in zip(class_names, confusion, strict=True):
         w.writerow([name, *row])
-    data = buf.getvalue().encode()
-    atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_confusion_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[list[int]]]:

@@ -11,13 +11,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from trainer.checkpoint import atomic_write_bytes
+from cnnstack.contract import atomic_write_bytes
 
 
 def _save(fig: Any, path: str | os.PathLike[str]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, lambda f: f.write(buf.getvalue()))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _pyplot() -> Any:

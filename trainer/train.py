@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cnnstack.contract import ModelMeta
 from trainer import plots
 from trainer.checkpoint import SCHEMA_VERSION, CheckpointError, git_commit, load_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
@@ -27,7 +28,6 @@ from trainer.data import DatasetInfo, Split, load_dataset, to_float
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
 from trainer.engine import ModelEMA, autocast, evaluate, train_one_epoch
 from trainer.hostmem import tune_malloc
-from trainer.meta import ModelMeta
 from trainer.models import count_parameters, get_model
 from trainer.outputs import (
     check_output_dir,

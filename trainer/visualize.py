@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnstack.contract import ModelMeta
 from trainer.checkpoint import CheckpointError, build_model, checkpoint_meta, load_checkpoint
 from trainer.data import DatasetError, DatasetInfo, load_dataset, to_float
 from trainer.datasets.synthetic import make_synthetic
-from trainer.meta import ModelMeta
 
 
 @dataclass(frozen=True)

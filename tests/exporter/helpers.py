@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnstack.contract import ModelMeta
 from exporter.__main__ import main
 from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
-from trainer.meta import ModelMeta
 from trainer.models import get_model
 
 # Fast settings: a parity batch of 64 (the smallest the gate allows), few batch-1 images, short timing.

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnstack.contract import ModelMeta
 from tests.exporter.helpers import FAST, run_export, tree, write_checkpoint
 from trainer.checkpoint import load_checkpoint
-from trainer.meta import ModelMeta
 from trainer.models import get_model
 
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from cnnstack.contract import INPUT_NAME, LOGITS_NAME, PROBABILITIES_NAME
 from exporter.checks import check_onnx, compare
 
 pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch
@@ -48,12 +49,12 @@ def test_disagreement_with_a_clear_margin_fails() -> None:
 
 
 def _model(out_dims: list) -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 4])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, out_dims)
-    probs = helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, out_dims)
+    x = helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 4])
+    logits = helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, out_dims)
+    probs = helper.make_tensor_value_info(PROBABILITIES_NAME, TensorProto.FLOAT, out_dims)
     nodes = [
-        helper.make_node("Identity", ["input"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"]),
+        helper.make_node("Identity", [INPUT_NAME], [LOGITS_NAME]),
+        helper.make_node("Softmax", [LOGITS_NAME], [PROBABILITIES_NAME]),
     ]
     return helper.make_model(
         helper.make_graph(nodes, "g", [x], [logits, probs]), opset_imports=[helper.make_opsetid("", 18)]

@@ -13,8 +13,7 @@ import pytest
 import torch
 from google.protobuf import text_format
 
-from exporter import onnx_export
-from exporter.repository import (
+from cnnstack.contract import (
     CONFIG_FILE,
     FAILED_DIR,
     LABELS_FILE,
@@ -22,7 +21,9 @@ from exporter.repository import (
     REPORT_FILE,
     SUMMARY_JSON,
     SUMMARY_MD,
+    ModelMeta,
 )
+from exporter import onnx_export
 from tests.exporter.helpers import (
     FAST,
     FAST_CHECKS,
@@ -34,7 +35,6 @@ from tests.exporter.helpers import (
     tree,
 )
 from trainer.checkpoint import build_model, load_checkpoint
-from trainer.meta import ModelMeta
 from trainer.models import list_models
 
 pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch

@@ -11,8 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from cnnstack.contract import MODEL_FILE, REPORT_FILE, SUMMARY_JSON, list_model_names
 from exporter import onnx_export, quantize
-from exporter.repository import MODEL_FILE, REPORT_FILE, SUMMARY_JSON, list_model_names
 from tests.exporter.helpers import FAST, make_model, run_export, synthetic_meta, write_checkpoint
 
 pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch

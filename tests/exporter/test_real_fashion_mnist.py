@@ -10,9 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.repository import REPORT_FILE, list_model_names
+from cnnstack.contract import REPORT_FILE, ModelMeta, list_model_names
 from tests.exporter.helpers import run_export, train_briefly, write_checkpoint
-from trainer.meta import ModelMeta
 from trainer.models import get_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.numerics]

@@ -3,50 +3,20 @@ the server's own request counter must equal what the client counted, step by ste
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from loadtest.__main__ import main
-from server.config import ServerConfig
-from trainer.meta import ModelMeta
+from tests.server.helpers import RunningServer, publish, server_config, tiny_model
 
 pytestmark = pytest.mark.integration
 
 SHAPE = (1, 8, 8)
 CLASSES = tuple(f"c{i}" for i in range(4))
-
-
-def tiny_onnx() -> bytes:
-    """input (N, 1, 8, 8) -> Flatten -> Gemm -> logits -> Softmax -> probabilities, seeded weights."""
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((64, len(CLASSES))).astype(np.float32)
-    b = np.zeros(len(CLASSES), np.float32)
-    graph = helper.make_graph(
-        [
-            helper.make_node("Flatten", ["input"], ["flat"], axis=1),
-            helper.make_node("Gemm", ["flat", "W", "b"], ["logits"]),
-            helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
-        ],
-        "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", *SHAPE])],
-        [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(CLASSES)]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", len(CLASSES)]),
-        ],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    meta = ModelMeta("tiny", "synthetic", SHAPE, (0.0,), (1.0,), CLASSES)
-    helper.set_model_props(model, {**meta.to_onnx_props(), "precision": "fp32"})
-    return model.SerializeToString()
 
 
 @dataclass
@@ -57,25 +27,13 @@ class RealServer:
 
 @pytest.fixture
 def real_server(tmp_path: Path) -> Iterator[RealServer]:
-    from server.app import create_server
-
-    version = tmp_path / "repo" / "tiny" / "1"
-    version.mkdir(parents=True)
-    (version / "model.onnx").write_bytes(tiny_onnx())
-    (version / "export_report.json").write_text(json.dumps({"passed": True}))
-    cfg = ServerConfig(repository=tmp_path / "repo", port=0, metrics_port=0, device="cpu", poll_interval_s=0,
-                       intra_op_threads=1, max_batch_size=8, grace_s=2.0)  # fmt: skip
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    handle, port = asyncio.run_coroutine_threadsafe(create_server(cfg), loop).result(timeout=60)
+    data, tm = tiny_model(input_shape=SHAPE, class_names=CLASSES, arch="tiny", dataset="synthetic")
+    publish(tmp_path / "repo", "tiny", 1, data, tm.meta)
+    server = RunningServer(server_config(tmp_path / "repo", max_batch_size=8, grace_s=2.0))
     try:
-        yield RealServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{handle.metrics_port}/metrics")
+        yield RealServer(server.target, f"http://127.0.0.1:{server.handle.metrics_port}/metrics")
     finally:
-        asyncio.run_coroutine_threadsafe(handle.stop(1.0), loop).result(timeout=30)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        loop.close()
+        server.stop(1.0)
 
 
 def test_bounded_load_test_counts_match_the_servers_counter(real_server: RealServer, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Server test helpers (imported by tests/server/conftest.py and the tests): tiny ONNX models built with onnx.helper (no torch) published exactly the
-way cnn-export publishes them, and an in-process server running on its own event-loop thread.
+"""Server test helpers (imported by tests/server/conftest.py and the tests): tiny ONNX models built
+with onnx.helper (no torch) published in the layout cnn-export publishes, at the version a test asks
+for, and an in-process server running on its own event-loop thread.
 
 The tiny classifier is ``input (N, 1, 28, 28) -> Flatten -> Gemm(W, b) -> logits -> Softmax ->
 probabilities`` with seeded weights, so a test can compute the expected answer with numpy.
@@ -21,8 +22,21 @@ from pathlib import Path
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
+from cnnstack.contract import (
+    CONFIG_FILE,
+    INPUT_NAME,
+    LOGITS_NAME,
+    MODEL_FILE,
+    PROBABILITIES_NAME,
+    REPORT_FILE,
+    TMP_PREFIX,
+    ModelMeta,
+    ModelSignature,
+    Provenance,
+    model_config,
+    render_config,
+)
 from server.config import ServerConfig
-from trainer.meta import ModelMeta
 
 FMNIST_CLASSES = (
     "T-shirt/top",
@@ -74,7 +88,7 @@ def tiny_model(
     c, h, w = input_shape
     k = len(class_names)
     features = c * h * w
-    inits, nodes = [], [helper.make_node("Flatten", ["input"], ["flat"], axis=1)]
+    inits, nodes = [], [helper.make_node("Flatten", [INPUT_NAME], ["flat"], axis=1)]
     x_name, x_dim, hidden_w = "flat", features, None
     if hidden:
         w_in = (rng.standard_normal((features, width)) / np.sqrt(features)).astype(np.float32)
@@ -89,31 +103,23 @@ def tiny_model(
     bias = (rng.standard_normal(k) * 0.1).astype(np.float32)
     inits += [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "b")]
     nodes += [
-        helper.make_node("Gemm", [x_name, "W", "b"], ["logits"]),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+        helper.make_node("Gemm", [x_name, "W", "b"], [LOGITS_NAME]),
+        helper.make_node("Softmax", [LOGITS_NAME], [PROBABILITIES_NAME], axis=1),
     ]
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", c, h, w])],
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", c, h, w])],
         [
-            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", k]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info(LOGITS_NAME, TensorProto.FLOAT, ["batch", k]),
+            helper.make_tensor_value_info(PROBABILITIES_NAME, TensorProto.FLOAT, ["batch", k]),
         ],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     meta = ModelMeta(arch, dataset, input_shape, (0.5,) * c, (0.5,) * c, class_names)
-    props = {
-        **meta.to_onnx_props(),
-        "test_accuracy": "0.9",
-        "source_sha256": "0" * 64,
-        "exporter_version": "test",
-        "torch_version": "none",
-        "onnx_version": "test",
-        "precision": "fp32",
-    }
-    helper.set_model_props(model, props)
+    made = Provenance("fp32", 0.9, "", "0" * 64, "test", "", "none", "test")
+    helper.set_model_props(model, {**meta.to_onnx_props(), **made.to_onnx_props()})
     return model.SerializeToString(), TinyModel(meta, weight, bias, hidden, hidden_w)
 
 
@@ -121,16 +127,11 @@ def config_pbtxt(
     name: str, input_shape: tuple[int, int, int], num_classes: int, max_batch_size: int = 64,
     max_queue_delay_us: int = 2000, num_versions: int = 1,
 ) -> str:  # fmt: skip
-    """The config cnn-export writes (exporter.repository.render_config_pbtxt)."""
-    c, h, w = input_shape
-    return (
-        f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: {max_batch_size}\n'
-        f'input [\n  {{ name: "input" data_type: TYPE_FP32 dims: [ {c}, {h}, {w} ] }}\n]\n'
-        f'output [\n  {{ name: "logits" data_type: TYPE_FP32 dims: [ {num_classes} ] }},\n'
-        f'  {{ name: "probabilities" data_type: TYPE_FP32 dims: [ {num_classes} ] }}\n]\n'
-        f"dynamic_batching {{\n  max_queue_delay_microseconds: {max_queue_delay_us}\n}}\n"
-        f"version_policy: {{ latest {{ num_versions: {num_versions} }} }}\n"
+    """The config cnn-export writes, without its labels file."""
+    config = model_config(
+        name, input_shape, num_classes, max_batch_size, max_queue_delay_us, num_versions, label_filename=None
     )
+    return render_config(config)
 
 
 def publish(
@@ -139,17 +140,16 @@ def publish(
 ) -> Path:  # fmt: skip
     """Atomic publish like the exporter: build in REPO/.tmp-*, write config, rename into place."""
     repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=repo))
-    (tmp / "model.onnx").write_bytes(model_bytes)
-    report = {"passed": passed, "model": {"arch": meta.arch, "input_shape": list(meta.input_shape),
-              "num_classes": meta.num_classes}, "version": version}  # fmt: skip
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=repo))
+    (tmp / MODEL_FILE).write_bytes(model_bytes)
+    report = {"passed": passed, "model": ModelSignature.of(meta).to_dict(), "version": version}
     if not passed:
         report["failure"] = "parity gate: max abs diff 0.3 > 1e-4"
-    (tmp / "export_report.json").write_text(json.dumps(report))
+    (tmp / REPORT_FILE).write_text(json.dumps(report))
     model_dir = repo / name
     model_dir.mkdir(exist_ok=True)
     cfg_text = config if config is not None else config_pbtxt(name, meta.input_shape, meta.num_classes)
-    (model_dir / "config.pbtxt").write_text(cfg_text)
+    (model_dir / CONFIG_FILE).write_text(cfg_text)
     target = model_dir / str(version)
     os.rename(tmp, target)
     return target

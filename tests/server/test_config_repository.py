@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cnnstack.contract import RepositoryError, check_report, parse_config, scan_repository, select_versions
 from server.config import ServerConfig
-from server.repository import RepositoryError, check_report, parse_config, scan_repository, select_versions
 from tests.server.helpers import config_pbtxt, publish, server_config, tiny_model
 
 

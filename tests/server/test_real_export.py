@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.numerics]
 def test_serves_a_lenet5_exported_by_cnn_export(tmp_path, start_server) -> None:
     torch = pytest.importorskip("torch")
     export_main = pytest.importorskip("exporter.__main__").main
+    from cnnstack.contract import ModelMeta
     from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
     from trainer.data import load_dataset
-    from trainer.meta import ModelMeta
     from trainer.models import get_model
 
     info, _, _ = load_dataset("synthetic")

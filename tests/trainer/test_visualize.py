@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from torch import nn
 
+from cnnstack.contract import ModelMeta
 from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
 from trainer.data import load_dataset
-from trainer.meta import ModelMeta
 from trainer.models import get_model
 from trainer.visualize import conv_outputs, main, mosaic
 

@@ -13,14 +13,16 @@ from pathlib import Path
 import pytest
 from google.protobuf import text_format
 
-from exporter import repository
-from exporter.repository import (
+from cnnstack.contract import (
+    ModelSignature,
     RepositoryError,
     check_name_clash,
     list_model_names,
     list_versions,
+    model_config,
     publish,
-    render_config_pbtxt,
+    render_config,
+    repository,
     sanitize_name,
 )
 
@@ -34,7 +36,7 @@ def _report(v: int, arch: str = "lenet5", shape=(1, 28, 28), classes: int = 10) 
 
 
 def _publish(repo: Path, name: str, payload: bytes = b"onnx", arch: str = "lenet5") -> int:
-    config = render_config_pbtxt(name, (1, 28, 28), 10, 64, 500)
+    config = render_config(model_config(name, (1, 28, 28), 10, 64, 500))
     return publish(repo, name, payload, lambda v: _report(v, arch), config)
 
 
@@ -59,7 +61,7 @@ def test_sanitize_name_rejects_empty() -> None:
 def test_config_pbtxt_parses_into_tritons_model_config() -> None:
     from tritonclient.grpc import model_config_pb2
 
-    text = render_config_pbtxt("resnet18-cifar10", (3, 32, 32), 10, 128, 250)
+    text = render_config(model_config("resnet18-cifar10", (3, 32, 32), 10, 128, 250))
     cfg = text_format.Parse(text, model_config_pb2.ModelConfig())
     assert cfg.name == "resnet18-cifar10"
     assert cfg.platform == "onnxruntime_onnx"
@@ -79,7 +81,7 @@ def test_config_pbtxt_parses_into_tritons_model_config() -> None:
 def test_labels_file_lists_class_names_in_index_order_for_triton(tmp_path: Path) -> None:
     # Triton's classification extension (class_count) reads label i from line i of label_filename.
     names = ("T-shirt/top", "Trouser", "Ankle boot")
-    text = render_config_pbtxt("m", (1, 28, 28), len(names), 8, 100)
+    text = render_config(model_config("m", (1, 28, 28), len(names), 8, 100))
     repository.publish(tmp_path, "m", b"onnx", lambda v: {"version": v}, text, labels=names)
     assert (tmp_path / "m" / repository.LABELS_FILE).read_text().splitlines() == list(names)
     assert (
@@ -194,12 +196,12 @@ def test_concurrent_reader_never_sees_a_partial_version(tmp_path: Path) -> None:
 def test_name_clash_with_a_different_architecture(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     _publish(repo, "m", arch="lenet5")
-    check_name_clash(repo, "m", {"arch": "lenet5", "input_shape": [1, 28, 28], "num_classes": 10})
-    check_name_clash(repo, "other", {"arch": "vgg11", "input_shape": [3, 32, 32], "num_classes": 100})
+    check_name_clash(repo, "m", ModelSignature("lenet5", (1, 28, 28), 10))
+    check_name_clash(repo, "other", ModelSignature("vgg11", (3, 32, 32), 100))
     with pytest.raises(RepositoryError, match=r"taken by a different model.*arch='lenet5'.*'resnet18'"):
-        check_name_clash(repo, "m", {"arch": "resnet18", "input_shape": [1, 28, 28], "num_classes": 10})
+        check_name_clash(repo, "m", ModelSignature("resnet18", (1, 28, 28), 10))
     with pytest.raises(RepositoryError, match="num_classes"):
-        check_name_clash(repo, "m", {"arch": "lenet5", "input_shape": [1, 28, 28], "num_classes": 100})
+        check_name_clash(repo, "m", ModelSignature("lenet5", (1, 28, 28), 100))
 
 
 def test_unwritable_repository_is_reported(tmp_path: Path) -> None:
@@ -223,5 +225,5 @@ def test_failed_reports_stay_out_of_the_published_tree(tmp_path: Path) -> None:
 
 
 def test_repository_module_is_torch_free() -> None:
-    code = "import sys, exporter.repository; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
+    code = "import sys, cnnstack.contract; assert 'torch' not in sys.modules and 'onnx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
