@@ -35,6 +35,7 @@ import numpy as np
 from bench import h2load_client
 from bench.serve_report import MODELS, merge_repeats, ratio_table, ratios, table
 from cnnstack.contract import MODEL_FILE
+from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import LocalClient, describe_model
 from loadtest.multiproc import MultiProcClient
@@ -143,7 +144,8 @@ def cpu_seconds(pid: int) -> float:
 def server_process(
     cmd: list[str], target: str, model: str, startup_s: float = 120.0
 ) -> Iterator[subprocess.Popen]:
-    """Start ``cmd``, wait until ``target`` lists ``model``, stop it (SIGTERM, then SIGKILL) after."""
+    """Start ``cmd`` (a baseline server: no 'listening' line), wait until ``target`` lists ``model``,
+    stop it (SIGTERM, then SIGKILL) after. cnn-serve itself runs as a cnnstack.serverproc.ServerProcess."""
     log = open(os.devnull, "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -279,22 +281,21 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     with server_process(naive, target, name) as proc:
         out["naive"] = {c: load_step(cfg, target, name, shape, 1, c, pid=proc.pid) for c in cfg.concurrency}
     print(f"[bench] {name}: cnn-serve", flush=True)
-    mport = free_port()
-    ours = [py, "-m", "server", "--repository", str(repo), "--port", str(port), "--metrics-port", str(mport),
-            "--poll-interval-s", "0", "--log-level", "WARNING", *cfg.server_args]  # fmt: skip
-    murl = f"http://127.0.0.1:{mport}/metrics"
-    with server_process(ours, target, name) as proc:
+    ours = ServerProcess("--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
+                         *cfg.server_args, repository=repo, cwd=ROOT)  # fmt: skip
+    with ours:
+        target, pid = ours.target, ours.pid
+        murl = f"http://127.0.0.1:{ours.listening['metrics_port']}/metrics"
         out["ours"] = {
-            c: load_step(cfg, target, name, shape, 1, c, metrics_url=murl, pid=proc.pid)
-            for c in cfg.concurrency
+            c: load_step(cfg, target, name, shape, 1, c, metrics_url=murl, pid=pid) for c in cfg.concurrency
         }
         top = max(cfg.concurrency)
         # Latency to expect with top x big_request images in flight, at the 1-image throughput.
         expected = top * cfg.big_request / max(out["ours"][top]["images_per_s"], 1e-3)
         out["ours_big"] = load_step(cfg, target, name, shape, cfg.big_request, top, metrics_url=murl,
-                                    expected_latency_s=expected, pid=proc.pid)  # fmt: skip
+                                    expected_latency_s=expected, pid=pid)  # fmt: skip
         if h2:
-            out["ours_h2"] = {c: h2load_step(cfg, target, name, shape, c, proc.pid, murl) for c in (1, 64)}
+            out["ours_h2"] = {c: h2load_step(cfg, target, name, shape, c, pid, murl) for c in (1, 64)}
     return out
 
 

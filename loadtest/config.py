@@ -44,7 +44,8 @@ class LoadTestConfig:
         return self.target.rsplit(":", 1)[0]
 
 
-def _int_list(text: str) -> tuple[int, ...]:
+def int_list(text: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1, "1,16,64" -> (1, 16, 64); an argparse type."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
@@ -65,7 +66,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 
 
 def _shape(text: str) -> tuple[int, int, int]:
-    values = _int_list(text)
+    values = int_list(text)
     if len(values) != 3:
         raise argparse.ArgumentTypeError(f"--input-shape is C,H,W, got {text!r}")
     return values  # type: ignore[return-value]
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--version", type=int, default=0, help="model version (0: latest)")
     p.add_argument("--api", choices=APIS, default="classify")
-    p.add_argument("--concurrency", type=_int_list, default=None, help="closed-loop steps, e.g. 1,4,16,64")
+    p.add_argument("--concurrency", type=int_list, default=None, help="closed-loop steps, e.g. 1,4,16,64")
     p.add_argument("--request-rate", type=_float_list, default=None, help="open-loop steps in requests/s")
     p.add_argument("--images-per-request", type=int, default=1)
     p.add_argument("--duration", type=float, default=30.0, help="max measured seconds per step")

@@ -3,8 +3,6 @@ SIGHUP reload, start-up failures with exit code 2, and the process never importi
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
+from cnnstack.serverproc import ServerProcess
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.server.helpers import publish, tiny_model
@@ -34,50 +33,13 @@ def request(model: str = "tiny") -> pb.ClassifyRequest:
     )
 
 
-class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", *args],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={**os.environ, **(env or {})},
-        )
-        self.events: list[dict] = []
-        self.stderr: list[str] = []
-        self._listening = threading.Event()
-        threading.Thread(target=self._read_stdout, daemon=True).start()
-        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
-
-    def _read_stdout(self) -> None:
-        for line in self.proc.stdout:
-            event = json.loads(line)
-            self.events.append(event)
-            if event["event"] == "listening":
-                self._listening.set()
-
-    def wait_listening(self, timeout: float = 60) -> dict:
-        if not self._listening.wait(timeout):
-            self.kill()
-            raise AssertionError(f"server did not start: {''.join(self.stderr)[-3000:]}")
-        return next(e for e in self.events if e["event"] == "listening")
-
-    def event(self, name: str) -> dict:
-        return next(e for e in self.events if e["event"] == name)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def spawn():
+    """``spawn(*args, **kw) -> ServerProcess`` (launched, see cnnstack.serverproc); killed at teardown."""
     started: list[ServerProcess] = []
 
     def start(*args: str, **kw) -> ServerProcess:
-        p = ServerProcess(*args, **kw)
+        p = ServerProcess(*args, cwd=ROOT, **kw).launch()
         started.append(p)
         return p
 
@@ -90,8 +52,8 @@ def test_sigterm_under_load_finishes_every_admitted_call_and_exits_0(tmp_path, s
     root = tmp_path / "repo"
     data, tm = tiny_model(hidden=100, width=1024)  # a few ms per batch: work is queued at SIGTERM
     publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--repository", str(root), "--port", "0", "--metrics-port", "0", "--device", "cpu",
-                   "--max-batch-size", "4", "--poll-interval-s", "0", "--grace-s", "20")  # fmt: skip
+    server = spawn("--metrics-port", "0", "--device", "cpu", "--max-batch-size", "4", "--poll-interval-s", "0",
+                   "--grace-s", "20", repository=root)  # fmt: skip
     listening = server.wait_listening()
     target = f"127.0.0.1:{listening['port']}"
     results: Counter = Counter()
@@ -186,7 +148,7 @@ def test_device_cuda_without_a_working_cuda_provider_fails_start_clearly(tmp_pat
     root = tmp_path / "repo"
     data, tm = tiny_model()
     publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--repository", str(root), "--port", "0", "--metrics-port", "-1", "--device", "cuda")
+    server = spawn("--metrics-port", "-1", "--device", "cuda", repository=root)
     assert server.proc.wait(60) == 2
     time.sleep(0.2)
     err = "".join(server.stderr)
@@ -196,11 +158,9 @@ def test_device_cuda_without_a_working_cuda_provider_fails_start_clearly(tmp_pat
 
 
 def test_missing_repository_and_bad_flags_exit_2(tmp_path, spawn) -> None:
-    missing = spawn(
-        "--repository", str(tmp_path / "nope"), "--port", "0", "--metrics-port", "-1", "--device", "cpu"
-    )
+    missing = spawn("--metrics-port", "-1", "--device", "cpu", repository=tmp_path / "nope")
     assert missing.proc.wait(60) == 2
-    bad = spawn("--repository", str(tmp_path), "--max-batch-size", "0")
+    bad = spawn("--max-batch-size", "0", repository=tmp_path)
     assert bad.proc.wait(60) == 2
     time.sleep(0.2)
     assert "is not a directory" in "".join(missing.stderr)
@@ -253,7 +213,7 @@ def test_device_cuda_serves_on_the_cuda_provider(tmp_path, spawn) -> None:
     root = tmp_path / "repo"
     data, tm = tiny_model()
     publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--repository", str(root), "--port", "0", "--metrics-port", "-1", "--device", "cuda")
+    server = spawn("--metrics-port", "-1", "--device", "cuda", repository=root)
     listening = server.wait_listening()
     assert listening["provider"] == CUDA and listening["models"][0]["provider"] == CUDA
     with grpc.insecure_channel(f"127.0.0.1:{listening['port']}") as ch:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import pipeline
-from trainer.pipeline import PipelineConfig, parse_args
+from cnnstack import pipeline
+from cnnstack.pipeline import PipelineConfig, parse_args
 
 
 def test_defaults_train_a_lenet_and_a_deeper_model_into_out(tmp_path: Path) -> None:
@@ -62,7 +62,7 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path: Path, capsys: pytest
 @pytest.mark.integration
 def test_pipeline_end_to_end_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
-    cmd = [sys.executable, "-m", "trainer.pipeline", "--out", str(out), "--data-dir", str(fashion_mnist_dir),
+    cmd = [sys.executable, "-m", "cnnstack.pipeline", "--out", str(out), "--data-dir", str(fashion_mnist_dir),
            "--epochs", "1", "--max-train", "15000", "--parity-samples", "512", "--concurrency", "1,8",
            "--loadtest-duration", "2", "--quiet"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)

@@ -1,4 +1,4 @@
-"""``cnn-pipeline`` / ``python -m trainer.pipeline``: the whole job on the embedded default.
+"""``cnn-pipeline`` / ``python -m cnnstack.pipeline``: the whole job on the embedded default.
 
     train (a LeNet-5 + the deeper fmnist_net, briefly) -> export both through the parity gate
     -> start cnn-serve -> short cnn-loadtest per model -> stop the server -> summary
@@ -20,24 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-from loadtest.config import _int_list  # the same "1,16,64" parsing as cnn-loadtest --concurrency
-from trainer.datasets.idx import find_file
+from cnnstack.serverproc import ServerProcess, ServerStartError
+from loadtest.config import int_list  # the same "1,16,64" parsing as cnn-loadtest --concurrency
 
 DATA_DIR = Path("/usr/share/datasets/fashion-mnist")
 # (name, cnn-train flags): the LeNet-family model and a deeper one, each a preset of trainer/presets.py
-# that fits a 2-core CPU. ResNet-18 trains at ~140 images/s there (bf16): one epoch would take the whole
-# 10-minute budget, so the deeper model is fmnist_net (7 convs with residual pairs), our accurate
-# Fashion-MNIST recipe. --epochs / --max-train shorten both.
+# sized for a small CPU. The deeper model is fmnist_net (7 convs with residual pairs), our accurate
+# Fashion-MNIST recipe, rather than a ResNet-18: on a few CPU cores even one ResNet epoch would take
+# longer than the whole pipeline should. --epochs / --max-train shorten both.
 DEFAULT_JOBS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lenet", ("--preset", "lenet5-relu-bn")),
     ("fmnist", ("--preset", "fmnist-fast")),
@@ -90,68 +88,6 @@ def run_stage(cmd: list[str], title: str, log_file: Path) -> None:
         raise StageFailed(f"{title} failed (exit {rc}); its output is in {log_file}")
 
 
-class ServerProcess:
-    """cnn-serve in a subprocess on 127.0.0.1, ports 0; the ports come from its 'listening' line."""
-
-    def __init__(self, repository: Path, device: str, log_file: Path, startup_s: float = 120.0) -> None:
-        self.cmd = _module_cmd(
-            "server",
-            "--repository", str(repository), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-            "--device", device, "--poll-interval-s", "0",
-        )  # fmt: skip
-        self.log_file = log_file
-        self.startup_s = startup_s
-        self.proc: subprocess.Popen[str] | None = None
-        self.listening: dict[str, Any] = {}
-        self.stopped: dict[str, Any] = {}
-        self._stdout_thread: threading.Thread | None = None
-
-    def start(self) -> dict[str, Any]:
-        _log(f"start server: {' '.join(self.cmd)}")
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_file, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
-        got = threading.Event()
-        self._stdout_thread = threading.Thread(
-            target=self._read_events, args=(self.proc.stdout, got), daemon=True
-        )
-        self._stdout_thread.start()
-        deadline = time.monotonic() + self.startup_s
-        while not got.wait(0.2):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise StageFailed(f"the server did not start; its log is {self.log_file}")
-        return self.listening
-
-    def _read_events(self, stream: IO[str], got: threading.Event) -> None:
-        for line in stream:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "listening":
-                self.listening = event
-                got.set()
-            elif event.get("event") == "stopped":
-                self.stopped = event
-
-    def stop(self, timeout_s: float = 60.0) -> int | None:
-        """SIGTERM (graceful drain), SIGKILL only if it does not exit in time."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._stdout_thread is not None:
-            self._stdout_thread.join(timeout=5)
-        self._log.close()
-        return self.proc.returncode
-
-
 # ------------------------------------------------------------------ stages
 
 
@@ -188,8 +124,10 @@ def export_command(cfg: PipelineConfig, runs: list[Path]) -> list[str]:
 
 
 def loadtest_command(cfg: PipelineConfig, name: str, port: int, metrics_port: int) -> list[str]:
+    from trainer.datasets.idx import SPLIT_FILES, find_file  # imports torch: only when asked
+
     reports = cfg.out / "reports"
-    test_images = find_file(cfg.data_dir or DATA_DIR, "t10k-images-idx3-ubyte", ())
+    test_images = find_file(cfg.data_dir or DATA_DIR, SPLIT_FILES["test"][0], ())
     return _module_cmd(
         "loadtest",
         "--target", f"127.0.0.1:{port}", "--model", name,
@@ -272,18 +210,31 @@ def summary_markdown(summary: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ main
 
 
-def run(cfg: PipelineConfig) -> int:
-    t0 = time.monotonic()
-    logs = cfg.out / "logs"
+def train_all(cfg: PipelineConfig, logs: Path) -> list[str]:
+    """Stage 1: every model of DEFAULT_JOBS trained into OUT/runs/<name>; their names."""
     names = []
     for i, (name, cmd) in enumerate(train_commands(cfg), 1):
         run_stage(cmd, f"1/4 train {name} ({i}/{len(DEFAULT_JOBS)})", logs / f"train-{name}.log")
         names.append(name)
+    return names
 
+
+def export_all(cfg: PipelineConfig, names: list[str], logs: Path) -> None:
+    """Stage 2: every run through the parity gate into OUT/repository."""
     run_stage(export_command(cfg, [cfg.out / "runs" / n for n in names]), "2/4 export", logs / "export.log")
 
-    server = ServerProcess(cfg.out / "repository", cfg.device, logs / "server.log")
-    listening = server.start()
+
+def serve_and_load_test(cfg: PipelineConfig, names: list[str], logs: Path) -> None:
+    """Stages 3 and 4: cnn-serve on the repository, a load test per model, then SIGTERM."""
+    server = ServerProcess(
+        "--metrics-port", "0", "--device", cfg.device, "--poll-interval-s", "0",
+        repository=cfg.out / "repository", log_file=logs / "server.log",
+    )  # fmt: skip
+    _log(f"start server: {' '.join(server.cmd)}")
+    try:
+        listening = server.start()
+    except ServerStartError as e:
+        raise StageFailed(f"the server did not start: {e}") from None
     try:
         _log(f"server on 127.0.0.1:{listening['port']} (metrics :{listening['metrics_port']}), "
              f"provider {listening['provider']}, models {[m['name'] for m in listening['models']]}")  # fmt: skip
@@ -296,13 +247,24 @@ def run(cfg: PipelineConfig) -> int:
     if rc != 0:
         raise StageFailed(f"the server exited with {rc} on SIGTERM; its log is {server.log_file}")
 
-    summary = collect_summary(cfg, names, time.monotonic() - t0)
+
+def write_pipeline_summary(cfg: PipelineConfig, names: list[str], summary: dict[str, Any]) -> None:
+    """OUT/pipeline_summary.json and .md, and the table with the plots' paths on stdout."""
     (cfg.out / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     markdown = summary_markdown(summary)
     (cfg.out / "pipeline_summary.md").write_text(markdown)
     plots = [str(p) for n in names for p in sorted((cfg.out / "runs" / n).glob("*.png"))]
     plots += [str(cfg.out / "reports" / f"loadtest-{n}.png") for n in names]
     print("\n" + markdown + "plots:\n  " + "\n  ".join(plots), flush=True)
+
+
+def run(cfg: PipelineConfig) -> int:
+    t0 = time.monotonic()
+    logs = cfg.out / "logs"
+    names = train_all(cfg, logs)
+    export_all(cfg, names, logs)
+    serve_and_load_test(cfg, names, logs)
+    write_pipeline_summary(cfg, names, collect_summary(cfg, names, time.monotonic() - t0))
     return 0
 
 
@@ -320,7 +282,7 @@ def parse_args(argv: Sequence[str] | None) -> PipelineConfig:
     p.add_argument("--epochs", type=int, default=None, help="override every model's epochs")
     p.add_argument("--max-train", type=int, default=None, help="train every model on this many images")
     p.add_argument(
-        "--concurrency", type=_int_list, default=(1, 16, 64), help="load-test steps (default 1,16,64)"
+        "--concurrency", type=int_list, default=(1, 16, 64), help="load-test steps (default 1,16,64)"
     )
     p.add_argument("--loadtest-duration", type=float, default=8.0, help="max seconds per load-test step")
     p.add_argument("--parity-samples", type=int, default=None, help="cnn-export --parity-samples")
