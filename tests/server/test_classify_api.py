@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cnnstack.contract import parse_config, render_config
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.server.helpers import config_pbtxt, publish, server_config, tiny_model
@@ -95,11 +96,9 @@ def test_pinned_versions_and_list_models(tmp_path, start_server) -> None:
     root = tmp_path / "repo"
     v1, tm1 = tiny_model(seed=1)
     v2, tm2 = tiny_model(seed=2)
-    all_versions = "version_policy: { all { } }\n"
-
-    cfg = config_pbtxt("tiny", (1, 28, 28), 10).replace(
-        "version_policy: { latest { num_versions: 1 } }\n", all_versions
-    )
+    config = parse_config(config_pbtxt("tiny", (1, 28, 28), 10))
+    config.version_policy.all.SetInParent()  # serve every version, not only the latest
+    cfg = render_config(config)
     publish(root, "tiny", 1, v1, tm1.meta, config=cfg)
     publish(root, "tiny", 2, v2, tm2.meta, config=cfg)
     server = start_server(server_config(root))
