@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import time
 from concurrent.futures import Executor
 
 import grpc
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from server.common import Call, Inference, deadline_of, error_code, pipelined
+from server.common import Call, Inference, deadline_of, serve_stream
 from server.errors import invalid
 from server.postprocess import top_k_of
 from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
 from server.served import ServedVersion
 
 log = logging.getLogger(__name__)
-perf_counter = time.perf_counter
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
@@ -33,24 +32,11 @@ class ClassifierService(pb_grpc.ClassifierServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        t0 = perf_counter()
-        call = self.inference.begin()
-        code = "OK"
-        try:
-            return await self._classify(request, call, deadline_of(context))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            status, message = error_code(e)
-            code = status.name
-            await context.abort(status, message)
-            raise  # not reached: abort() raises
-        finally:
-            self.inference.finish(call, "Classify", code, perf_counter() - t0)
+        work = functools.partial(self._classify, request, deadline_of(context))
+        return await self.inference.handle("Classify", work, context.abort)
 
     async def _classify(
-        self, request: pb.ClassifyRequest, call: Call, deadline: float | None
+        self, request: pb.ClassifyRequest, deadline: float | None, call: Call
     ) -> pb.ClassifyResponse:
         k = request.top_k or 1
         images = request.images
@@ -93,33 +79,20 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         A failed request gets a response with ``error_code``/``error_message`` and the stream stays
         open. On shutdown the requests already read are answered, then the stream ends UNAVAILABLE.
         """
-        async for response in pipelined(request_iterator, self._stream_one, self.state, deadline_of(context)):
+        async for response in serve_stream(request_iterator, self._stream_one, self.state, context):
             yield response
-        if self.state.stopping:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream elsewhere"
-            )
 
     async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
-        t0 = perf_counter()
-        call = self.inference.begin()
-        code = "OK"
-        try:
-            return await self._classify(request, call, deadline)
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            status, message = error_code(e)
-            code = status.name
+        async def error(status: grpc.StatusCode, message: str) -> pb.ClassifyResponse:
             return pb.ClassifyResponse(
                 model=request.model,
                 request_id=request.request_id,
                 error_code=status.value[0],
                 error_message=message,
             )
-        finally:
-            self.inference.finish(call, "ClassifyStream", code, perf_counter() - t0)
+
+        work = functools.partial(self._classify, request, deadline)
+        return await self.inference.handle("ClassifyStream", work, error)
 
     # ---- ListModels ----
 

@@ -1,5 +1,11 @@
 """What both inference APIs share: server state (shutdown, admission counts), lookup-and-submit
-with the version-swap retry, deadlines, and the per-call bookkeeping (metrics + statistics)."""
+with the version-swap retry, deadlines, the stream engine, and the per-call bookkeeping.
+
+Every inference call (a unary RPC, or one message of a stream) goes through ``Inference.handle``:
+it counts the call as active, maps an exception to its gRPC status (``error_code``), and records
+the call's latency and code in the metrics and the version's statistics, and whether it was
+admitted, in one place. The handlers only say what a call does and how it reports an error.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -19,6 +27,8 @@ from server.models import ModelManager
 from server.served import Retired, ServedVersion
 
 log = logging.getLogger(__name__)
+perf_counter = time.perf_counter
+R = TypeVar("R")
 
 STREAM_WINDOW = 128  # requests one stream may have in flight; beyond, we stop reading it
 
@@ -77,10 +87,32 @@ class Inference:
         self.metrics = metrics
         self.state = state
 
-    def begin(self) -> Call:
-        """Start one inference call's bookkeeping; ``finish`` ends it."""
+    async def handle(
+        self,
+        rpc: str,
+        work: Callable[[Call], Awaitable[R]],
+        on_error: Callable[[grpc.StatusCode, str], Awaitable[R]],
+    ) -> R:
+        """Run one inference call, ``work(call)``, with its bookkeeping around it.
+
+        A failure becomes ``on_error(status, message)``: ``context.abort`` for a unary RPC (which
+        raises), an error response for a stream message (which keeps the stream open).
+        """
+        t0 = perf_counter()
         self.state.active += 1
-        return Call()
+        call = Call()
+        code = "OK"
+        try:
+            return await work(call)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception as e:
+            status, message = error_code(e)
+            code = status.name
+            return await on_error(status, message)
+        finally:
+            self._finish(call, rpc, code, perf_counter() - t0)
 
     async def run(
         self,
@@ -122,7 +154,7 @@ class Inference:
         finally:
             served.inflight -= 1
 
-    def finish(self, call: Call, rpc: str, code: str, seconds: float) -> None:
+    def _finish(self, call: Call, rpc: str, code: str, seconds: float) -> None:
         self.state.active -= 1
         served = call.served
         if served is None:
@@ -143,6 +175,19 @@ def error_code(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return e.code, e.message
     log.exception("unexpected error while serving a request", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
+
+
+async def serve_stream(
+    request_iterator, handle_one, state: ServerState, context: grpc.aio.ServicerContext
+) -> AsyncIterator:
+    """A bidirectional inference stream: ``pipelined`` responses, then, if the server is shutting
+    down, the stream ends UNAVAILABLE so the client reopens it elsewhere."""
+    async for response in pipelined(request_iterator, handle_one, state, deadline_of(context)):
+        yield response
+    if state.stopping:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream elsewhere"
+        )
 
 
 async def pipelined(request_iterator, handle_one, state: ServerState, deadline: float | None):

@@ -8,10 +8,9 @@ Triton, as a BYTES tensor ``[N, k]`` of ``"probability:index:label"``.
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import math
 import struct
-import time
 
 import grpc
 import numpy as np
@@ -19,13 +18,12 @@ import numpy as np
 from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.common import Call, Inference, deadline_of, error_code, pipelined
+from server.common import Call, Inference, deadline_of, error_code, serve_stream
 from server.errors import invalid, not_found
 from server.postprocess import top_k_of
 from server.preprocess import check_count
 from server.served import ServedVersion
 
-perf_counter = time.perf_counter
 SERVER_NAME = "cnnstack"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
@@ -204,24 +202,11 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
     # ---- inference ----
 
     async def ModelInfer(self, request: ks.ModelInferRequest, context) -> ks.ModelInferResponse:
-        t0 = perf_counter()
-        call = self.inference.begin()
-        code = "OK"
-        try:
-            return await self._infer(request, call, deadline_of(context))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            status, message = error_code(e)
-            code = status.name
-            await context.abort(status, message)
-            raise  # not reached: abort() raises
-        finally:
-            self.inference.finish(call, "ModelInfer", code, perf_counter() - t0)
+        work = functools.partial(self._infer, request, deadline_of(context))
+        return await self.inference.handle("ModelInfer", work, context.abort)
 
     async def _infer(
-        self, request: ks.ModelInferRequest, call: Call, deadline: float | None
+        self, request: ks.ModelInferRequest, deadline: float | None, call: Call
     ) -> ks.ModelInferResponse:
         version = parse_version(request.model_version)
         if not request.model_name:
@@ -236,30 +221,19 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         return build_response(request, call.served, outputs)  # type: ignore[arg-type]
 
     async def ModelStreamInfer(self, request_iterator, context):
-        async for response in pipelined(request_iterator, self._stream_one, self.state, deadline_of(context)):
+        async for response in serve_stream(request_iterator, self._stream_one, self.state, context):
             yield response
-        if self.state.stopping:
-            await context.abort(
-                grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream elsewhere"
-            )
 
     async def _stream_one(
         self, request: ks.ModelInferRequest, deadline: float | None
     ) -> ks.ModelStreamInferResponse:
-        t0 = perf_counter()
-        call = self.inference.begin()
-        code = "OK"
-        try:
-            return ks.ModelStreamInferResponse(infer_response=await self._infer(request, call, deadline))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except Exception as e:
-            status, message = error_code(e)
-            code = status.name
+        async def work(call: Call) -> ks.ModelStreamInferResponse:
+            return ks.ModelStreamInferResponse(infer_response=await self._infer(request, deadline, call))
+
+        async def error(status: grpc.StatusCode, message: str) -> ks.ModelStreamInferResponse:
             return ks.ModelStreamInferResponse(error_message=f"{status.name}: {message}")
-        finally:
-            self.inference.finish(call, "ModelStreamInfer", code, perf_counter() - t0)
+
+        return await self.inference.handle("ModelStreamInfer", work, error)
 
 
 def _statistics(served: ServedVersion) -> ks.ModelStatistics:
