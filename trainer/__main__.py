@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data import DatasetError
     from trainer.engine import NonFiniteLossError
     from trainer.outputs import OutputDirError
-    from trainer.train import ResumeError
+    from trainer.resume import ResumeError
 
     try:
         cfg = make_config(args, parser)

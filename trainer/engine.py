@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -245,3 +248,43 @@ def evaluate(
         confusion=cm,
         acc_tta=float(correct_tta) / n if tta_flip else None,
     )
+
+
+def compile_model(
+    model: nn.Module, train: Split, info: DatasetInfo, batch_size: int, precision: str, channels_last: bool
+) -> tuple[nn.Module, float]:
+    """``torch.compile(model)``, compiled now on one training batch so the epochs time training only.
+
+    The warm-up step leaves no trace: BatchNorm statistics are restored, gradients cleared and the
+    random streams forked. Inductor's cache lives in the checkout's ``.cache/inductor``. On a CPU,
+    Inductor builds C++: without a compiler that is a clear error here, not a traceback mid-epoch.
+    """
+    device = train.x.device
+    if device.type == "cpu" and not (
+        os.environ.get("CXX") or any(map(shutil.which, ("c++", "g++", "clang++")))
+    ):
+        raise ValueError(
+            "--compile on a CPU needs a C++ compiler (Inductor builds C++): install g++ or drop --compile"
+        )
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")
+    )
+    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]  # an OptimizedModule
+    x = to_float(train.x[:batch_size], info)  # (B, C, H, W), the shape every step has
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN running statistics
+    t = time.perf_counter()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        with autocast(device, precision):
+            loss = nn.functional.cross_entropy(compiled(x), train.y[:batch_size])
+        loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(buffers[k])
+    return compiled, seconds

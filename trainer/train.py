@@ -1,7 +1,9 @@
-"""The training pipeline, torchvision-reference style: stage functions read top to bottom, then main(cfg).
+"""The training run, torchvision-reference style: stage functions read top to bottom, then main(cfg).
 
-    load_data -> build_model -> build_optimizer -> build_scheduler -> [train_one_epoch -> evaluate
-    -> save] x epochs -> final outputs
+    setup: load_data -> build_model -> choose_precision -> build_optimizer / build_scheduler
+           -> restore (--resume) -> DDP, torch.compile
+    [run_epoch: train_one_epoch -> evaluate; save] x epochs
+    summarize -> write_outputs
 
 ``main(cfg)`` is also the programmatic entry point (the ablation grid and the tests call it).
 """
@@ -9,11 +11,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,17 @@ from torch import nn
 
 from cnnstack.contract import ModelMeta
 from trainer import plots
-from trainer.checkpoint import SCHEMA_VERSION, CheckpointError, git_commit, load_checkpoint, save_checkpoint
+from trainer.checkpoint import SCHEMA_VERSION, git_commit, save_checkpoint
 from trainer.config import TrainConfig
-from trainer.data import DatasetInfo, Split, load_dataset, to_float
+from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
-from trainer.engine import ModelEMA, autocast, evaluate, train_one_epoch
+from trainer.engine import EvalResult, ModelEMA, compile_model, evaluate, train_one_epoch
 from trainer.hostmem import tune_malloc
 from trainer.models import count_parameters, get_model
+from trainer.optim import build_optimizer, build_scheduler
 from trainer.outputs import (
     check_output_dir,
     cpu_state_dict,
-    restore_rng_state,
     rng_state,
     write_confusion_csv,
     write_json,
@@ -40,10 +41,7 @@ from trainer.outputs import (
 )
 from trainer.precision import cpu_supports_bf16, resolve_precision
 from trainer.progress import mode_for
-
-
-class ResumeError(RuntimeError):
-    """--resume points at something that cannot continue this run."""
+from trainer.resume import load_resume_checkpoint, restore
 
 
 def resolve_device(requested: str) -> str:
@@ -103,113 +101,50 @@ def build_model(cfg: TrainConfig, info: DatasetInfo) -> tuple[nn.Module, dict[st
     return model, model_args
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # Weight decay on conv/linear weights only: decaying biases and BN scales just fights the norm.
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr)
-
-
-def lr_factor(step: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
-    """Multiplier of cfg.lr after ``step`` optimizer steps: linear warmup, then the schedule."""
-    total = cfg.epochs * steps_per_epoch
-    warm = round(cfg.warmup_epochs * steps_per_epoch)
-    if cfg.schedule == "onecycle":
-        # One-cycle: from lr/25 up to lr (over warmup, 25% of the run by default), then cosine to ~0.
-        warm = warm or max(1, round(0.25 * total))
-        if step < warm:
-            return 1 / 25 + (1 - 1 / 25) * step / warm
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 1e-4 / 25 + (1 - 1e-4 / 25) * 0.5 * (1 + math.cos(math.pi * t))
-    if step < warm:
-        return (step + 1) / warm
-    if cfg.schedule == "cosine":
-        t = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.5 * (1 + math.cos(math.pi * t))
-    if cfg.schedule == "step":
-        return cfg.lr_gamma ** ((step // steps_per_epoch) // cfg.lr_step_epochs)
-    return 1.0  # constant
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Stepped once per optimizer step (not per epoch), so warmup and cosine are smooth."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, steps_per_epoch))
-
-
-def compile_model(
-    model: nn.Module, train: Split, info: DatasetInfo, batch_size: int, precision: str, channels_last: bool
-) -> tuple[nn.Module, float]:
-    """``torch.compile(model)``, compiled now on one training batch so the epochs time training only.
-
-    The warm-up step leaves no trace: BatchNorm statistics are restored, gradients cleared and the
-    random streams forked. Inductor's cache lives in the checkout's ``.cache/inductor``. On a CPU,
-    Inductor builds C++: without a compiler that is a clear error here, not a traceback mid-epoch.
-    """
-    device = train.x.device
-    if device.type == "cpu" and not (
-        os.environ.get("CXX") or any(map(shutil.which, ("c++", "g++", "clang++")))
-    ):
-        raise ValueError(
-            "--compile on a CPU needs a C++ compiler (Inductor builds C++): install g++ or drop --compile"
-        )
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")
-    )
-    compiled: nn.Module = torch.compile(model)  # type: ignore[assignment]  # an OptimizedModule
-    x = to_float(train.x[:batch_size], info)  # (B, C, H, W), the shape every step has
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    buffers = {k: b.clone() for k, b in model.named_buffers()}  # BN running statistics
-    t = time.perf_counter()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        model.train()
-        with autocast(device, precision):
-            loss = nn.functional.cross_entropy(compiled(x), train.y[:batch_size])
-        loss.backward()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t
-    model.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for k, b in model.named_buffers():
-            b.copy_(buffers[k])
-    return compiled, seconds
-
-
-def load_resume_checkpoint(cfg: TrainConfig, model_args: dict[str, Any]) -> dict[str, Any]:
-    path = Path(cfg.resume or "")
-    if path.is_dir():
-        path = path / "checkpoint.pt"  # the latest epoch, not best.pt
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as e:
-        raise ResumeError(f"cannot resume: {e}") from e
-    if ckpt["arch"] != cfg.arch:
-        raise ResumeError(
-            f"cannot resume: {path} holds a '{ckpt['arch']}' model but this run's arch is '{cfg.arch}'; "
-            f"resume with --arch {ckpt['arch']} (or leave --arch out) or start a new run in another --out"
-        )
-    dataset = ckpt["meta"]["dataset"]
-    if dataset != cfg.dataset:
-        raise ResumeError(f"cannot resume: {path} was trained on '{dataset}', this run is on '{cfg.dataset}'")
-    if ckpt["model_args"] != model_args:
-        raise ResumeError(f"cannot resume: {path} has model args {ckpt['model_args']}, this run {model_args}")
-    if ckpt.get("optimizer") is None or ckpt.get("scheduler") is None:
-        raise ResumeError(
-            f"cannot resume: {path} has no optimizer/scheduler state (not a training checkpoint)"
-        )
-    return ckpt
-
-
 def log(msg: str, dist_info: DistInfo) -> None:
     if dist_info.is_main:
         print(msg, flush=True)
+
+
+@dataclass
+class Run:
+    """What every epoch shares: the data, the model and what trains it, the history so far."""
+
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    dist_info: DistInfo
+    info: DatasetInfo
+    train: Split
+    test: Split
+    batch_size: int  # per process
+    model: nn.Module  # unwrapped: what checkpoints hold
+    model_args: dict[str, Any]
+    precision: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: ModelEMA | None
+    scaler: torch.amp.GradScaler | None
+    criterion: nn.Module
+    malloc_tuned: bool
+    train_model: nn.Module  # the model, or its DDP / compiled wrapper
+    compile_s: float | None = None
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_acc: float = -1.0
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def meta(self) -> ModelMeta:
+        i = self.info
+        return ModelMeta(self.cfg.arch, i.name, i.input_shape, i.mean, i.std, i.class_names)
+
+    @property
+    def tta_flip(self) -> bool:
+        return self.cfg.tta_flip and self.info.hflip
 
 
 def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) -> dict[str, Any]:
@@ -241,195 +176,241 @@ def _run(
     t0: float,
     on_epoch_start: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
+    run = setup(cfg, out, device, dist_info)
+    commit = git_commit() if dist_info.is_main else None
+    progress = mode_for(cfg.quiet, dist_info.is_main)
+    result = None
+    for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        result = run_epoch(run, epoch, progress)
+        if dist_info.is_main:
+            save(run, epoch, result, commit)
+    barrier(dist_info)
+    if result is None:  # resumed a run that had already finished all its epochs
+        log(
+            f"nothing to do: {cfg.resume} already trained {run.start_epoch} of {cfg.epochs} epochs", dist_info
+        )
+        return {"test_acc": run.history[-1]["test_acc"] if run.history else None, "epochs": run.start_epoch}
+    summary = summarize(run, result, t0)
+    if dist_info.is_main:
+        write_outputs(run, result, summary, t0)
+    return summary
+
+
+# ---------------------------------------------------------------- setting up
+
+
+def setup(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo) -> Run:
+    """Data, model, precision and optimizer, resumed from ``cfg.resume`` if asked, ready to train."""
     if cfg.batch_size % dist_info.world_size:
         raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
     batch_size = cfg.batch_size // dist_info.world_size  # per process
     malloc_tuned = tune_malloc() if cfg.tune_malloc else False  # before the big allocations
-    log(f"loading {cfg.dataset}{f' from {cfg.data_dir}' if cfg.data_dir else ''}", dist_info)
-    t_data = time.perf_counter()
-    info, train, test = load_data(cfg, device)
-    log(
-        f"loaded {len(train):,} train / {len(test):,} test images in {time.perf_counter() - t_data:.1f} s",
-        dist_info,
-    )
+    info, train, test = load_data_announced(cfg, device, dist_info)
     steps_per_epoch = (len(train) // dist_info.world_size) // batch_size
     if steps_per_epoch == 0:
         raise ValueError(
             f"--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)"
         )
-    tta_flip = cfg.tta_flip and info.hflip
     if (cfg.tta_flip or "flip" in cfg.augment) and not info.hflip:
         log(
             f"note: no flips (augmentation or TTA): a mirrored {info.name} image may change its label",
             dist_info,
         )
-    aug_info = augmentation(cfg.augment, info)
-    meta = ModelMeta(cfg.arch, info.name, info.input_shape, info.mean, info.std, info.class_names)
-
     model, model_args = build_model(cfg, info)
+    precision = choose_precision(cfg, device, model, info, batch_size, dist_info)
+    ckpt = load_resume_checkpoint(cfg, model_args) if cfg.resume else None
+    model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
+    optimizer = build_optimizer(model, cfg)
+    run = Run(
+        cfg, out, device, dist_info, info, train, test, batch_size, model, model_args, precision,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
+        ema=ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+        scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        malloc_tuned=malloc_tuned,
+        train_model=model,
+    )  # fmt: skip
+    if ckpt is not None:
+        run.start_epoch, run.history = restore(
+            ckpt, model, optimizer, run.scheduler, run.ema, run.scaler, device
+        )
+        run.best_acc = max((r["test_acc"] for r in run.history), default=-1.0)
+        log(f"resumed from {cfg.resume} after epoch {run.start_epoch}", dist_info)
+    wrap_for_training(run)
+    log(
+        f"training {cfg.arch} ({count_parameters(model):,} params) on {info.name} ({len(train)} train / "
+        f"{len(test)} test) device {device} x{dist_info.world_size} precision {precision} "
+        f"batch {cfg.batch_size} epochs {cfg.epochs} -> {out}",
+        dist_info,
+    )
+    return run
+
+
+def load_data_announced(
+    cfg: TrainConfig, device: torch.device, dist_info: DistInfo
+) -> tuple[DatasetInfo, Split, Split]:
+    """``load_data``, with a line before (decoding can take seconds) and after."""
+    log(f"loading {cfg.dataset}{f' from {cfg.data_dir}' if cfg.data_dir else ''}", dist_info)
+    t = time.perf_counter()
+    info, train, test = load_data(cfg, device)
+    log(
+        f"loaded {len(train):,} train / {len(test):,} test images in {time.perf_counter() - t:.1f} s",
+        dist_info,
+    )
+    return info, train, test
+
+
+def choose_precision(
+    cfg: TrainConfig, device: torch.device, model: nn.Module, info: DatasetInfo, batch_size: int,
+    dist_info: DistInfo,
+) -> str:  # fmt: skip
+    """The precision to train in (``auto`` may time fp32 against bf16 first), said in one line."""
     if cfg.precision == "auto" and device.type == "cpu" and cpu_supports_bf16():
         log("precision auto: checking whether this CPU trains this model faster in bf16", dist_info)
     choice = resolve_precision(
         cfg.precision, device, model, input_shape=info.input_shape, num_classes=info.num_classes,
         batch_size=batch_size, channels_last=cfg.channels_last, dist_info=dist_info,
     )  # fmt: skip
-    precision = choice.precision
     log(choice.describe(cfg.precision), dist_info)
-    ckpt = load_resume_checkpoint(cfg, model_args) if cfg.resume else None
-    model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
-    params = count_parameters(model)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch)
-    ema = ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    return choice.precision
 
-    start_epoch, history, best_acc = 0, [], -1.0
-    if ckpt is not None:
-        # With EMA, state_dict is the evaluated EMA copy and train_state_dict the optimized weights.
-        model.load_state_dict(ckpt.get("train_state_dict") or ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ema is not None:
-            ema.module.load_state_dict(ckpt["state_dict"])
-            ema.updates = int(ckpt.get("ema_updates", 0))
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if ckpt.get("rng"):
-            restore_rng_state(ckpt["rng"], device)
-        start_epoch = int(ckpt["epoch"])
-        history = [dict(r) for r in ckpt.get("history", []) if r["epoch"] <= start_epoch]
-        best_acc = max((r["test_acc"] for r in history), default=-1.0)
-        log(f"resumed from {cfg.resume} after epoch {start_epoch}", dist_info)
 
-    train_model: nn.Module = model
-    if dist_info.enabled:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+def wrap_for_training(run: Run) -> None:
+    """DistributedDataParallel across processes, then ``--compile``: what the steps call."""
+    if run.dist_info.enabled:
+        device = run.device
+        run.train_model = nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    compile_s = None
-    if cfg.compile:
-        log("torch.compile: compiling the training step (once, before the timed epochs)", dist_info)
-        train_model, compile_s = compile_model(
-            train_model, train, info, batch_size, precision, cfg.channels_last
+    if run.cfg.compile:
+        log("torch.compile: compiling the training step (once, before the timed epochs)", run.dist_info)
+        run.train_model, run.compile_s = compile_model(
+            run.train_model, run.train, run.info, run.batch_size, run.precision, run.cfg.channels_last
         )
-        log(f"torch.compile: ready in {compile_s:.1f} s", dist_info)
-    eval_model = ema.module if ema is not None else model
+        log(f"torch.compile: ready in {run.compile_s:.1f} s", run.dist_info)
+
+
+# ---------------------------------------------------------------- the epochs
+
+
+def run_epoch(run: Run, epoch: int, progress: str) -> EvalResult:
+    """Train one epoch, evaluate (flip TTA after the last), log it; its record joins the history."""
+    cfg = run.cfg
+    lr = run.optimizer.param_groups[0]["lr"]
+    stats = train_one_epoch(
+        run.train_model, run.criterion, run.optimizer, run.scheduler, run.train, run.info,
+        epoch=epoch, epochs=cfg.epochs, batch_size=run.batch_size, seed=cfg.seed,
+        aug_info=augmentation(cfg.augment, run.info), precision=run.precision, channels_last=cfg.channels_last,
+        dist_info=run.dist_info, ema=run.ema, scaler=run.scaler, progress=progress,
+    )  # fmt: skip
+    result = evaluate(
+        run.eval_model, run.test, run.info, batch_size=cfg.eval_batch_size, precision=run.precision,
+        channels_last=cfg.channels_last, dist_info=run.dist_info, tta_flip=run.tta_flip and epoch == cfg.epochs,
+    )  # fmt: skip
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": stats.loss,
+        "train_acc": stats.acc,
+        "test_loss": result.loss,
+        "test_acc": result.acc,
+        "lr": lr,
+        "images_per_s": stats.images_per_s,
+        "seconds": stats.seconds,
+    }
+    if result.acc_tta is not None:
+        record["test_acc_tta"] = result.acc_tta
+    run.history.append(record)
     log(
-        f"training {cfg.arch} ({params:,} params) on {info.name} ({len(train)} train / {len(test)} test) "
-        f"device {device} x{dist_info.world_size} precision {precision} batch {cfg.batch_size} "
-        f"epochs {cfg.epochs} -> {out}",
-        dist_info,
+        f"epoch {epoch}/{cfg.epochs}  train_loss {stats.loss:.4f}  train_acc {stats.acc:.4f}  "
+        f"test_loss {result.loss:.4f}  test_acc {result.acc:.4f}"
+        + (f"  test_acc_tta {result.acc_tta:.4f}" if result.acc_tta is not None else "")
+        + f"  lr {lr:.4g}  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s",
+        run.dist_info,
     )
-    progress = mode_for(cfg.quiet, dist_info.is_main)
-    commit = git_commit() if dist_info.is_main else None
-    result = None
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        stats = train_one_epoch(
-            train_model, criterion, optimizer, scheduler, train, info,
-            epoch=epoch, epochs=cfg.epochs, batch_size=batch_size, seed=cfg.seed, aug_info=aug_info,
-            precision=precision, channels_last=cfg.channels_last, dist_info=dist_info, ema=ema,
-            scaler=scaler, progress=progress,
-        )  # fmt: skip
-        last = epoch == cfg.epochs
-        result = evaluate(
-            eval_model, test, info, batch_size=cfg.eval_batch_size, precision=precision,
-            channels_last=cfg.channels_last, dist_info=dist_info, tta_flip=tta_flip and last,
-        )  # fmt: skip
-        record: dict[str, Any] = {
-            "epoch": epoch,
-            "train_loss": stats.loss,
-            "train_acc": stats.acc,
-            "test_loss": result.loss,
-            "test_acc": result.acc,
-            "lr": lr,
-            "images_per_s": stats.images_per_s,
-            "seconds": stats.seconds,
-        }
-        if result.acc_tta is not None:
-            record["test_acc_tta"] = result.acc_tta
-        history.append(record)
-        log(
-            f"epoch {epoch}/{cfg.epochs}  train_loss {stats.loss:.4f}  train_acc {stats.acc:.4f}  "
-            f"test_loss {result.loss:.4f}  test_acc {result.acc:.4f}"
-            + (f"  test_acc_tta {result.acc_tta:.4f}" if result.acc_tta is not None else "")
-            + f"  lr {lr:.4g}  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s",
-            dist_info,
-        )
-        if dist_info.is_main:
-            ckpt_out = {
-                "schema_version": SCHEMA_VERSION,
-                "arch": cfg.arch,
-                "model_args": model_args,
-                "meta": meta.to_dict(),
-                "state_dict": cpu_state_dict(eval_model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "metrics": dict(record),
-                "config": cfg.to_dict(),
-                "torch_version": str(torch.__version__),
-                "git_commit": commit,
-                "rng": rng_state(device),
-                "history": history,
-                "precision": precision,
-                "world_size": dist_info.world_size,
-            }
-            if ema is not None:
-                ckpt_out["train_state_dict"] = cpu_state_dict(model)
-                ckpt_out["ema_updates"] = ema.updates
-            if scaler is not None:
-                ckpt_out["scaler"] = scaler.state_dict()
-            save_checkpoint(out / "checkpoint.pt", ckpt_out)
-            if result.acc > best_acc:
-                best_acc = result.acc
-                save_checkpoint(out / "best.pt", ckpt_out)
-            write_metrics_jsonl(out / "metrics.jsonl", history)
-    barrier(dist_info)
+    return result
 
-    if result is None:  # resumed a run that had already finished all its epochs
-        log(f"nothing to do: {cfg.resume} already trained {start_epoch} of {cfg.epochs} epochs", dist_info)
-        return {"test_acc": history[-1]["test_acc"] if history else None, "epochs": start_epoch}
-    summary = {
+
+def save(run: Run, epoch: int, result: EvalResult, commit: str | None) -> None:
+    """checkpoint.pt (and best.pt when this epoch is the best so far), metrics.jsonl."""
+    cfg = run.cfg
+    ckpt: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "arch": cfg.arch,
+        "model_args": run.model_args,
+        "meta": run.meta.to_dict(),
+        "state_dict": cpu_state_dict(run.eval_model),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "epoch": epoch,
+        "metrics": dict(run.history[-1]),
+        "config": cfg.to_dict(),
+        "torch_version": str(torch.__version__),
+        "git_commit": commit,
+        "rng": rng_state(run.device),
+        "history": run.history,
+        "precision": run.precision,
+        "world_size": run.dist_info.world_size,
+    }
+    if run.ema is not None:
+        ckpt["train_state_dict"] = cpu_state_dict(run.model)
+        ckpt["ema_updates"] = run.ema.updates
+    if run.scaler is not None:
+        ckpt["scaler"] = run.scaler.state_dict()
+    save_checkpoint(run.out / "checkpoint.pt", ckpt)
+    if result.acc > run.best_acc:
+        run.best_acc = result.acc
+        save_checkpoint(run.out / "best.pt", ckpt)
+    write_metrics_jsonl(run.out / "metrics.jsonl", run.history)
+
+
+# ---------------------------------------------------------------- the end
+
+
+def summarize(run: Run, result: EvalResult, t0: float) -> dict[str, Any]:
+    """The run's summary: final and best accuracy, per-class accuracy, speed, settings."""
+    cfg, history = run.cfg, run.history
+    return {
         "test_acc": result.acc,
         "test_acc_tta": result.acc_tta,
-        "tta_flip": tta_flip,
+        "tta_flip": run.tta_flip,
         "test_loss": result.loss,
-        "best_test_acc": best_acc,
+        "best_test_acc": run.best_acc,
         "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
-        "per_class_acc": dict(zip(info.class_names, result.per_class_acc(), strict=True)),
-        "params": params,
+        "per_class_acc": dict(zip(run.info.class_names, result.per_class_acc(), strict=True)),
+        "params": count_parameters(run.model),
         "wall_time_s": time.perf_counter() - t0,
         "train_time_s": sum(r["seconds"] for r in history),
         "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
         "arch": cfg.arch,
-        "dataset": info.name,
+        "dataset": run.info.name,
         "preset": cfg.preset,
         "epochs": cfg.epochs,
-        "precision": precision,
-        "device": str(device),
-        "world_size": dist_info.world_size,
+        "precision": run.precision,
+        "device": str(run.device),
+        "world_size": run.dist_info.world_size,
         "ema_decay": cfg.ema_decay,
-        "malloc_tuned": malloc_tuned,
-        "compile_s": compile_s,
+        "malloc_tuned": run.malloc_tuned,
+        "compile_s": run.compile_s,
         "config": dataclasses.asdict(cfg),
     }
-    if dist_info.is_main:
-        title = f"{cfg.arch} on {info.name}"
-        write_confusion_csv(out / "confusion_matrix.csv", result.confusion.tolist(), info.class_names)
-        plots.plot_confusion(result.confusion.tolist(), info.class_names, out / "confusion_matrix.png", title)
-        plots.plot_curves(history, out / "curves.png", title)
-        summary["wall_time_s"] = time.perf_counter() - t0
-        write_json(out / "summary.json", summary)
-        log(
-            f"done: test_acc {result.acc:.4f}"
-            + (f" (flip TTA {result.acc_tta:.4f})" if result.acc_tta is not None else "")
-            + f" best {best_acc:.4f}  wall {summary['wall_time_s']:.1f}s  outputs in {out}",
-            dist_info,
-        )
-    return summary
+
+
+def write_outputs(run: Run, result: EvalResult, summary: dict[str, Any], t0: float) -> None:
+    """The confusion matrix (CSV, PNG), the curves, summary.json; then the closing line."""
+    out, info, title = run.out, run.info, f"{run.cfg.arch} on {run.info.name}"
+    write_confusion_csv(out / "confusion_matrix.csv", result.confusion.tolist(), info.class_names)
+    plots.plot_confusion(result.confusion.tolist(), info.class_names, out / "confusion_matrix.png", title)
+    plots.plot_curves(run.history, out / "curves.png", title)
+    summary["wall_time_s"] = time.perf_counter() - t0
+    write_json(out / "summary.json", summary)
+    log(
+        f"done: test_acc {result.acc:.4f}"
+        + (f" (flip TTA {result.acc_tta:.4f})" if result.acc_tta is not None else "")
+        + f" best {run.best_acc:.4f}  wall {summary['wall_time_s']:.1f}s  outputs in {out}",
+        run.dist_info,
+    )

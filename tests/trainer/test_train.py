@@ -16,7 +16,8 @@ from trainer.checkpoint import build_model, checkpoint_meta, load_checkpoint
 from trainer.config import ConfigError, TrainConfig
 from trainer.data import load_dataset, to_float
 from trainer.hostmem import user_chose_allocator
-from trainer.train import ResumeError, lr_factor
+from trainer.optim import lr_factor
+from trainer.resume import ResumeError
 
 pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run reruns these under AVX2 dispatch
 
