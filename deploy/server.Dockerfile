@@ -2,12 +2,14 @@
 # Build: docker build -f deploy/server.Dockerfile -t cnnstack-server .
 FROM python:3.12-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY trainer/__init__.py trainer/meta.py trainer/
+# Only what cnn-serve and cnn-loadtest import, packaged by deploy/server.pyproject.toml: no
+# trainer or exporter file, and only the console scripts that run here.
+COPY deploy/server.pyproject.toml pyproject.toml
+COPY cnnstack/__init__.py cnnstack/
+COPY cnnstack/contract cnnstack/contract
 COPY server server
 COPY protos protos
 COPY loadtest loadtest
-COPY exporter/__init__.py exporter/
 # Only the [serve] extra: onnxruntime-gpu, grpcio, prometheus-client, Pillow, numpy. No torch.
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[serve]"
 

@@ -8,7 +8,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM pytorch/pytorch:2.9.1-cuda13.0-cudnn9-runtime
 COPY --from=build /wheels /wheels
 # torch comes from the base image (CUDA build); the rest of [train] on top, without replacing torch.
-RUN pip install --no-cache-dir numpy matplotlib tqdm onnx onnxscript onnxruntime-gpu \
+RUN pip install --no-cache-dir numpy matplotlib tqdm onnx onnxscript onnxruntime-gpu "protobuf<7" \
     && pip install --no-cache-dir --no-deps /wheels/*.whl && rm -rf /wheels
 ENV PYTHONUNBUFFERED=1
 ENTRYPOINT ["cnn-train"]

@@ -9,6 +9,8 @@ import json
 import re
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -102,8 +104,73 @@ def nodes(tree: Any) -> list[dict[str, Any]]:
     return out
 
 
-def pyproject() -> dict[str, Any]:
-    return pytest.importorskip("tomllib").loads((ROOT / "pyproject.toml").read_text())
+def pyproject(rel: str = "pyproject.toml") -> dict[str, Any]:
+    return pytest.importorskip("tomllib").loads((ROOT / rel).read_text())
+
+
+SERVER_DOCKERFILE = "deploy/server.Dockerfile"
+SERVER_PACKAGES = {"cnnstack", "server", "loadtest", "protos"}
+
+
+def context_copies(rel: str) -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY from the build context (not ``--from``) of a Dockerfile."""
+    out = []
+    for stage in dockerfile(rel):
+        for instr, args in stage:
+            if instr == "COPY" and not args.startswith("--from"):
+                *sources, dest = args.split()
+                out.append((sources, dest))
+    return out
+
+
+def lay_out_context(rel: str, workdir: Path) -> None:
+    """The build stage's WORKDIR as the Dockerfile's COPYs fill it (Docker's rules for files/dirs)."""
+    for sources, dest in context_copies(rel):
+        target = workdir / dest
+        for src in sources:
+            path = ROOT / src
+            if path.is_dir():
+                shutil.copytree(
+                    path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
+                )
+            elif dest.endswith("/") or len(sources) > 1:
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target / path.name)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+
+
+@pytest.fixture(scope="module")
+def server_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    """The wheel the server image builds and installs, built here from the files it copies."""
+    pytest.importorskip("setuptools")
+    src, out = tmp_path_factory.mktemp("server-image"), tmp_path_factory.mktemp("wheels")
+    lay_out_context(SERVER_DOCKERFILE, src)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "-w",
+        str(out),
+        str(src),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (wheel,) = out.glob("*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        yield zf
+
+
+def wheel_scripts(wheel: zipfile.ZipFile) -> dict[str, str]:
+    (name,) = [n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    text = wheel.read(name).decode()
+    scripts = text.split("[console_scripts]", 1)[1].split("\n[", 1)[0]
+    return dict(tuple(p.strip() for p in line.split("=", 1)) for line in scripts.splitlines() if "=" in line)  # type: ignore[misc]
 
 
 def run_tool(*argv: str) -> None:
@@ -302,3 +369,62 @@ def test_dashboard_datasource_is_the_provisioned_one() -> None:
         refs = [n["datasource"] for n in nodes(dash) if "datasource" in n]
         assert all(isinstance(r, dict) for r in refs), "a datasource given by name breaks on a rename"
         assert {r["uid"] for r in refs if r["type"] == "prometheus"} == {source["uid"]}
+
+
+def test_server_image_copies_no_trainer_or_exporter_file() -> None:
+    sources = [PurePosixPath(src) for srcs, _ in context_copies(SERVER_DOCKERFILE) for src in srcs]
+    assert sources and HERE not in sources, "the server image must not copy the whole checkout"
+    assert not [s for s in sources if s.parts[0] in ("trainer", "exporter")]
+    assert not [
+        s
+        for s in sources
+        if s.parts[0] == "cnnstack" and s.parts[1:2] not in (("__init__.py",), ("contract",))
+    ]
+
+
+def test_server_image_installs_the_contract_server_loadtest_and_protos_only(
+    server_wheel: zipfile.ZipFile,
+) -> None:
+    files = [n for n in server_wheel.namelist() if ".dist-info/" not in n]
+    assert {n.split("/")[0] for n in files} == SERVER_PACKAGES
+    assert "cnnstack/contract/__init__.py" in files
+    assert not [
+        n
+        for n in files
+        if n.startswith("cnnstack/") and not n.startswith(("cnnstack/__init__.py", "cnnstack/contract/"))
+    ]
+
+
+def test_server_image_carries_every_module_the_server_imports(server_wheel: zipfile.ZipFile) -> None:
+    code = (
+        "import json, sys; import server.__main__, server.app, server.healthcheck, loadtest.__main__; "
+        "print(json.dumps(sorted(m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    loaded = [Path(f).resolve() for f in json.loads(proc.stdout)]
+    ours = [
+        f.relative_to(ROOT).as_posix()
+        for f in loaded
+        if f.is_relative_to(ROOT) and not f.is_relative_to(sys.prefix)
+    ]
+    assert ours and not [f for f in ours if f.split("/")[0] in ("trainer", "exporter")]
+    assert set(ours) <= set(server_wheel.namelist()), "imported by the server, missing from its image"
+    assert not [f for f in loaded if "torch" in f.parts]
+
+
+def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: zipfile.ZipFile) -> None:
+    ours, theirs = pyproject(), pyproject("deploy/server.pyproject.toml")
+    assert (
+        theirs["project"]["optional-dependencies"]["serve"]
+        == ours["project"]["optional-dependencies"]["serve"]
+    )
+    scripts = wheel_scripts(server_wheel)
+    assert scripts == {"cnn-serve": ours["project"]["scripts"]["cnn-serve"],
+                       "cnn-loadtest": ours["project"]["scripts"]["cnn-loadtest"]}  # fmt: skip
+    for target in scripts.values():
+        assert target.split(":")[0].replace(".", "/") + ".py" in server_wheel.namelist()
+    for name, svc in services().items():
+        if svc.get("image") == "cnnstack-server:latest":
+            ep = (svc.get("entrypoint") or json.loads(image(svc)[1]["ENTRYPOINT"]))[0]
+            assert ep in scripts, f"{name}: {ep} is not installed in the server image"

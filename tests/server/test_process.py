@@ -1,5 +1,6 @@
 """``python -m server`` as a real process: SIGTERM under load (0 failed admitted calls, exit 0),
-SIGHUP reload, start-up failures with exit code 2, and the process never importing torch."""
+SIGHUP reload, start-up failures with exit code 2, and the process never importing torch, the
+trainer or the exporter."""
 
 from __future__ import annotations
 
@@ -191,6 +192,8 @@ def test_server_process_never_imports_torch(tmp_path) -> None:
         asyncio.run(main())
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         assert not loaded, loaded
+        tools = sorted(m for m in sys.modules if m.split(".")[0] in ("trainer", "exporter"))
+        assert not tools, tools  # the server image has neither
         print("torch-free")
         """
     )
