@@ -1,9 +1,9 @@
 """Drive a gRPC unary method with h2load (nghttp2's C HTTP/2 load generator) instead of Python.
 
-Why: loadtest's client is Python and shares this 2-core box and its own GIL with nothing but
-itself, yet it still spends ~100 us of CPU per request, and at concurrency 1 its own event-loop
-hops are part of every measured latency. h2load costs a few us per request, so its numbers show the
-server's side with the client mostly out of the way. It knows nothing of gRPC, which is plain
+Why: loadtest's client is Python; even with its own GIL it spends far more CPU per request than
+a C client, it shares the machine's cores with the server, and at concurrency 1 its own event-loop
+hops are part of every measured latency. h2load's cost per request is small, so its numbers show
+the server's side with the client mostly out of the way. It knows nothing of gRPC, which is plain
 HTTP/2 underneath: a POST to /package.Service/Method with ``content-type: application/grpc`` and
 ``te: trailers``, and a body of 5-byte frames (flag 0 = uncompressed, big-endian length) each
 holding one serialized message. The gRPC status travels in trailers h2load does not read, so the

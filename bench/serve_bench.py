@@ -12,7 +12,7 @@ then the ratios against the targets. Every server is a subprocess on 127.0.0.1 (
 is stopped at the end; the client is loadtest's pre-serialized uvloop client in this process.
 Finally the client's own ceiling: loadtest against the echo server with 1 and 2 client processes.
 
-    .venv/bin/python -m bench.serve_bench --out-dir artifacts/bench          # ~5 minutes
+    .venv/bin/python -m bench.serve_bench --out-dir artifacts/bench
 """
 
 from __future__ import annotations
@@ -182,8 +182,9 @@ def load_step(
 ) -> dict[str, Any]:  # fmt: skip
     images = load_images("synthetic", shape, max(1, 2048 // k) * k, seed=0)  # (N, C, H, W)
     payloads = build_payloads("classify", images, k, model, 0)
-    # A step whose requests take seconds (64 x 32 ResNet images queue for ~10 s) needs a warm-up of
-    # about one latency to reach steady state, and windows long enough to hold several completions.
+    # A step whose requests take seconds (64 x 32 ResNet images queue behind each other) needs a
+    # warm-up of about one latency to reach steady state, and windows long enough to hold several
+    # completions.
     warmup = min(30.0, max(cfg.warmup_s, 1.2 * expected_latency_s))
     window = min(4.0, max(cfg.window_s, expected_latency_s / 3))
     duration = max(cfg.duration_s, 3 * window)
@@ -194,8 +195,8 @@ def load_step(
     else:
         client = MultiProcClient(target, CLASSIFY_METHOD, payloads, k, processes, 3, 10.0)
     before = metrics_scrape.scrape(metrics_url, model) if metrics_url else None
-    # CPU time per answered request, server and client: unlike throughput on a shared 2-core box,
-    # it hardly depends on what else is running, so it shows where the cost is.
+    # CPU time per answered request, server and client: unlike throughput on a machine shared with
+    # other work, it hardly depends on what else is running, so it shows where the cost is.
     server_cpu0, client_cpu0 = cpu_seconds(pid) if pid else 0.0, time.process_time()
     try:
         r = client.run_step(spec)

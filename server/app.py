@@ -211,7 +211,7 @@ async def serve(cfg: ServerConfig) -> int:
 
 
 def run(cfg: ServerConfig) -> int:
-    """Run ``serve`` on uvloop when it is installed (~15% more RPC/s), else asyncio's loop."""
+    """Run ``serve`` on uvloop when it is installed (less event-loop work per RPC), else asyncio's loop."""
     try:
         import uvloop
     except ImportError:

@@ -15,8 +15,8 @@ Batch formation, per instance:
    event loop keeps doing I/O); hand each request its slice of every output. Exception: on the
    idle fast path, a request of at most ``inline_max_images`` runs on the event loop itself. That
    limit comes from timing the model at load: it covers only batches that compute faster than a
-   thread hand-off costs (``--inline-compute-us``, ~100 us; LeNet), where the hop, not the model,
-   is the latency; such runs use ``run_inline`` (the server's single-threaded session of the
+   thread hand-off costs (``--inline-compute-us``; small models such as LeNet), where the hop, not
+   the model, is the latency; such runs use ``run_inline`` (the server's single-threaded session of the
    model). Under load the thread is always used: then compute overlaps the loop's gRPC work on
    another core.
 
@@ -24,8 +24,8 @@ If a batch fails, its requests are re-run one by one so that only the bad one fa
 
 Why the array work (concatenate, isfinite) happens on the executor thread: numpy releases the GIL
 for arrays of this size (a 28x28 image is already over its threshold), and each release on the
-event loop thread lets the executor thread take the GIL in the middle of the loop's gRPC work.
-Checking finiteness per request on the loop cost LeNet ~15% of its requests/s at 64 in flight.
+event loop thread lets the executor thread take the GIL in the middle of the loop's gRPC work:
+checking finiteness per request on the loop costs a small model a good part of its requests/s.
 """
 
 from __future__ import annotations

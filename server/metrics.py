@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-# 100 us .. 10 s: a LeNet batch of 1 takes ~100 us on a CPU, a queued ResNet batch seconds.
+# 100 us .. 10 s: from a small model's batch of 1 to a large model's batch behind a full queue.
 LATENCY_BUCKETS = (
     1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip

@@ -1,9 +1,9 @@
-"""Seed 004's ablation grid: change one factor at a time against a baseline, same data and budget.
+"""The ablation grid: change one factor at a time against a baseline, same data and budget.
 
     python -m trainer.ablate [--dataset fashion-mnist] [--epochs 5] [--arch lenet5|alexnet] [--out DIR]
                              [--max-train N] [--lr LR] [--seed S]
 
-Variants (seed 004 §4.3): max vs average pooling, plain SGD vs SGD + Nesterov momentum, ReLU vs
+Variants: max vs average pooling, plain SGD vs SGD + Nesterov momentum, ReLU vs
 sigmoid, BatchNorm vs none, batch 128 vs 64. Each variant is a full ``trainer.train.main`` run
 (``dataclasses.replace`` on the baseline config) in DIR/<variant>/; the table goes to
 DIR/ablation.md and DIR/ablation.json. A variant whose loss diverges is reported as such.
@@ -43,7 +43,7 @@ DEFAULT_LR = {"lenet5": 0.1, "alexnet": 0.05}
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
-    """Seed 004's setup: d2l-style plain SGD at a constant lr, Xavier init, no augmentation, fp32."""
+    """The ablation baseline: d2l-style plain SGD at a constant lr, Xavier init, no augmentation, fp32."""
     return TrainConfig(
         arch=args.arch,
         dataset=args.dataset,

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUGMENTS = ("none", "flip", "crop", "crop-flip")
 
-# Seed 004's ablation knobs exist on these builders only; anything else rejects them.
+# The ablation knobs exist on these builders only; anything else rejects them.
 KNOB_ARCHS: dict[str, tuple[str, ...]] = {
     "lenet5": ("activation", "pool", "batchnorm", "dropout", "width", "fc_width"),
     "alexnet": ("activation", "pool", "batchnorm", "dropout", "width"),

@@ -157,7 +157,7 @@ def load_cifar(name: str, folders: list[Path], download: bool) -> tuple[DatasetI
         label_key, names_key, num_classes = b"labels", b"label_names", 10
     elif name == "cifar100":
         label_key, names_key, num_classes = b"fine_labels", b"fine_label_names", 100
-    else:  # seed 004 §4.5.1: the 20 super-classes
+    else:  # CIFAR-100's coarse labels: the 20 super-classes
         label_key, names_key, num_classes = b"coarse_labels", b"coarse_label_names", 20
     train = cifar.decode_batches([(origin(n), blobs[n]) for n in layout.train], label_key, num_classes)
     test = cifar.decode_batches([(origin(layout.test), blobs[layout.test])], label_key, num_classes)

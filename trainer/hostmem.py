@@ -2,12 +2,11 @@
 
 Why: every training step frees and re-allocates the same activation buffers (megabytes each).
 glibc returns blocks above its mmap threshold with ``munmap`` and trims the top of the heap past
-``M_TRIM_THRESHOLD``, so the next step faults every page back in (the kernel zeroes each one).
-Measured on this 2-core CPU at batch 256: 6,000-9,000 minor page faults per step for LeNet-5 and
-fmnist_net, about 20% of the CPU time in the kernel, steps 1.2-1.6x slower. Whether glibc's dynamic
-threshold happens to adapt depends on the allocation history, so without this the same run was
-sometimes fast and sometimes slow. Fixed thresholds end the churn (0 faults per step once warm);
-the cost is that up to ``trim_threshold`` of freed memory stays mapped in the process.
+``M_TRIM_THRESHOLD``, so the next step faults every page back in (the kernel zeroes each one): on
+a small CPU that kernel time is a large part of a step. Whether glibc's dynamic threshold happens
+to adapt depends on the allocation history, so without this the same run can be fast one time and
+slow the next. Fixed thresholds end the churn (no page faults per step once warm); the cost is
+that up to ``trim_threshold`` of freed memory stays mapped in the process.
 
 A user who preloads jemalloc/tcmalloc or sets ``MALLOC_*`` variables keeps their choice.
 """

@@ -74,7 +74,7 @@ def augmentation(mode: str, info: DatasetInfo) -> DatasetInfo | None:
 
 
 def init_weights(model: nn.Module, scheme: str) -> None:
-    """'xavier' is seed 000's d2l init (uniform on conv/linear weights); 'kaiming' suits ReLU nets."""
+    """'xavier' is d2l's init (uniform on conv/linear weights); 'kaiming' suits ReLU nets."""
     if scheme == "default":
         return
     for m in model.modules():

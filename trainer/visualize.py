@@ -1,5 +1,5 @@
-"""Feature maps of every conv layer for one test image (seed 004, "CNN activation layer
-characteristics visualization"): one PNG per conv layer, a grid with one tile per channel.
+"""Feature maps of every conv layer for one test image, to see what each layer responds to: one
+PNG per conv layer, a grid with one tile per channel.
 
     python -m trainer.visualize runs/fmnist/best.pt --index 7 --out runs/fmnist/featuremaps
 

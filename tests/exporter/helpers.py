@@ -22,7 +22,7 @@ from trainer.models import get_model
 # Fast settings: a parity batch of 64 (the smallest the gate allows), few batch-1 images, short timing.
 FAST_CHECKS = ["--parity-samples", "64", "--parity-batch", "64", "--batch1-samples", "4"]
 FAST = [*FAST_CHECKS, "--bench-seconds", "0.05"]
-HEAVY_ARCHS = {"densenet121", "googlenet", "resnet34", "vgg16"}  # > ~5 s each on 2 busy cores
+HEAVY_ARCHS = {"densenet121", "googlenet", "resnet34", "vgg16"}  # the slowest to export: marked slow
 
 
 def synthetic_meta(arch: str, dataset: str = "synthetic") -> ModelMeta:

@@ -108,7 +108,7 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     assert "error:" in capsys.readouterr().err
 
 
-def test_defaults_sweep_the_issue_concurrencies() -> None:
+def test_defaults_sweep_concurrencies_1_4_16_64() -> None:
     cfg = parse_args(["--target", "h:1", "--model", "m"])
     assert cfg.concurrency == (1, 4, 16, 64) and cfg.request_rates == ()
     cfg = parse_args(["--target", "h:1", "--model", "m", "--request-rate", "10,20.5"])

@@ -28,7 +28,7 @@ def test_every_flag_has_an_env_variable_and_the_command_line_wins() -> None:
     assert ServerConfig.from_args(["--max-batch-size", "8", "--port", "0"], env).max_batch_size == 8
 
 
-def test_defaults_match_the_issue(tmp_path) -> None:
+def test_defaults_listen_on_loopback_8001_8002_auto_device(tmp_path) -> None:
     cfg = ServerConfig.from_args(["--repository", str(tmp_path)], {})
     assert (cfg.host, cfg.port, cfg.metrics_port, cfg.device) == ("127.0.0.1", 8001, 8002, "auto")
     assert cfg.concurrent_rpc_limit >= cfg.max_queue_size
@@ -137,8 +137,8 @@ def test_a_models_config_can_lower_the_server_ceilings(tmp_path, start_server) -
 @pytest.mark.integration
 def test_only_models_faster_than_a_thread_hop_run_inline(tmp_path, start_server) -> None:
     root = tmp_path / "repo"
-    fast, tm = tiny_model()  # ~10 us per batch
-    slow, tm_slow = tiny_model(hidden=300, width=1024)  # ~10 ms per image
+    fast, tm = tiny_model()  # far below a thread hop per batch
+    slow, tm_slow = tiny_model(hidden=300, width=1024)  # far above it, per image
     publish(root, "fast", 1, fast, tm.meta)
     publish(root, "slow", 1, slow, tm_slow.meta)
     server = start_server(server_config(root, max_batch_size=8))

@@ -21,7 +21,7 @@ QUEUE = 4
 
 def test_overload_rejects_the_excess_and_admitted_calls_succeed(tmp_path, start_server) -> None:
     root = tmp_path / "repo"
-    data, tm = tiny_model(hidden=300, width=1024)  # ~10 ms per image on one thread
+    data, tm = tiny_model(hidden=300, width=1024)  # slow enough per image for the queue to fill
     publish(root, "slow", 1, data, tm.meta)
     server = start_server(server_config(root, max_batch_size=1, max_queue_size=QUEUE))
     x = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)

@@ -1,4 +1,4 @@
-"""``python -m trainer.ablate``: seed 004's one-factor-at-a-time grid on tiny synthetic settings."""
+"""``python -m trainer.ablate``: the one-factor-at-a-time ablation grid on tiny synthetic settings."""
 
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ def test_list_archs_prints_every_arch_with_params(capsys: pytest.CaptureFixture[
     out = capsys.readouterr().out
     for name in list_models():
         assert name in out
-    assert "61,706" in out  # LeNet-5 on 1x28x28, seed 000's count
+    assert "61,706" in out  # LeNet-5 on 1x28x28, d2l's count
     assert main(["--list-archs", "--dataset", "cifar100"]) == 0
     out = capsys.readouterr().out
     params = sum(

@@ -38,7 +38,7 @@ def faults_per_step(mode: str, env: dict[str, str] | None = None) -> tuple[bool,
 
 
 # glibc's starting thresholds (128 KiB), pinned: its adaptive threshold sometimes grows out of the
-# churn and sometimes not (9,000-17,000 or ~200 faults per step, run to run), so the reference is
+# churn and sometimes not (thousands or a few hundred faults per step, run to run), so the reference is
 # the deterministic case it starts from.
 GLIBC_STATIC_DEFAULTS = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 

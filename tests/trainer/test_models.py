@@ -24,8 +24,8 @@ ACTIVATIONS = (nn.Sigmoid, nn.ReLU, nn.Tanh)
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Batch-2 forwards are tiny; two intra-op threads on a shared 2-core box spin against other
-    # processes and run ~10x slower than one.
+    # Batch-2 forwards are tiny; two intra-op threads on a machine shared with other processes
+    # spin against them and run slower than one.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -100,8 +100,8 @@ def test_activation_knob_selects_activation(name: str, activation: str, cls: typ
     assert acts == {cls}
 
 
-def _seed_order(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every (max-pool, activation) pair back in the seeds' order."""
+def _activation_first(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every (max-pool, activation) pair back in the textbook order."""
     ref = copy.deepcopy(model)
     for seq in (m for m in ref.modules() if isinstance(m, nn.Sequential)):
         layers = list(seq)
@@ -113,8 +113,8 @@ def _seed_order(model: nn.Module) -> nn.Module:
     return ref
 
 
-def _assert_same_function_as_seed_order(model: nn.Module) -> None:
-    ref = _seed_order(model)
+def _assert_same_function_as_activation_first(model: nn.Module) -> None:
+    ref = _activation_first(model)
     assert [type(m) for m in ref.modules()] != [type(m) for m in model.modules()]  # the order differs
     assert list(ref.state_dict()) == list(model.state_dict())
     x = torch.randn(8, 1, 28, 28)
@@ -134,10 +134,10 @@ def _assert_same_function_as_seed_order(model: nn.Module) -> None:
 
 @pytest.mark.parametrize("name", KNOB_ARCHS)
 @pytest.mark.parametrize("activation", ["relu", "sigmoid", "tanh"])
-def test_max_pool_before_activation_is_the_seed_order_function(name: str, activation: str) -> None:
-    # The zoo runs max-pool before the activation (less work); a user training seed 004's
+def test_max_pool_before_activation_is_the_activation_first_function(name: str, activation: str) -> None:
+    # The zoo runs max-pool before the activation (less work); a user training the ablation study's
     # "activation, then max-pool" must get the same outputs, loss gradients and parameter names.
-    _assert_same_function_as_seed_order(build(name, activation=activation, pool="max", batchnorm=True))
+    _assert_same_function_as_activation_first(build(name, activation=activation, pool="max", batchnorm=True))
     # Average pooling does not commute with a nonlinearity: it keeps the seeds' order.
     avg = list(build(name, activation=activation, pool="avg").features)
     assert all(isinstance(avg[i - 1], ACTIVATIONS) for i, m in enumerate(avg) if isinstance(m, nn.AvgPool2d))
@@ -145,7 +145,7 @@ def test_max_pool_before_activation_is_the_seed_order_function(name: str, activa
 
 @pytest.mark.parametrize("wide_stem", [False, True], ids=["stem-c", "wide-stem"])
 def test_fmnist_net_first_pool_before_relu_is_conv_bn_relu_pool(wide_stem: bool) -> None:
-    _assert_same_function_as_seed_order(build("fmnist_net", width=4, wide_stem=wide_stem))
+    _assert_same_function_as_activation_first(build("fmnist_net", width=4, wide_stem=wide_stem))
 
 
 @pytest.mark.parametrize("shape", DATASET_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[1]}-{s[2]}cls")
@@ -177,11 +177,11 @@ def test_width_knob_scales_channels(name: str) -> None:
 
 
 def test_knob_defaults_follow_the_seeds() -> None:
-    # Seed 000's LeNet: sigmoid + average pooling, no BN, no dropout.
+    # d2l's LeNet: sigmoid + average pooling, no BN, no dropout.
     lenet = types_in(build("lenet5"))
     assert {nn.Sigmoid, nn.AvgPool2d} <= lenet
     assert not lenet & {nn.ReLU, nn.MaxPool2d, nn.BatchNorm2d, nn.Dropout}
-    # Seed 004's AlexNet: ReLU + max pooling + dropout 0.5, no BN.
+    # The ablation study's AlexNet: ReLU + max pooling + dropout 0.5, no BN.
     alex = build("alexnet")
     assert {nn.ReLU, nn.MaxPool2d} <= types_in(alex)
     assert not types_in(alex) & {nn.Sigmoid, nn.AvgPool2d, nn.BatchNorm2d}
@@ -208,7 +208,7 @@ def test_summary_walks_lenet_shapes() -> None:
     text = summarize(model, (1, 28, 28))
     assert model.training, "summarize must restore the caller's mode"
     rows, _ = shape_walk(model, (1, 28, 28))
-    # Seed 000's shape walk: 28 -> conv(pad 2) 28 -> pool 14 -> conv 10 -> pool 5 -> 400 -> 120 -> 84 -> 10.
+    # d2l's shape walk: 28 -> conv(pad 2) 28 -> pool 14 -> conv 10 -> pool 5 -> 400 -> 120 -> 84 -> 10.
     shapes = [(t, s) for _, t, s, _ in rows]
     assert shapes[0] == ("Conv2d", "(1, 6, 28, 28)")
     assert ("AvgPool2d", "(1, 16, 5, 5)") in shapes

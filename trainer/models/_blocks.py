@@ -1,4 +1,4 @@
-"""Small building blocks shared by the model families (seed 004's ablation knobs)."""
+"""Small building blocks shared by the model families (the ablation knobs: activation, pool)."""
 
 from __future__ import annotations
 
@@ -29,21 +29,21 @@ def make_pool(name: str, kernel_size: int, stride: int | None = None, padding: i
 def activation_and_pool(
     activation: str, pool: str, kernel_size: int, stride: int | None = None, padding: int = 0
 ) -> list[nn.Module]:
-    """Seed 004's "activation, then pool", run as pool then activation when the pool is max.
+    """The classic "activation, then pool", run as pool then activation when the pool is max.
 
     Why: each activation here is non-decreasing, so max-pooling commutes with it exactly,
     max(act(a), act(b)) = act(max(a, b)) (max-pool pads with -inf, so padding never wins), and the
     gradient reaches the same input: ties differ only where the activation's slope is zero (ReLU's
     zeros, saturated sigmoid/tanh). Pooling first runs the activation and its backward on a quarter
     of the elements (2x2 pools).
-    Average pooling does not commute with a nonlinearity, so it keeps the seed's order.
+    Average pooling does not commute with a nonlinearity, so it keeps the textbook order.
     """
     act, pooling = make_activation(activation), make_pool(pool, kernel_size, stride, padding)
     return [pooling, act] if pool == "max" else [act, pooling]
 
 
 def pooled_size(size: int, kernel_size: int, stride: int, padding: int = 0) -> int:
-    """Spatial size after a conv/pool (floor mode): the seed's shape formula."""
+    """Spatial size after a conv/pool (floor mode): the textbook shape formula."""
     return (size + 2 * padding - kernel_size) // stride + 1
 
 

@@ -1,6 +1,6 @@
-"""Small-input AlexNet as seed 004 trains it, with the same ablation knobs as LeNet.
+"""Small-input AlexNet for the ablation study, with the same ablation knobs as LeNet.
 
-Seed 004 keeps AlexNet's plan (5 convs, 3 overlapping pools, 3 FC layers with dropout) but cuts the
+It keeps AlexNet's plan (5 convs, 3 overlapping pools, 3 FC layers with dropout) but cuts the
 parameter count to "nearly 1/256 of the original design": every width of d2l's AlexNet divided by 16,
 which divides each layer's parameters by 16 * 16 = 256::
 
@@ -14,7 +14,7 @@ becomes 5x5 stride 1, and the 3x3 stride-2 pools get padding 1, so both 28 and 3
     32: conv5 32 -> pool 16 -> conv5 16 -> pool 8 -> 3x conv3 8 -> pool 4
 
 ``width`` multiplies every width (width=4 gives 24-64-96-96-64 / FC 1024, ~1/16 of the original).
-Knobs as seed 004: ``activation`` (relu default), ``pool`` (max default), ``batchnorm`` (after each
+Knobs: ``activation`` (relu default), ``pool`` (max default), ``batchnorm`` (after each
 conv and hidden FC, before the activation, as in LeNet), ``dropout`` after both hidden FC layers.
 """
 
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from trainer.models._api import register_model
 from trainer.models._blocks import activation_and_pool, make_activation, pooled_size
 
-# d2l AlexNet widths divided by 16 (seed 004's "1/256 of the parameters").
+# d2l AlexNet widths divided by 16 ("1/256 of the parameters").
 CONV_WIDTHS = (6, 16, 24, 24, 16)
 FC_WIDTH = 256
 

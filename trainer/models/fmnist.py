@@ -73,7 +73,7 @@ class FMNISTNet(nn.Module):
         )
         # Fixed-size pools, not Adaptive*: AdaptiveAvgPool2d's backward hands back a contiguous
         # gradient that makes every later ReLU backward take a slow mixed-layout path under
-        # channels_last (7x slower in profiles).
+        # channels_last (many times slower in profiles).
         spatial = image_size // 4
         self.max_pool = nn.MaxPool2d(spatial)
         self.avg_pool = nn.AvgPool2d(spatial)

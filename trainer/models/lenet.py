@@ -1,6 +1,6 @@
-"""LeNet-5 exactly as seed 000 builds it, plus seed 004's ablation knobs.
+"""LeNet-5 exactly as d2l (Dive into Deep Learning) builds it, plus the ablation knobs.
 
-Defaults reproduce seed 000 (sigmoid, average pooling, no BN, no dropout): 61,706 parameters on
+Defaults reproduce d2l's LeNet (sigmoid, average pooling, no BN, no dropout): 61,706 parameters on
 1x28x28 with 10 classes.
 """
 

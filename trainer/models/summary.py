@@ -1,4 +1,4 @@
-"""The seed's "shape walk": what each layer does to a batch of one, plus parameter counts.
+"""The "shape walk": what each layer does to a batch of one, plus parameter counts.
 
 ``summarize`` runs one forward pass on zeros with forward hooks on every leaf module and prints a
 table (name, type, output shape, parameters) and totals; ``describe_archs`` lists every registered
