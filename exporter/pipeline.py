@@ -362,11 +362,13 @@ def _publish_all(result: ExportResult, every: list[Candidate], names: dict[str, 
         if not cand.publish:
             result.problems.append(f"{model_name} not published: {cand.why_not}")
             continue
-        own = {"name": model_name, "precision": cand.precision, "checks": report.checks + cand.checks}
         _timed(report, "total", t0)
 
-        def report_for(version: int, own: dict[str, Any] = own) -> ExportReport:
-            return dataclasses.replace(report, **own, version=version)
+        def report_for(version: int, name: str = model_name, cand: Candidate = cand) -> ExportReport:
+            checks_run = report.checks + cand.checks
+            return dataclasses.replace(
+                report, name=name, precision=cand.precision, checks=checks_run, version=version
+            )
 
         config = model_config(
             model_name, src.meta.input_shape, src.meta.num_classes, cfg.max_batch_size, cfg.max_queue_delay_us

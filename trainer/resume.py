@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.checkpoint import CheckpointError, load_checkpoint
+from trainer.checkpoint import CheckpointError, checkpoint_meta, load_checkpoint
 from trainer.config import TrainConfig
 from trainer.engine import ModelEMA
 from trainer.outputs import restore_rng_state
@@ -31,7 +31,7 @@ def load_resume_checkpoint(cfg: TrainConfig, model_args: dict[str, Any]) -> dict
             f"cannot resume: {path} holds a '{ckpt['arch']}' model but this run's arch is '{cfg.arch}'; "
             f"resume with --arch {ckpt['arch']} (or leave --arch out) or start a new run in another --out"
         )
-    dataset = ckpt["meta"]["dataset"]
+    dataset = checkpoint_meta(ckpt).dataset
     if dataset != cfg.dataset:
         raise ResumeError(f"cannot resume: {path} was trained on '{dataset}', this run is on '{cfg.dataset}'")
     if ckpt["model_args"] != model_args:

@@ -76,15 +76,20 @@ CLASSIFY_CASES = {
 }
 
 
+def assert_rejected(rpc, request, code: grpc.StatusCode, message: str) -> None:
+    """``rpc(request)`` fails with ``code`` and a message holding ``message``."""
+    with pytest.raises(grpc.RpcError) as info:
+        rpc(request, timeout=10)
+    assert info.value.code() == code, info.value.details()
+    assert message in (info.value.details() or "")
+
+
 @pytest.mark.parametrize("case", list(CLASSIFY_CASES))
 def test_classify_rejects(server, case: str) -> None:
     request, code, message = CLASSIFY_CASES[case]
     with grpc.insecure_channel(server.target) as ch:
         stub = pb_grpc.ClassifierStub(ch)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Classify(request, timeout=10)
-        assert info.value.code() == code, info.value.details()
-        assert message in (info.value.details() or "")
+        assert_rejected(stub.Classify, request, code, message)
         # ... and the server is still up and right.
         ok = stub.Classify(classify(), timeout=10)
         assert len(ok.results) == 1
@@ -128,10 +133,7 @@ def test_model_infer_rejects(server, case: str) -> None:
     request, code, message = KSERVE_CASES[case]
     with grpc.insecure_channel(server.target) as ch:
         stub = ks_grpc.GRPCInferenceServiceStub(ch)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(request, timeout=10)
-        assert info.value.code() == code, info.value.details()
-        assert message in (info.value.details() or "")
+        assert_rejected(stub.ModelInfer, request, code, message)
         assert len(stub.ModelInfer(kserve(), timeout=10).raw_output_contents) == 2
 
 
