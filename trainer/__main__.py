@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", help="where to train", choices=C.DEVICES)
     add(
         "--precision",
-        help="auto = bf16 where the hardware has it (CUDA; AVX512-BF16/AMX CPUs for models with convolutions "
-        "of 32+ channels), else fp32",
+        help="auto = on CUDA bf16 (fp16 where the GPU lacks it); on a CPU fp32, or bf16 where oneDNN runs it "
+        "natively and a short timed probe finds this model >= 1.1x faster in it (the choice and why are printed)",
         choices=C.PRECISIONS,
     )
     add(
