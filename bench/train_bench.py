@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_bench.py [--epochs 3] [--arch lenet5|lenet5-wide|alexnet]
         [--max-train N] [--precision auto] [--baseline-data torchvision|tensor] [--repeat N]
 
-The d2l-style loop is seed 000's ``train_ch6``: a ``torch.utils.data.DataLoader`` (shuffle, d2l's 4
+The d2l-style loop is d2l's ``train_ch6``: a ``torch.utils.data.DataLoader`` (shuffle, d2l's 4
 workers) over a Dataset that builds one sample at a time in Python, then the model on each batch.
 By default each sample takes torchvision's path, which d2l's ``load_data_fashion_mnist`` uses: the
 uint8 image becomes a PIL image, then ``ToTensor()`` + ``Normalize(mean, std)``
@@ -52,7 +52,7 @@ from trainer.precision import resolve_precision
 from trainer.train import build_model
 from trainer.train import main as train_main
 
-# LeNet-5 in seed 004's best configuration (ReLU, max-pool, BatchNorm): a model both loops train
+# LeNet-5 in the ablation study's best configuration (ReLU, max-pool, BatchNorm): a model both loops train
 # stably, so their accuracies are comparable after a few epochs (the sigmoid original is erratic early).
 # name -> (registry arch, its knobs)
 KNOBS: dict[str, dict[str, Any]] = {
@@ -158,7 +158,7 @@ def d2l_style(
     data: str,
     wait: Callable[[], None],
 ) -> dict[str, float]:
-    """Seed 000's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``; ``wait()``
+    """d2l's train_ch6 loop with the same model/init/optimizer/schedule as ``cfg``; ``wait()``
     runs before each epoch and before the evaluation (the lockstep turns), outside the timing."""
     info, train, test = dataset
     if cfg.max_train is not None and cfg.max_train < len(train):

@@ -16,7 +16,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -178,8 +178,11 @@ def error_code(e: BaseException) -> tuple[grpc.StatusCode, str]:
 
 
 async def serve_stream(
-    request_iterator, handle_one, state: ServerState, context: grpc.aio.ServicerContext
-) -> AsyncIterator:
+    request_iterator: AsyncIterator[Any],
+    handle_one: Callable[[Any, float | None], Awaitable[Any]],
+    state: ServerState,
+    context: grpc.aio.ServicerContext,
+) -> AsyncIterator[Any]:
     """A bidirectional inference stream: ``pipelined`` responses, then, if the server is shutting
     down, the stream ends UNAVAILABLE so the client reopens it elsewhere."""
     async for response in pipelined(request_iterator, handle_one, state, deadline_of(context)):
