@@ -9,8 +9,6 @@ is resolved once at start by building a probe session and reading back ``get_pro
 from __future__ import annotations
 
 import logging
-import math
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from server.share import instance_device, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +29,13 @@ class DeviceError(RuntimeError):
     """The requested device cannot be used; the message says why and what to do."""
 
 
-def usable_cpus() -> int:
-    """Cores this process may use: CPU affinity, capped by a cgroup v2 CPU quota (docker --cpus)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
-
-
-def _probe_model() -> bytes:
-    # Identity on a (1,) float tensor; IR 10 / opset 17 are read by every onnxruntime we support.
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "device_probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-    )
-    return helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10
-    ).SerializeToString()
+# Identity on a (1,) float tensor, IR 10 / opset 17 (read by every onnxruntime we support),
+# serialized once with onnx.helper: the server does not depend on the onnx package for 76 bytes.
+# tests/server/test_share.py rebuilds it with onnx and compares.
+PROBE_MODEL = (
+    b'\x08\n:B\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x0cdevice_probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04'
+    b"\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11"
+)
 
 
 def resolve_device(device: str) -> str:
@@ -72,7 +51,7 @@ def resolve_device(device: str) -> str:
         log.info("device auto: onnxruntime has no CUDA execution provider; using CPU")
         return CPU
     try:
-        session = ort.InferenceSession(_probe_model(), providers=[CUDA])
+        session = ort.InferenceSession(PROBE_MODEL, providers=[CUDA])
         loaded = session.get_providers()
     except Exception as e:  # onnxruntime raises its own Fail/RuntimeError types
         loaded, reason = [], f"{type(e).__name__}: {e}"
@@ -102,8 +81,10 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     return so
 
 
-def create_session(model_path: Path, provider: str, intra_op_threads: int) -> ort.InferenceSession:
-    providers: list = [(CUDA, {"device_id": 0}), CPU] if provider == CUDA else [CPU]
+def create_session(
+    model_path: Path, provider: str, intra_op_threads: int, device_id: int = 0
+) -> ort.InferenceSession:
+    providers: list = [(CUDA, {"device_id": device_id}), CPU] if provider == CUDA else [CPU]
     session = ort.InferenceSession(
         str(model_path), sess_options=session_options(intra_op_threads), providers=providers
     )
@@ -139,7 +120,9 @@ def create_instances(
 ) -> list[Instance]:
     instances = []
     for i in range(count):
-        session = create_session(model_path, provider, intra_op_threads)
+        # Workers of one host start at different GPUs (server.share); one GPU: always device 0.
+        device = instance_device(i) if provider == CUDA else 0
+        session = create_session(model_path, provider, intra_op_threads, device)
         instances.append(
             Instance(
                 session=session,
