@@ -1,5 +1,8 @@
 """``cnn-serve`` / ``python -m server``: serve a model repository over gRPC.
 
+``--workers N`` (N > 1) runs N server processes on the same port under a supervisor
+(server.supervisor); otherwise this process is the server.
+
 Prints one JSON line ``{"event": "listening", "port": ..., "metrics_port": ...}`` on stdout once
 ready, and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
 Exit codes: 0 after SIGTERM/SIGINT, 2 when it cannot start (bad flags, no CUDA for --device cuda,
@@ -12,7 +15,6 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from server.app import run
 from server.config import ServerConfig
 
 
@@ -23,6 +25,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if cfg.worker_count > 1:
+        from server.supervisor import supervise
+
+        return supervise(cfg)
+    from server.app import run
+
     return run(cfg)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,10 +27,11 @@ from server.common import Inference, ServerState
 from server.config import ServerConfig
 from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
 from server.kserve_service import KServeService
-from server.metrics import ServerMetrics, start_metrics_http
+from server.metrics import LIVE_GAUGE_PERIOD_S, ServerMetrics, start_metrics_http
 from server.models import ModelManager
-from server.runtime import DeviceError, resolve_device, usable_cpus
+from server.runtime import DeviceError, resolve_device
 from server.served import ServingSettings
+from server.share import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -107,15 +109,25 @@ def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
     )
 
 
-def grpc_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+def grpc_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share it
+        # A second server on the same port must fail, not share it; the workers of one supervisor
+        # (server.supervisor) share it on purpose and the kernel spreads connections over them.
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
 
-async def create_server(cfg: ServerConfig, metrics: ServerMetrics | None = None) -> tuple[ServerHandle, int]:
+async def refresh_live_gauges(metrics: ServerMetrics) -> None:
+    while True:
+        metrics.refresh_live_gauges()
+        await asyncio.sleep(LIVE_GAUGE_PERIOD_S)
+
+
+async def create_server(
+    cfg: ServerConfig, metrics: ServerMetrics | None = None, reuse_port: bool = False
+) -> tuple[ServerHandle, int]:
     """Load the repository, start gRPC (+ /metrics and polling); returns (handle, bound gRPC port).
 
     Raises DeviceError (``--device cuda`` without a working CUDA provider) or RepositoryError
@@ -136,7 +148,9 @@ async def create_server(cfg: ServerConfig, metrics: ServerMetrics | None = None)
     manager = ModelManager(cfg.repository, serving_settings(cfg, provider), metrics, on_health)
     await manager.sync()
 
-    server = grpc.aio.server(options=grpc_options(cfg), maximum_concurrent_rpcs=cfg.concurrent_rpc_limit)
+    server = grpc.aio.server(
+        options=grpc_options(cfg, reuse_port), maximum_concurrent_rpcs=cfg.concurrent_rpc_limit
+    )
     inference = Inference(manager, metrics, state)
     decode_executor = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="decode")
     classifier_pb2_grpc.add_ClassifierServicer_to_server(
@@ -166,6 +180,8 @@ async def create_server(cfg: ServerConfig, metrics: ServerMetrics | None = None)
             await manager.close()
             raise
     background = [asyncio.create_task(manager.poll_forever(cfg.poll_interval_s), name="repository-poll")]
+    if metrics.multiprocess:
+        background.append(asyncio.create_task(refresh_live_gauges(metrics), name="live-gauges"))
     state.ready = True
     handle = ServerHandle(
         server=server, port=port, metrics_port=metrics_port, manager=manager, metrics=metrics, state=state,
@@ -180,10 +196,10 @@ def event(name: str, **fields) -> None:
     print(json.dumps({"event": name, **fields}), flush=True)
 
 
-async def serve(cfg: ServerConfig) -> int:
+async def serve(cfg: ServerConfig, reuse_port: bool = False) -> int:
     loop = asyncio.get_running_loop()
     try:
-        handle, port = await create_server(cfg)
+        handle, port = await create_server(cfg, reuse_port=reuse_port)
     except (DeviceError, RepositoryError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
@@ -202,6 +218,7 @@ async def serve(cfg: ServerConfig) -> int:
         metrics_port=handle.metrics_port,
         provider=handle.provider,
         models=models,
+        pid=os.getpid(),
     )
     await stop.wait()
     log.info("signal received: draining (grace %.1fs)", cfg.grace_s)
@@ -210,14 +227,14 @@ async def serve(cfg: ServerConfig) -> int:
     return 0
 
 
-def run(cfg: ServerConfig) -> int:
+def run(cfg: ServerConfig, reuse_port: bool = False) -> int:
     """Run ``serve`` on uvloop when it is installed (less event-loop work per RPC), else asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(cfg))
+        return asyncio.run(serve(cfg, reuse_port))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg))
+        return runner.run(serve(cfg, reuse_port))
 
 
 __all__ = ["ServerHandle", "create_server", "run", "serve"]

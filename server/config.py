@@ -35,6 +35,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
     log_level: str = "INFO"
+    # Scale-out on one host (server.supervisor): N processes serving the same ports; "auto": one
+    # per usable core. Stays "1" (no supervisor, one process) unless asked for.
+    workers: str = "1"
 
     @classmethod
     def from_args(
@@ -71,7 +74,15 @@ class ServerConfig:
             out.append(
                 f"ports must be in [0, 65535] (metrics: -1 disables), got {self.port}/{self.metrics_port}"
             )
+        try:
+            parse_workers(self.workers)
+        except ValueError as e:
+            out.append(str(e))
         return out
+
+    @property
+    def worker_count(self) -> int:
+        return parse_workers(self.workers)
 
     @property
     def concurrent_rpc_limit(self) -> int:
@@ -141,4 +152,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "RPCs handled at once; 0: max(1024, 8 * queue size)",
     )
     add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
+    add("--workers", str, d.workers,
+        "server processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections over "
+        "them) under one supervisor with one /metrics; auto: one per usable core")  # fmt: skip
     return p
+
+
+def parse_workers(text: str) -> int:
+    """``--workers``: "auto" (one per usable core) or an integer >= 1."""
+    from server.share import machine_cpus
+
+    if text.strip().lower() == "auto":
+        return machine_cpus()
+    try:
+        n = int(text)
+    except ValueError:
+        raise ValueError(f"--workers takes an integer >= 1 or auto, got {text!r}") from None
+    if n < 1:
+        raise ValueError(f"--workers must be >= 1 or auto, got {text!r}")
+    return n

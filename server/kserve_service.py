@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import struct
 
 import grpc
@@ -27,6 +28,7 @@ from server.served import ServedVersion
 SERVER_NAME = "cnnstack"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_configuration", "statistics"]
+PID_METADATA = "cnn-server-pid"  # initial metadata of ServerMetadata: the answering process
 
 
 def parse_version(text: str) -> int:
@@ -141,6 +143,9 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         return ks.ModelReadyResponse(ready=served.accepting and not self.state.stopping)
 
     async def ServerMetadata(self, request, context) -> ks.ServerMetadataResponse:
+        # Which process answered: under --workers each connection is served by one worker, and
+        # tests and operators tell them apart by this (the response itself is KServe's).
+        await context.send_initial_metadata(((PID_METADATA, str(os.getpid())),))
         return ks.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def _resolve(self, name: str, version: str, context) -> ServedVersion:

@@ -5,11 +5,20 @@ an unknown model is counted under ``model=""``), ``rpc`` and ``code`` from fixed
 combinations of a model version are created when it loads, so a dashboard sees zeros rather than
 missing series. The hot path talks to pre-resolved children (``VersionMetrics``), never to
 ``.labels()``.
+
+Under ``cnn-serve --workers N`` every worker writes its values to files in
+``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen by that variable at
+import) and the supervisor serves one ``/metrics`` over all of them (server.supervisor):
+counters and histograms are summed over the workers, dead ones included, so totals never go back;
+each gauge says how it combines (``multiprocess_mode``) and counts live workers only. The two
+gauges read through callables are written to the files by ``refresh_live_gauges``, which the
+worker runs every ``LIVE_GAUGE_PERIOD_S``: a function gauge has no file to be read from.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +36,12 @@ CODES = (
     "UNAVAILABLE", "INTERNAL",
 )  # fmt: skip
 UNKNOWN_MODEL = ""
+LIVE_GAUGE_PERIOD_S = 0.5  # multiprocess mode: how stale queue depth and in-flight may be in a scrape
+
+
+def multiprocess_mode() -> bool:
+    """prometheus_client's own test (its values module reads the same variables at import)."""
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
 
 
 @dataclass(frozen=True)
@@ -86,13 +101,18 @@ class ServerMetrics:
             ["rpc", *mv, "code"], registry=r,
         )  # fmt: skip
         self.images = Counter("cnn_images", "Images inferred.", mv, registry=r)
-        self.queue_depth = Gauge("cnn_queue_depth", "Requests waiting in the model's queue.", mv, registry=r)
+        # Workers: queue depth and in-flight add up; an info gauge is 1 while any live worker says so.
+        self.queue_depth = Gauge(
+            "cnn_queue_depth", "Requests waiting in the model's queue.", mv, registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.inflight = Gauge(
-            "cnn_inflight_requests", "Inference requests admitted and not yet answered.", mv, registry=r
-        )
+            "cnn_inflight_requests", "Inference requests admitted and not yet answered.", mv, registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.model_info = Gauge(
             "cnn_model_info", "1 for every loaded model version; its execution provider and architecture.",
-            [*mv, "provider", "arch", "dataset"], registry=r,
+            [*mv, "provider", "arch", "dataset"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.load_failures = Counter(
             "cnn_model_load_failures", "Model versions rejected at load (corrupt file, failed export report, ...).",
@@ -100,8 +120,10 @@ class ServerMetrics:
         )  # fmt: skip
         self.server_info = Gauge(
             "cnn_server_info", "1; the device asked for and the execution provider in use.",
-            ["device", "provider"], registry=r,
+            ["device", "provider"], registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
+        self.multiprocess = multiprocess_mode()
+        self._live: dict[tuple[str, str], tuple[Callable[[], int], Callable[[], int] | None]] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}
         self._lock = threading.Lock()
         self.unknown = self.for_version(UNKNOWN_MODEL, "")
@@ -139,24 +161,45 @@ class ServerMetrics:
         with self._lock:
             self.model_info.labels(model, version, provider, arch, dataset).set(1)
             self._info_labels[(model, version)] = (model, version, provider, arch, dataset)
-            self.queue_depth.labels(model, version).set_function(queue_size)
-            if inflight is not None:
-                self.inflight.labels(model, version).set_function(inflight)
+            if self.multiprocess:
+                self._live[(model, version)] = (queue_size, inflight)
+            else:
+                self.queue_depth.labels(model, version).set_function(queue_size)
+                if inflight is not None:
+                    self.inflight.labels(model, version).set_function(inflight)
             self.load_failures.labels(model)
+        if self.multiprocess:
+            self.refresh_live_gauges()
         return children
+
+    def refresh_live_gauges(self) -> None:
+        """Multiprocess mode: write the callables' current values where the supervisor reads them."""
+        with self._lock:
+            live = list(self._live.items())
+        for (model, version), (queue_size, inflight) in live:
+            self.queue_depth.labels(model, version).set(queue_size())
+            if inflight is not None:
+                self.inflight.labels(model, version).set(inflight())
 
     def version_unloaded(self, model: str, version: str) -> None:
         """Drop the gauges of a retired version (counters and histograms keep their totals)."""
         with self._lock:
             info = self._info_labels.pop((model, version), None)
+            self._live.pop((model, version), None)
             for gauge, labels in (
                 (self.model_info, info),
                 (self.queue_depth, (model, version)),
                 (self.inflight, (model, version)),
             ):
-                if labels is not None:
-                    with contextlib.suppress(KeyError):
-                        gauge.remove(*labels)
+                if labels is None:
+                    continue
+                if self.multiprocess:
+                    # A series cannot leave a worker's file (prometheus_client cannot remove it
+                    # there): it reads 0 until the worker exits.
+                    gauge.labels(*labels).set(0)
+                    continue
+                with contextlib.suppress(KeyError):
+                    gauge.remove(*labels)
 
     def set_server_info(self, device: str, provider: str) -> None:
         self.server_info.labels(device, provider).set(1)
