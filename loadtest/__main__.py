@@ -61,11 +61,12 @@ def run_sweep(cfg: LoadTestConfig, payloads: list[bytes], steps: list[StepSpec])
             cfg.images_per_request,
             cfg.stability_windows,
             cfg.stability_percent,
+            cfg.connections,
         )
     else:
         client = MultiProcClient(
             cfg.target, method_for(cfg.api), payloads, cfg.images_per_request, cfg.processes,
-            cfg.stability_windows, cfg.stability_percent,
+            cfg.stability_windows, cfg.stability_percent, cfg.connections,
         )  # fmt: skip
     results = []
     try:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.quiet:
         print(
             f"target {cfg.target} model {cfg.model} api {cfg.api} input {shape} x {cfg.images_per_request}/request, "
-            f"{len(payloads[0])} bytes/request, {cfg.processes} client process(es)"
+            f"{len(payloads[0])} bytes/request, {cfg.processes} client process(es) x {cfg.connections} connection(s)"
         )
     started = time.time()
     results = run_sweep(cfg, payloads, build_steps(cfg))
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "images_per_request": cfg.images_per_request,
         "request_bytes": len(payloads[0]),
         "processes": cfg.processes,
+        "connections": cfg.connections,
         "window_s": cfg.window_s,
         "stability": {"windows": cfg.stability_windows, "percent": cfg.stability_percent},
         "started_unix": started,

@@ -12,7 +12,15 @@ import grpc
 
 from loadtest.controller import StepController, StepResult
 from loadtest.payload import kserve_pb2, method_for
-from loadtest.runner import StepSpec, new_event_loop, open_channel, raw_call, run_process_step
+from loadtest.runner import (
+    StepSpec,
+    new_event_loop,
+    open_channel,
+    open_channels,
+    raw_call,
+    round_robin,
+    run_process_step,
+)
 
 START_DELAY_S = 0.05  # between arming a step and its first request
 
@@ -87,7 +95,8 @@ def preflight(target: str, api: str, payload: bytes, images: int, timeout: float
 
 
 class LocalClient:
-    """All load from this process: one event loop and one channel, kept across steps."""
+    """All load from this process: one event loop and ``connections`` channels (requests round
+    robin over them), kept across steps."""
 
     def __init__(
         self,
@@ -97,26 +106,27 @@ class LocalClient:
         images_per_request: int,
         stability_windows: int,
         stability_percent: float,
+        connections: int = 1,
     ) -> None:
         self.payloads = payloads
+        self.connections = connections
         self.k = images_per_request
         self.stability = (stability_windows, stability_percent)
         self._runner = asyncio.Runner(loop_factory=new_event_loop)
-        self._channel: grpc.aio.Channel | None = None
+        self._channels: list[grpc.aio.Channel] = []
         self._call: Any = None
         self._target, self._method = target, method_for(api)
         self.connect_timeout_s = 30.0
 
     async def _step(self, spec: StepSpec) -> StepResult:
-        if self._channel is None:
-            self._channel = open_channel(self._target)
-            self._call = raw_call(self._channel, self._method)
+        if not self._channels:
             try:
-                await asyncio.wait_for(self._channel.channel_ready(), self.connect_timeout_s)
+                self._channels = await open_channels(self._target, self.connections, self.connect_timeout_s)
             except TimeoutError:
                 raise TargetError(
                     f"{self._target}: not reachable within {self.connect_timeout_s:g}s"
                 ) from None
+            self._call = round_robin([raw_call(ch, self._method) for ch in self._channels])
         ctl = StepController(spec, 1, *self.stability, images_per_request=self.k)
         t0 = time.perf_counter() + START_DELAY_S
         totals = await run_process_step(
@@ -128,6 +138,6 @@ class LocalClient:
         return self._runner.run(self._step(spec))
 
     def close(self) -> None:
-        if self._channel is not None:
-            self._runner.run(self._channel.close())
+        for ch in self._channels:
+            self._runner.run(ch.close())
         self._runner.close()

@@ -32,6 +32,7 @@ class LoadTestConfig:
     input_shape: tuple[int, int, int] | None = None  # (C, H, W); None: ask the server
     top_k: int = 1
     processes: int = 1
+    connections: int = 1  # gRPC channels (TCP connections) per client process, requests round robin
     seed: int = 0
     out: Path | None = None
     csv: Path | None = None
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", type=_shape, default=None, help="C,H,W (default: ask the server)")
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
+    p.add_argument("--connections", type=int, default=1,
+                   help="gRPC channels (TCP connections) per client process, requests round robin over "
+                   "them: a server's kernel spreads connections, not requests, over its workers")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON report")
     p.add_argument("--csv", type=Path, default=None)
@@ -128,6 +132,7 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         (a.max_inflight >= 1, "--max-inflight must be >= 1"),
         (a.top_k >= 1, "--top-k must be >= 1"),
         (a.processes >= 1, "--processes must be >= 1"),
+        (a.connections >= 1, "--connections must be >= 1"),
         (not (a.api == "kserve" and a.encoding == "png"), "--encoding png needs --api classify"),
         (
             a.metrics_url is None or a.metrics_url.startswith(("http://", "https://")),
@@ -165,6 +170,7 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         input_shape=a.input_shape,
         top_k=a.top_k,
         processes=a.processes,
+        connections=a.connections,
         seed=a.seed,
         out=a.out,
         csv=a.csv,

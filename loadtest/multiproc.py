@@ -1,6 +1,6 @@
 """``--processes P``: the load spread over P client processes (one GIL each).
 
-Each child keeps one uvloop event loop and one channel for the whole sweep. For every step the
+Each child keeps one uvloop event loop and its ``connections`` channels for the whole sweep. For every step the
 parent sends each child its share (concurrency split as evenly as possible, rate divided by P)
 and a common start instant; ``time.perf_counter`` is CLOCK_MONOTONIC on Linux, shared by all
 processes, so windows line up. Children stream their windows' raw latencies to the parent, which
@@ -32,21 +32,16 @@ def _child_main(
     commands: Any,
     results: Any,
     stop: Any,
+    connections: int = 1,
 ) -> None:
     import asyncio
 
-    from loadtest.runner import new_event_loop, open_channel, raw_call, run_process_step
+    from loadtest.runner import new_event_loop, open_channels, raw_call, round_robin, run_process_step
 
     try:
         runner = asyncio.Runner(loop_factory=new_event_loop)
-
-        async def connect() -> Any:
-            ch = open_channel(target)
-            await asyncio.wait_for(ch.channel_ready(), READY_TIMEOUT_S)
-            return ch
-
-        channel = runner.run(connect())
-        call = raw_call(channel, method)
+        channels = runner.run(open_channels(target, connections, READY_TIMEOUT_S))
+        call = round_robin([raw_call(ch, method) for ch in channels])
         results.put(("ready", index, None))
         while (cmd := commands.get()) is not None:
             spec, t0 = cmd
@@ -58,7 +53,8 @@ def _child_main(
                 run_process_step(call, payloads, spec, images_per_request, t0, sink, stop.is_set)
             )
             results.put(("done", index, totals))
-        runner.run(channel.close())
+        for ch in channels:
+            runner.run(ch.close())
         runner.close()
     except Exception:
         results.put(("error", index, traceback.format_exc()))
@@ -74,6 +70,7 @@ class MultiProcClient:
         processes: int,
         stability_windows: int,
         stability_percent: float,
+        connections: int = 1,
     ) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
         self.k = images_per_request
@@ -94,6 +91,7 @@ class MultiProcClient:
                     self._commands[i],
                     self._results,
                     self._stop,
+                    connections,
                 ),
                 daemon=True,
                 name=f"loadtest-client-{i}",

@@ -16,6 +16,7 @@ a deadline) so that, at the end, sent == ok + errors.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections import Counter
@@ -253,7 +254,35 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 def open_channel(target: str) -> grpc.aio.Channel:
     # Large messages: 32 ResNet images of 3x224x224 float32 are ~19 MB.
     opts = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    # Each channel its own TCP connection: by default channels to one target share one through
+    # grpc's global subchannel pool, and --connections would open a single connection.
+    opts.append(("grpc.use_local_subchannel_pool", 1))
     return grpc.aio.insecure_channel(target, options=opts)
+
+
+async def open_channels(target: str, count: int, ready_timeout_s: float) -> list[grpc.aio.Channel]:
+    """``count`` channels, each connected (TimeoutError when one is not within the timeout)."""
+    channels = [open_channel(target) for _ in range(count)]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), ready_timeout_s)
+    except BaseException:
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+        raise
+    return channels
+
+
+def round_robin(calls: Sequence[Any]) -> Any:
+    """One callable over several channels' calls, each request on the next channel in turn. A
+    server's kernel balances connections, not requests (cnn-serve --workers): K channels let one
+    client reach up to K workers or replicas."""
+    if len(calls) == 1:
+        return calls[0]
+    turn = itertools.cycle(calls)
+
+    def call(payload: bytes, timeout: float | None = None) -> Any:
+        return next(turn)(payload, timeout=timeout)
+
+    return call
 
 
 def raw_call(channel: grpc.aio.Channel, method: str) -> Any:

@@ -44,6 +44,7 @@ class Behaviour:
     last_request: pb.ClassifyRequest | None = None
     inflight: int = 0
     max_inflight: int = 0
+    peers: Counter = field(default_factory=Counter)  # client connection ("ipv4:IP:PORT") -> requests
 
 
 class FakeClassifier(pb_grpc.ClassifierServicer):
@@ -69,6 +70,7 @@ class FakeClassifier(pb_grpc.ClassifierServicer):
         n = b.received
         b.arrivals.append(time.perf_counter())
         b.last_request = request
+        b.peers[context.peer()] += 1
         if request.model != FAKE_MODEL:
             b.answered["NOT_FOUND"] += 1
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")

@@ -62,6 +62,23 @@ def test_two_client_processes_share_the_load(fake_server: FakeServer, tmp_path: 
     assert fake_server.behaviour.answered["OK"] == 1 + 120
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_connections_spread_requests_round_robin_over_that_many_connections(
+    fake_server: FakeServer, tmp_path: Path, processes: int
+) -> None:
+    out = tmp_path / "r.json"
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "8", "--connections", "3",
+            "--processes", str(processes), "--max-requests", "90", "--duration", "10", "--window", "0.5",
+            "--warmup", "0", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads(out.read_text())["connections"] == 3
+    peers = fake_server.behaviour.peers
+    # The pre-flight request has a channel of its own; each client process has 3 more, used in turn.
+    loaded = sorted(n for n in peers.values() if n > 1)
+    assert len(peers) == 1 + 3 * processes and len(loaded) == 3 * processes
+    assert loaded == [30] * (3 * processes)
+
+
 def test_cli_reports_target_problems_with_status_1(
     fake_server: FakeServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -99,6 +116,7 @@ def test_unreadable_input_file_is_an_error_naming_it_not_a_traceback(
         ["--target", "h:1", "--model", "m", "--concurrency", "1,4", "--processes", "2"],
         ["--target", "h:1", "--model", "m", "--input", "/nonexistent/images.gz"],
         ["--target", "h:1", "--model", "m", "--metrics-url", "localhost:8002/metrics"],
+        ["--target", "h:1", "--model", "m", "--connections", "0"],
     ],
 )
 def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -267,3 +267,29 @@ def test_a_taken_port_or_a_missing_repository_exits_2(tmp_path) -> None:
     assert missing.proc.wait(60) == 2  # type: ignore[union-attr]
     missing.stop()
     assert "is not a directory" in "".join(missing.stderr)
+
+
+def test_loadtest_connections_reach_both_workers(two_workers, tmp_path: Path) -> None:
+    from loadtest.__main__ import main as loadtest
+
+    server, _ = two_workers
+    channels = channels_per_worker(server.target, server.listening["workers"])
+    stats_of = {pid: ks_grpc.GRPCInferenceServiceStub(ch).ModelStatistics for pid, (ch,) in channels.items()}
+
+    def count() -> dict[int, int]:
+        request = ks.ModelStatisticsRequest(name="tiny")
+        return {pid: f(request, timeout=30).model_stats[0].inference_count for pid, f in stats_of.items()}
+
+    try:
+        before = count()
+        # 16 connections: the kernel puts all of them on one worker with probability 2 ** -15.
+        argv = ["--target", server.target, "--model", "tiny", "--concurrency", "16", "--connections", "16",
+                "--max-requests", "320", "--duration", "30", "--window", "1", "--warmup", "0", "--quiet",
+                "--out", str(tmp_path / "r.json")]  # fmt: skip
+        assert loadtest(argv) == 0
+        after = count()
+    finally:
+        close_all(channels)
+    served = {pid: after[pid] - before[pid] for pid in after}
+    assert all(n > 0 for n in served.values()), served
+    assert sum(served.values()) == 320 + 1  # and the pre-flight request
