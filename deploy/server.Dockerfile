@@ -1,6 +1,6 @@
 # Server image: onnxruntime-gpu on a CUDA runtime base, no torch, no build tools at run time.
 # Build: docker build -f deploy/server.Dockerfile -t cnnstack-server .
-FROM python:3.12-slim AS build
+FROM python:3.12.8-slim-bookworm AS build
 WORKDIR /src
 # Only what cnn-serve and cnn-loadtest import, packaged by deploy/server.pyproject.toml: no
 # trainer or exporter file, and only the console scripts that run here.

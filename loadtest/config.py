@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
 APIS = ("classify", "kserve")
+PLOT_HINT = "pip install 'cnnstack[plot]' (or matplotlib), or leave out --plot"
 ENCODINGS = ("tensor", "png")
 
 
@@ -142,6 +144,9 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
     for ok, message in checks:
         if not ok:
             parser.error(message)
+    if a.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        # Before the sweep, not after it: the plot is the last thing written.
+        parser.error(f"--plot needs matplotlib, which is not installed: {PLOT_HINT}")
     if a.input != "synthetic" and not Path(a.input).exists():
         parser.error(f"--input {a.input!r} is neither 'synthetic' nor an existing file or folder")
     concurrency = a.concurrency or (() if a.request_rate else (1, 4, 16, 64))

@@ -93,8 +93,14 @@ def write_csv(path: Path, results: Sequence[StepResult]) -> None:
 
 def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
     """Latency percentiles (y, ms, log) against achieved throughput (x, images/s), one line per
-    loop kind and percentile; each point is labelled with its step."""
-    import matplotlib
+    loop kind and percentile; each point is labelled with its step. matplotlib is not in [serve]
+    (the server does not need it): it comes with the [plot] extra."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        from loadtest.config import PLOT_HINT
+
+        raise RuntimeError(f"--plot needs matplotlib: {PLOT_HINT}") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

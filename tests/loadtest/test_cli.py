@@ -162,3 +162,18 @@ def test_dataset_input_is_sent_as_png_of_the_models_size(fake_server: FakeServer
     assert req is not None and len(req.images) == 3
     img = Image.open(io.BytesIO(req.images[0].encoded))
     assert img.format == "PNG" and img.size == (8, 8) and img.mode == "L"
+
+
+def test_plot_without_matplotlib_is_refused_before_the_sweep(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--target", "h:1", "--model", "m", "--plot", "p.png"])
+    assert e.value.code == 2
+    assert "cnnstack[plot]" in capsys.readouterr().err
