@@ -188,7 +188,10 @@ class Supervisor:
             raise StartError(f"cannot bind gRPC to {self.cfg.host}:{self.cfg.port}: {e}") from e
         self.port = self._reservation.getsockname()[1]
         if self.cfg.metrics_port >= 0:
-            self.metrics = SharedMetrics.create()
+            try:
+                self.metrics = SharedMetrics.create()
+            except OSError as e:
+                raise StartError(f"cannot create the workers' metrics folder (TMPDIR must be writable): {e}") from e
             collector = SupervisorCollector(self.serving, lambda: self.restarts)
             try:
                 self.metrics.serve(self.cfg.host, self.cfg.metrics_port, collector)
