@@ -151,4 +151,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if report.skipped and os.environ.get(REQUIRE_GPU) == "1" and item.get_closest_marker("gpu"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = f"{REQUIRE_GPU}=1, and this gpu test could not run: {reason.removeprefix('Skipped: ')}"
+        report.longrepr = (
+            f"{REQUIRE_GPU}=1, and this gpu test could not run: {reason.removeprefix('Skipped: ')}"
+        )

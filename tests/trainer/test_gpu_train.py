@@ -58,7 +58,9 @@ def test_a_small_cnn_learns_on_cuda_channels_last(precision: str) -> None:
     handle.remove()
     assert losses[-1] < 0.7 * losses[0], losses
     assert seen[0].device == device and seen[0].is_contiguous(memory_format=torch.channels_last)
-    assert all(p.device == device for p in model.parameters()) and all(b.device == device for b in model.buffers())
+    assert all(p.device == device for p in model.parameters()) and all(
+        b.device == device for b in model.buffers()
+    )
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     if scaler is not None:
