@@ -80,7 +80,9 @@ def profiled_placement(
     with tempfile.TemporaryDirectory(prefix="cnn-placement-") as folder:
         sess_options.enable_profiling = True
         sess_options.profile_file_prefix = str(Path(folder) / "placement")
-        session = ort_module.InferenceSession(model, sess_options=sess_options, providers=list(providers))
+        session = ort_module.InferenceSession(
+            model, sess_options=sess_options, providers=list(providers), enable_fallback=0
+        )
         session.run(None, feed)
         return profile_placement(session.end_profiling())
 
