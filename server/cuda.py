@@ -36,7 +36,7 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 # HEURISTIC: cuDNN's heuristics choose a convolution algorithm for each new input shape at almost no
 # cost. EXHAUSTIVE times every algorithm the first time a shape is seen (in a server: each new
-# batch size), a latency spike per shape for an algorithm that is at best slightly faster.
+# batch size): a latency spike per shape, for an algorithm that may be somewhat faster.
 DEFAULT_ALGO_SEARCH = "HEURISTIC"
 DRIVER_LIBRARY = "libcuda.so.1"
 CUDNN_LIBRARIES = (
