@@ -29,9 +29,9 @@ from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, en
 from server.kserve_service import KServeService
 from server.metrics import LIVE_GAUGE_PERIOD_S, ServerMetrics, start_metrics_http
 from server.models import ModelManager
-from server.runtime import DeviceError, resolve_device
+from server.runtime import CUDA, DeviceError, resolve_device
 from server.served import ServingSettings
-from server.share import usable_cpus
+from server.share import usable_cpus, worker_gpus
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,9 @@ def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
         intra_op_threads=cfg.intra_op_threads,
         drain_timeout_s=cfg.grace_s,
         inline_compute_s=cfg.inline_compute_us / 1e6,
+        gpus=worker_gpus(cfg.gpu_ids),  # worker i of --workers starts at the i-th GPU
+        cudnn_conv_algo_search=cfg.cudnn_conv_algo_search,
+        strict_device=cfg.device == "cuda",
     )
 
 
@@ -135,8 +138,11 @@ async def create_server(
     """
     if not cfg.repository.is_dir():
         raise RepositoryError(f"model repository {cfg.repository} is not a directory")
-    provider = await asyncio.to_thread(resolve_device, cfg.device)
-    log.info("device %s -> onnxruntime %s; %d usable CPU core(s)", cfg.device, provider, usable_cpus())
+    provider = await asyncio.to_thread(resolve_device, cfg.device, cfg.gpu_ids, cfg.cudnn_conv_algo_search)
+    log.info(
+        "device %s -> onnxruntime %s%s; %d usable CPU core(s)", cfg.device, provider,
+        f" on GPU(s) {cfg.gpus}" if provider == CUDA else "", usable_cpus(),
+    )  # fmt: skip
     metrics = metrics if metrics is not None else ServerMetrics()
     metrics.set_server_info(cfg.device, provider)
     health = create_health()

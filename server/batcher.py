@@ -61,6 +61,12 @@ class WorkItem:
     what: str = "input"  # how an error names this request's tensor ("image": per image, classifier.v1)
 
 
+def batch_sizes(max_batch_size: int) -> range:
+    """Every batch size a Batcher with this ``max_batch_size`` can produce: requests are whole (never
+    split) and of any size, so any total from 1 to the maximum."""
+    return range(1, max_batch_size + 1)
+
+
 def submit(
     queue: asyncio.Queue, inputs: np.ndarray, deadline: float | None = None, what: str = "input"
 ) -> asyncio.Future:

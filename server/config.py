@@ -13,7 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEVICES = ("auto", "cpu", "cuda")
+ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # onnxruntime's cudnn_conv_algo_search values
 ENV_PREFIX = "CNN_SERVE_"
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1): CUDA device ordinals, distinct, >= 0."""
+    try:
+        ids = tuple(int(part) for part in text.replace(" ", "").split(",") if part)
+    except ValueError:
+        raise ValueError(
+            f"--gpus takes CUDA device numbers separated by commas (e.g. 0,1), got {text!r}"
+        ) from None
+    if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+        raise ValueError(f"--gpus needs distinct CUDA device numbers >= 0, got {text!r}")
+    return ids
 
 
 @dataclass(frozen=True)
@@ -23,6 +37,8 @@ class ServerConfig:
     port: int = 8001  # 0: any free port (tests)
     metrics_port: int = 8002  # 0: any free port; -1: no metrics endpoint
     device: str = "auto"
+    gpus: str = "0"  # CUDA devices, comma-separated; each gets --instances instances
+    cudnn_conv_algo_search: str = "HEURISTIC"
     # Ceilings: a model's config.pbtxt may lower max batch size, queue delay and queue size.
     max_batch_size: int = 64  # images per executed batch
     max_queue_delay_ms: float = 2.0
@@ -58,6 +74,14 @@ class ServerConfig:
         out = []
         if self.device not in DEVICES:
             out.append(f"--device must be one of {DEVICES}, got {self.device!r}")
+        try:
+            parse_gpus(self.gpus)
+        except ValueError as e:
+            out.append(str(e))
+        if self.cudnn_conv_algo_search not in ALGO_SEARCHES:
+            out.append(
+                f"--cudnn-conv-algo-search must be one of {ALGO_SEARCHES}, got {self.cudnn_conv_algo_search!r}"
+            )
         for name in ("max_batch_size", "max_queue_size", "instances", "max_message_bytes"):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -83,6 +107,10 @@ class ServerConfig:
     @property
     def worker_count(self) -> int:
         return parse_workers(self.workers)
+
+    @property
+    def gpu_ids(self) -> tuple[int, ...]:
+        return parse_gpus(self.gpus)
 
     @property
     def concurrent_rpc_limit(self) -> int:
@@ -121,8 +149,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--host", str, d.host, "address to bind (0.0.0.0 in containers)")
     add("--port", int, d.port, "gRPC port; 0 picks a free one (printed in the 'listening' log line)")
     add("--metrics-port", int, d.metrics_port, "Prometheus /metrics port; 0 picks a free one, -1 disables")
-    add("--device", str, d.device, "onnxruntime execution provider: cuda fails start if CUDA does not load",
+    add("--device", str, d.device, "onnxruntime execution provider: cuda fails start unless a convolution runs on every GPU in "
+        "--gpus, and refuses models with a convolution on the CPU; auto falls back to CPU and says why",
         choices=DEVICES)  # fmt: skip
+    add("--gpus", str, d.gpus, "CUDA devices for the instances, e.g. 0,1: each gets --instances instances "
+        "(a config.pbtxt instance_group may name its own among them)")  # fmt: skip
+    add("--cudnn-conv-algo-search", str, d.cudnn_conv_algo_search,
+        "how cuDNN picks convolution algorithms: HEURISTIC (no per-shape cost), EXHAUSTIVE (times every "
+        "algorithm once per new input shape; warm-up then runs every batch size at load)", choices=ALGO_SEARCHES)  # fmt: skip
     add("--max-batch-size", int, d.max_batch_size, "most images one model execution takes")
     add("--max-queue-delay-ms", float, d.max_queue_delay_ms,
         "under load, how long the oldest request may wait for a batch to fill")  # fmt: skip

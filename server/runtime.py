@@ -1,9 +1,10 @@
 """onnxruntime: explicit execution providers, sessions sized to the machine, one executor each.
 
-onnxruntime-gpu lists CUDA among the available providers even where it cannot load (no GPU, no
-CUDA 13 / cuDNN 9 libraries) and a session asked for CUDA then silently runs on CPU. So the device
-is resolved once at start by building a probe session and reading back ``get_providers()``:
-``cuda`` fails start with the reason, ``auto`` falls back to CPU and says so (log + metric).
+The device is resolved once at start (``server.cuda.resolve_device``: a convolution must run on
+every GPU asked for). After that no session may quietly leave it: sessions are created with
+``enable_fallback=0`` and ``disable_fallback()``, so an execution-provider failure is an error
+(at load: the version is rejected; in ``run()``: that batch fails) instead of onnxruntime moving
+the session to the CPU for good with only a printed line.
 """
 
 from __future__ import annotations
@@ -17,56 +18,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.share import instance_device, usable_cpus
+from server.cuda import CPU, CUDA, DEFAULT_ALGO_SEARCH, DeviceError, provider_options, resolve_device
+from server.placement import RECORD_KEY, NodePlacement, profiled_placement, recorded_placement
+from server.share import usable_cpus
 
 log = logging.getLogger(__name__)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-
-
-class DeviceError(RuntimeError):
-    """The requested device cannot be used; the message says why and what to do."""
-
-
-# Identity on a (1,) float tensor, IR 10 / opset 17 (read by every onnxruntime we support),
-# serialized once with onnx.helper: the server does not depend on the onnx package for 76 bytes.
-# tests/server/test_share.py rebuilds it with onnx and compares.
-PROBE_MODEL = (
-    b'\x08\n:B\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x0cdevice_probeZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04'
-    b"\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11"
-)
-
-
-def resolve_device(device: str) -> str:
-    """Return the execution provider to use for ``device`` ("auto" | "cpu" | "cuda")."""
-    if device == "cpu":
-        return CPU
-    if CUDA not in ort.get_available_providers():
-        if device == "cuda":
-            raise DeviceError(
-                f"--device cuda: this onnxruntime ({ort.__version__}, providers {ort.get_available_providers()}) "
-                "has no CUDAExecutionProvider; install onnxruntime-gpu or use --device cpu/auto"
-            )
-        log.info("device auto: onnxruntime has no CUDA execution provider; using CPU")
-        return CPU
-    try:
-        session = ort.InferenceSession(PROBE_MODEL, providers=[CUDA])
-        loaded = session.get_providers()
-    except Exception as e:  # onnxruntime raises its own Fail/RuntimeError types
-        loaded, reason = [], f"{type(e).__name__}: {e}"
-    else:
-        reason = "onnxruntime fell back to CPU (see its log above: usually libcudart/libcublas/cuDNN not found or no GPU)"
-    if loaded and loaded[0] == CUDA:
-        return CUDA
-    if device == "cuda":
-        raise DeviceError(
-            f"--device cuda: the CUDA execution provider did not load: {reason}. onnxruntime-gpu "
-            f"{ort.__version__} needs an NVIDIA GPU with CUDA 13 and cuDNN 9 libraries on the library path; "
-            "use --device auto to fall back to CPU"
-        )
-    log.warning("device auto: CUDA execution provider did not load (%s); using CPU", reason)
-    return CPU
+__all__ = [
+    "CPU", "CUDA", "DeviceError", "Instance", "create_instances", "create_session", "resolve_device", "usable_cpus",
+]  # fmt: skip
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -78,19 +38,44 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     # Idle intra-op threads would otherwise spin and steal the cores the event loop needs for I/O.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
+    # Node placement is read back at load (server.placement) instead of from warnings at this level.
+    so.add_session_config_entry(RECORD_KEY, "1")
     return so
 
 
+def providers_for(provider: str, device_id: int | None = 0, algo_search: str = DEFAULT_ALGO_SEARCH) -> list:
+    if provider != CUDA:
+        return [CPU]
+    # CPU second: onnxruntime keeps shape arithmetic there; convolutions are checked at load.
+    return [(CUDA, provider_options(device_id or 0, algo_search)), CPU]
+
+
 def create_session(
-    model_path: Path, provider: str, intra_op_threads: int, device_id: int = 0
-) -> ort.InferenceSession:
-    providers: list = [(CUDA, {"device_id": device_id}), CPU] if provider == CUDA else [CPU]
+    model_path: Path, provider: str, intra_op_threads: int, device_id: int | None = None,
+    algo_search: str = DEFAULT_ALGO_SEARCH,
+) -> ort.InferenceSession:  # fmt: skip
     session = ort.InferenceSession(
-        str(model_path), sess_options=session_options(intra_op_threads), providers=providers
-    )
+        str(model_path), sess_options=session_options(intra_op_threads),
+        providers=providers_for(provider, device_id, algo_search), enable_fallback=0,
+    )  # fmt: skip
     if session.get_providers()[0] != provider:
         raise DeviceError(f"{model_path}: wanted {provider}, onnxruntime gave {session.get_providers()}")
+    session.disable_fallback()
     return session
+
+
+def node_placement(
+    session: ort.InferenceSession, model_path: Path, provider: str, device_id: int | None,
+    algo_search: str, sample: np.ndarray,
+) -> list[NodePlacement]:  # fmt: skip
+    """Where each node of ``session`` runs: its own record, else a one-run profile of the same model."""
+    placed = recorded_placement(session)
+    if placed is None:
+        feed = {session.get_inputs()[0].name: sample}
+        placed = profiled_placement(
+            ort, str(model_path), session_options(1), providers_for(provider, device_id, algo_search), feed
+        )
+    return placed
 
 
 @dataclass
@@ -101,6 +86,7 @@ class Instance:
     executor: ThreadPoolExecutor
     input_name: str
     output_names: list[str]
+    device_id: int | None = None  # CUDA device ordinal; None on the CPU
     # A single-threaded session of the same model for the small batches run inline on the event
     # loop (see server.batcher): for a LeNet-sized batch, waking the intra-op pool for every
     # operator costs more than the second thread gives back.
@@ -116,21 +102,28 @@ class Instance:
 
 
 def create_instances(
-    model_path: Path, provider: str, count: int, intra_op_threads: int, thread_prefix: str
-) -> list[Instance]:
-    instances = []
-    for i in range(count):
-        # Workers of one host start at different GPUs (server.share); one GPU: always device 0.
-        device = instance_device(i) if provider == CUDA else 0
-        session = create_session(model_path, provider, intra_op_threads, device)
-        instances.append(
-            Instance(
-                session=session,
-                executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{thread_prefix}-i{i}"),
-                input_name=session.get_inputs()[0].name,
-                output_names=[o.name for o in session.get_outputs()],
+    model_path: Path, provider: str, count: int, intra_op_threads: int, thread_prefix: str,
+    devices: Sequence[int | None] | None = None, algo_search: str = DEFAULT_ALGO_SEARCH,
+) -> list[Instance]:  # fmt: skip
+    """``count`` instances; instance i on ``devices[i]`` (CUDA ordinals; default: all on device 0 / CPU)."""
+    instances: list[Instance] = []
+    try:
+        for i in range(count):
+            device_id = devices[i] if devices is not None else (0 if provider == CUDA else None)
+            session = create_session(model_path, provider, intra_op_threads, device_id, algo_search)
+            instances.append(
+                Instance(
+                    session=session,
+                    executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{thread_prefix}-i{i}"),
+                    input_name=session.get_inputs()[0].name,
+                    output_names=[o.name for o in session.get_outputs()],
+                    device_id=device_id,
+                )
             )
-        )
+    except Exception:
+        for inst in instances:
+            inst.close()
+        raise
     return instances
 
 

@@ -29,11 +29,22 @@ from cnnstack.contract import (
     meta_from_props,
 )
 from protos.inference import model_config_pb2 as mc
-from server.batcher import STOP, Batcher, submit
+from server.batcher import STOP, Batcher, batch_sizes, submit
+from server.cuda import DEFAULT_ALGO_SEARCH
+from server.devices import instance_devices, instance_groups
 from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
+from server.placement import conv_placement_problem, describe
 from server.postprocess import ranked
-from server.runtime import CPU, CUDA, Instance, create_instances, create_session, threads_per_instance
+from server.runtime import (
+    CPU,
+    CUDA,
+    Instance,
+    create_instances,
+    create_session,
+    node_placement,
+    threads_per_instance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +61,9 @@ class ServingSettings:
     intra_op_threads: int  # 0: cores / instances
     drain_timeout_s: float
     inline_compute_s: float = 0.0  # batches measured faster than this run on the event loop
+    gpus: tuple[int, ...] = (0,)  # CUDA devices instances may use (instance_group may pick among them)
+    cudnn_conv_algo_search: str = DEFAULT_ALGO_SEARCH
+    strict_device: bool = False  # --device cuda: refuse a model with a convolution not on CUDA
 
 
 class Retired(Exception):
@@ -89,14 +103,20 @@ def load_version(
 ) -> LoadedModel:
     """Sessions + checks + warm-up for one version; raises RepositoryError (with the file) if unusable."""
     check_report(files)
-    count = (
-        repo_config.instance_group[0].count
-        if repo_config.instance_group and repo_config.instance_group[0].count > 0
-        else s.instances
+    devices = instance_devices(
+        repo_config.instance_group,
+        s.provider == CUDA,
+        s.gpus,
+        s.instances,
+        str(files.model_path.parent.parent / "config.pbtxt"),
     )
+    count = len(devices)
     threads = threads_per_instance(s.intra_op_threads, count)
     try:
-        instances = create_instances(files.model_path, s.provider, count, threads, f"{name}-v{files.version}")
+        instances = create_instances(
+            files.model_path, s.provider, count, threads, f"{name}-v{files.version}", devices,
+            s.cudnn_conv_algo_search,
+        )  # fmt: skip
     except Exception as e:
         raise RepositoryError(
             f"{files.model_path}: onnxruntime cannot load it: {type(e).__name__}: {e}"
@@ -104,6 +124,8 @@ def load_version(
     try:
         session = instances[0].session
         meta = meta_from_props(dict(session.get_modelmeta().custom_metadata_map), str(files.model_path))
+        if s.provider == CUDA:
+            _check_placement(instances[0], files, meta, s)
         inputs, outputs = session.get_inputs(), session.get_outputs()
         if len(inputs) != 1 or inputs[0].type != "tensor(float)" or len(inputs[0].shape) != 4:
             raise RepositoryError(
@@ -128,7 +150,8 @@ def load_version(
             delay_s = min(delay_s, batching.max_queue_delay_microseconds / 1e6)
         max_queue = int(effective_limit(s.max_queue_size, batching.default_queue_policy.max_queue_size))
         timings = [
-            _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s) for inst in instances
+            _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s, s.provider)
+            for inst in instances
         ]
         inline_max = _inline_limit(timings[0], max_batch, s.inline_compute_s)
         if inline_max and s.provider == CPU and threads > 1:
@@ -141,7 +164,7 @@ def load_version(
         for inst in instances:
             inst.close()
         raise
-    config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, count, s.provider)
+    config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, devices)
     return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue, inline_max)
 
 
@@ -150,16 +173,41 @@ def effective_limit(server_value: float, model_value: float) -> float:
     return min(server_value, model_value) if model_value > 0 else server_value
 
 
+def _check_placement(inst: Instance, files: VersionFiles, meta: ModelMeta, s: ServingSettings) -> None:
+    """Every convolution on CUDA, or (``--device cuda``) the version is refused; logged either way."""
+    sample = np.zeros((1, *meta.input_shape), dtype=np.float32)
+    placed = node_placement(
+        inst.session, files.model_path, s.provider, inst.device_id, s.cudnn_conv_algo_search, sample
+    )
+    problem = conv_placement_problem(placed)
+    if problem and s.strict_device:
+        raise RepositoryError(
+            f"{files.model_path}: {problem}; --device cuda serves no convolution on the CPU"
+        )
+    if problem:
+        log.warning("%s: %s; serving it anyway (--device auto)", files.model_path, problem)
+    log.info("%s: %s", files.model_path, describe(placed))
+
+
+def warmup_batch_sizes(max_batch: int, provider: str) -> list[int]:
+    """The batch sizes run at load. On CUDA every size the batcher can produce: cuDNN picks (and with
+    EXHAUSTIVE, times) its algorithms per input shape the first time it sees one, which would
+    otherwise land on the first request of each batch size. On the CPU, batch 1 and the largest:
+    onnxruntime's CPU kernels keep no per-shape state worth moving out of the requests."""
+    return list(batch_sizes(max_batch)) if provider == CUDA else sorted({1, max_batch})
+
+
 def _warm_up(
-    inst: Instance, meta: ModelMeta, max_batch: int, source: str, inline_s: float
+    inst: Instance, meta: ModelMeta, max_batch: int, source: str, inline_s: float, provider: str = CPU
 ) -> dict[int, float]:
-    """Run batch 1 and the largest batch: proves the graph executes, checks output shapes, moves
-    onnxruntime's first-run allocations out of the first request; returns {batch: best seconds}."""
+    """Run the warm-up batch sizes: proves the graph executes, checks output shapes, moves
+    onnxruntime's first-run work out of the first requests; returns {batch: best seconds} for batch
+    1 and the largest batch."""
     timings: dict[int, float] = {}
-    for b in sorted({1, max_batch}):
+    for b in warmup_batch_sizes(max_batch, provider):
         x = np.zeros((b, *meta.input_shape), dtype=np.float32)
         # Time (after the first, allocating run) only what the inline decision needs.
-        timed = 20 if b == 1 else (3 if timings.get(1, math.inf) <= inline_s else 0)
+        timed = 20 if b == 1 else (3 if b == max_batch and timings.get(1, math.inf) <= inline_s else 0)
         try:
             outs = inst.run(x)
             best = math.inf
@@ -169,7 +217,8 @@ def _warm_up(
                 best = min(best, time.perf_counter() - t0)
         except Exception as e:
             raise RepositoryError(f"{source}: fails to run a batch of {b}: {type(e).__name__}: {e}") from e
-        timings[b] = best
+        if b in (1, max_batch):
+            timings[b] = best
         for name, out in zip(inst.output_names, outs, strict=True):
             if name in OUTPUT_NAMES and out.shape != (b, meta.num_classes):
                 raise RepositoryError(
@@ -200,7 +249,7 @@ def _run_ranked(inst: Instance, x: np.ndarray, solo: bool = False) -> list[np.nd
 
 def _effective_config(
     name: str, repo: mc.ModelConfig, meta: ModelMeta, outputs: list[str], max_batch: int, delay_s: float,
-    instances: int, provider: str,
+    devices: list[int | None],
 ) -> mc.ModelConfig:  # fmt: skip
     config = mc.ModelConfig()
     config.CopyFrom(repo)
@@ -210,8 +259,7 @@ def _effective_config(
     add_tensors(config, meta.input_shape, meta.num_classes, outputs)
     config.dynamic_batching.max_queue_delay_microseconds = int(round(delay_s * 1e6))
     del config.instance_group[:]
-    kind = mc.ModelInstanceGroup.KIND_GPU if provider == CUDA else mc.ModelInstanceGroup.KIND_CPU
-    config.instance_group.add(count=instances, kind=kind)
+    config.instance_group.extend(instance_groups(devices))
     return config
 
 

@@ -3,8 +3,9 @@
 A plain ``cnn-serve`` owns the machine. Under ``--workers N`` each worker is told its place once,
 at start (``take_share``): it then sees ``usable_cpus() // N`` cores, so onnxruntime's intra-op
 threads and the decode pool of N workers add up to the machine instead of N times it, and its
-model instances start at CUDA device ``index`` (instance i on device ``(index + i) % count``), so
-N workers on a multi-GPU host spread their instances over the GPUs instead of all using device 0.
+``--gpus`` list starts at its own index (``worker_gpus``): instances are placed over that list in
+order, so N workers on a multi-GPU host start their instances on different GPUs instead of all on
+the first.
 
 This module imports nothing heavy: the supervisor, which never loads onnxruntime, uses it too.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,21 +59,10 @@ def current_share() -> Share:
     return _share
 
 
-def cuda_device_count(environ: dict[str, str] | None = None, dev: Path = Path("/dev")) -> int:
-    """GPUs this process can see, without loading CUDA: ``CUDA_VISIBLE_DEVICES`` when set, else the
-    ``/dev/nvidiaN`` nodes (what the NVIDIA container runtime or device plugin exposes); at least 1."""
-    env = os.environ if environ is None else environ
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
-    try:
-        nodes = [p for p in dev.iterdir() if re.fullmatch(r"nvidia\d+", p.name)]
-    except OSError:
-        nodes = []
-    return max(1, len(nodes))
-
-
-def instance_device(instance: int, devices: int | None = None) -> int:
-    """CUDA device of model instance ``instance`` of this process: the worker's offset, then round robin."""
-    count = cuda_device_count() if devices is None else devices
-    return (_share.index + instance) % max(1, count)
+def worker_gpus(gpus: tuple[int, ...]) -> tuple[int, ...]:
+    """``--gpus`` as this process uses it: rotated to start at its worker index (0, 1 -> 1, 0 for
+    worker 1); the same GPUs, so a config.pbtxt ``instance_group`` naming some still finds them."""
+    if not gpus:
+        return gpus
+    k = _share.index % len(gpus)
+    return gpus[k:] + gpus[:k]

@@ -191,7 +191,9 @@ class Supervisor:
             try:
                 self.metrics = SharedMetrics.create()
             except OSError as e:
-                raise StartError(f"cannot create the workers' metrics folder (TMPDIR must be writable): {e}") from e
+                raise StartError(
+                    f"cannot create the workers' metrics folder (TMPDIR must be writable): {e}"
+                ) from e
             collector = SupervisorCollector(self.serving, lambda: self.restarts)
             try:
                 self.metrics.serve(self.cfg.host, self.cfg.metrics_port, collector)

@@ -1,5 +1,9 @@
 """Fixtures shared by every test package.
 
+``CNN_REQUIRE_GPU=1`` (a GPU host's check, bench/gpu_check.sh) turns every skip of a ``gpu`` test
+into a failure, with the skip's reason: there a missing library or driver must not read as
+'skipped'.
+
 Dataset fixtures write small files in the real on-disk formats (IDX, CIFAR python batches), so
 tests exercise the real readers without downloads; ``fashion_mnist_dir`` is the real dataset and
 skips when it is not installed.
@@ -8,6 +12,7 @@ skips when it is not installed.
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -134,3 +139,18 @@ def fashion_mnist_dir() -> Path:
             f"real Fashion-MNIST not installed ({FASHION_MNIST_DIR}); apt-get install -y dataset-fashion-mnist"
         )
     return FASHION_MNIST_DIR
+
+
+REQUIRE_GPU = "CNN_REQUIRE_GPU"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(REQUIRE_GPU) == "1" and item.get_closest_marker("gpu"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{REQUIRE_GPU}=1, and this gpu test could not run: {reason.removeprefix('Skipped: ')}"
+        )

@@ -428,3 +428,44 @@ def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: 
         if svc.get("image") == "cnnstack-server:0.1.0":
             ep = (svc.get("entrypoint") or json.loads(image(svc)[1]["ENTRYPOINT"]))[0]
             assert ep in scripts, f"{name}: {ep} is not installed in the server image"
+
+
+def test_a_gpu_deployment_asks_for_cuda_not_auto() -> None:
+    for name, cfg in server_configs().items():
+        devices = services()[name]["deploy"]["resources"]["reservations"]["devices"]
+        if any("gpu" in d["capabilities"] for d in devices):
+            assert cfg.device == "cuda", f"{name}: device {cfg.device} on a GPU could quietly serve on CPU"
+    assert trainer_parser().parse_args(services()["trainer"]["command"]).device == "cuda"
+    from packaging.requirements import Requirement
+
+    serve = [Requirement(r) for r in pyproject()["project"]["optional-dependencies"]["serve"]]
+    linux = {"sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
+    (ort,) = [r for r in serve if r.name.startswith("onnxruntime") and r.marker and r.marker.evaluate(linux)]
+    assert ort.name == "onnxruntime-gpu" and ort.extras == {"cuda", "cudnn"}  # CUDA 13 + cuDNN 9 wheels
+
+
+EXACT_TAG = re.compile(r"[\w./-]+:v?\d+\.\d+\.\d+[\w.-]*")  # registry/name:1.2.3[-variant]
+
+
+def test_base_images_and_pulled_images_have_exact_tags() -> None:
+    for rel in ("deploy/server.Dockerfile", "deploy/trainer.Dockerfile"):
+        for stage in dockerfile(rel):
+            ref = stage[0][1].split()[0]
+            assert EXACT_TAG.fullmatch(ref) and "latest" not in ref, f"{rel}: FROM {ref}"
+    for name, svc in services().items():
+        ref = svc.get("image", "")
+        if not ref.startswith("cnnstack-"):  # built here; everything else is pulled
+            assert EXACT_TAG.fullmatch(ref) and "latest" not in ref, f"{name}: image {ref}"
+
+
+def test_the_trainer_image_has_the_projects_cuda_torch_and_a_c_compiler() -> None:
+    (pin,) = [r for r in pyproject()["project"]["optional-dependencies"]["train"] if re.match(r"torch\b", r)]
+    final = dockerfile("deploy/trainer.Dockerfile")[-1]
+    runs = " ".join(a for i, a in final if i == "RUN")
+    assert re.search(rf"--index-url \S+ {re.escape(pin)}(\s|$)", runs), f"the image must install {pin}"
+    index = next(a for i, a in final if i == "ARG" and a.startswith("TORCH_INDEX_URL="))
+    assert re.fullmatch(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", index), index
+    assert re.search(r"apt-get install .*\bbuild-essential\b", runs), (
+        "torch.compile on CUDA (Triton) needs gcc"
+    )
+    assert "[train]" in runs

@@ -157,43 +157,39 @@ def sources(dst: Path) -> Path:
 
 
 def closure(requires: list[str], extra: str) -> dict[str, metadata.Distribution]:
-    """Installed distributions these requirements pull in (markers evaluated here), recursively."""
+    """Installed distributions these requirements pull in (markers evaluated here, the extras each
+    requirement asks for followed), recursively."""
     from packaging.requirements import Requirement
 
     found: dict[str, metadata.Distribution] = {}
-    todo = [(r, extra) for r in requires]
+    todo = [(r, {extra}) for r in requires]
     while todo:
-        text, ex = todo.pop()
+        text, extras = todo.pop()
         req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate({"extra": ex}):
+        if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras):
             continue
         key = req.name.lower().replace("_", "-")
         if key in found:
             continue
         dist = metadata.distribution(req.name)
-        assert req.specifier.contains(dist.version, prereleases=True), (
-            f"{req} but {dist.version} is installed"
-        )
+        assert req.specifier.contains(dist.version, prereleases=True), f"{req} but {dist.version} is installed"
         found[key] = dist
-        todo += [(r, "") for r in dist.requires or []]
+        todo += [(r, {"", *req.extras}) for r in dist.requires or []]
     return found
 
 
 def link_distributions(dists: dict[str, metadata.Distribution], site: Path) -> None:
-    """Each distribution's top-level files, linked from this virtualenv into ``site`` (quick, no
-    download, nothing else of this virtualenv visible there)."""
-    site.mkdir(parents=True)
+    """Each distribution's files, linked one by one from this virtualenv into ``site`` (quick, no
+    download, and nothing else of this virtualenv visible there; namespace folders such as
+    ``nvidia/`` or ``google/`` hold several distributions)."""
     for dist in dists.values():
         base = Path(str(dist.locate_file("")))
-        parts = [Path(str(f)).parts for f in dist.files or [] if not str(f).startswith("..")]
-        for top in {p[0] for p in parts}:
-            if (base / top).is_dir() and not (base / top / "__init__.py").exists() and "." not in top:
-                # A namespace package (google/): only this distribution's part of it.
-                (site / top).mkdir(exist_ok=True)
-                for sub in {p[1] for p in parts if p[0] == top and len(p) > 1}:
-                    (site / top / sub).symlink_to(base / top / sub)
-            elif not (site / top).exists():
-                (site / top).symlink_to(base / top)
+        for f in dist.files or []:
+            rel = Path(str(f))
+            if rel.parts[0] == ".." or not (base / rel).exists() or (site / rel).exists():
+                continue
+            (site / rel).parent.mkdir(parents=True, exist_ok=True)
+            (site / rel).symlink_to(base / rel)
 
 
 @pytest.fixture(scope="module")

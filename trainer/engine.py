@@ -20,16 +20,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from trainer.cuda import c_compiler
 from trainer.data import DatasetInfo, Split, augment, to_float
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.progress import Progress
+
+# fp16 only: this many GradScaler-skipped steps in a row mean the weights diverged, not the scale.
+MAX_SKIPPED_IN_A_ROW = 100
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/Inf; raised before the diverged weights are saved anywhere."""
 
-    def __init__(self, epoch: int, step: int, lr: float) -> None:
-        super().__init__(f"training loss became NaN/Inf at epoch {epoch}, step {step} (lr {lr:.4g})")
+    def __init__(self, epoch: int, step: int, lr: float, detail: str = "") -> None:
+        super().__init__(f"training loss became NaN/Inf at epoch {epoch}, step {step} (lr {lr:.4g}){detail}")
         self.epoch, self.step, self.lr = epoch, step, lr
 
 
@@ -83,6 +87,7 @@ class EpochStats:
     acc: float
     images: int
     seconds: float
+    skipped: int = 0  # fp16: steps GradScaler skipped (loss or gradients not finite)
 
     @property
     def images_per_s(self) -> float:
@@ -120,6 +125,11 @@ def train_one_epoch(
 
     ``batch_size`` is per process; the last partial batch is dropped so every step has the same shape
     (BatchNorm, torch.compile and DDP all prefer it).
+
+    A NaN/Inf loss stops training (NonFiniteLossError), except with a GradScaler (fp16): there an
+    overflow is what the scaler is for, so the step is skipped (the scale halves) and counted, and
+    only ``MAX_SKIPPED_IN_A_ROW`` skipped steps in a row stop training. Such a step's loss and
+    accuracy are left out of the epoch's means.
     """
     device = train.x.device
     model.train()
@@ -134,7 +144,9 @@ def train_one_epoch(
 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    bad = torch.zeros((), dtype=torch.float32, device=device)
+    bad = torch.zeros((), dtype=torch.float32, device=device)  # without a scaler: non-finite losses
+    streak = torch.zeros((), dtype=torch.int64, device=device)  # with one: skipped steps in a row
+    skipped = torch.zeros((), dtype=torch.int64, device=device)
     start = time.perf_counter()
     bar = Progress(steps, f"epoch {epoch}/{epochs}", progress)  # progress.mode_for: bar, lines or off
     for step in range(steps):
@@ -150,8 +162,11 @@ def train_one_epoch(
             logits = model(x)  # (B, K)
             loss = criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(loss.detach())
         if scaler is not None:
-            scaler.scale(loss).backward()
+            # An Inf loss can still have finite gradients (label smoothing on a -Inf logit): NaN
+            # gradients make sure GradScaler skips the step. No host sync: a device-side select.
+            scaler.scale(loss * torch.where(finite, 1.0, math.nan)).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
@@ -162,26 +177,34 @@ def train_one_epoch(
             ema.update(raw_model)
         with torch.no_grad():
             loss_d = loss.detach()
-            loss_sum += loss_d.double() * len(idx)
-            correct += (logits.argmax(1) == y).sum()
-            bad += (~torch.isfinite(loss_d)).float()
+            loss_sum += torch.where(finite, loss_d.double() * len(idx), 0.0)
+            correct += torch.where(finite, (logits.argmax(1) == y).sum(), 0)
+            if scaler is not None:
+                skipped += (~finite).long()
+                streak = torch.where(finite, 0, streak + 1)
+            else:
+                bad += (~finite).float()
         checkpoint_step = (step + 1) % check_every == 0 or step + 1 == steps
-        if checkpoint_step and all_reduce_sum(bad, dist_info).item() > 0:
+        stop = (streak >= MAX_SKIPPED_IN_A_ROW).float() if scaler is not None else bad
+        if checkpoint_step and all_reduce_sum(stop, dist_info).item() > 0:
             bar.close()
-            raise NonFiniteLossError(epoch, step + 1, optimizer.param_groups[0]["lr"])
+            detail = f"; {MAX_SKIPPED_IN_A_ROW}+ fp16 steps in a row skipped by GradScaler" if scaler else ""
+            raise NonFiniteLossError(epoch, step + 1, optimizer.param_groups[0]["lr"], detail)
         due = bar.due()
         bar.advance(1, f"loss {loss_d.item():.4f} lr {optimizer.param_groups[0]['lr']:.3g}" if due else "")
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.double()]), dist_info)
+    totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), skipped.double()]), dist_info)
     images = steps * batch_size * dist_info.world_size
+    counted = images - int(totals[2]) * batch_size  # images of the steps whose loss was finite
     return EpochStats(
-        loss=float(totals[0]) / max(images, 1),
-        acc=float(totals[1]) / max(images, 1),
+        loss=float(totals[0]) / max(counted, 1),
+        acc=float(totals[1]) / max(counted, 1),
         images=images,
         seconds=seconds,
+        skipped=int(totals[2]),
     )
 
 
@@ -265,6 +288,10 @@ def compile_model(
     ):
         raise ValueError(
             "--compile on a CPU needs a C++ compiler (Inductor builds C++): install g++ or drop --compile"
+        )
+    if device.type == "cuda" and c_compiler() is None:
+        raise ValueError(
+            "--compile on CUDA needs a C compiler (Triton builds its kernel launchers): install gcc or drop --compile"
         )
     os.environ.setdefault(
         "TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parents[1] / ".cache/inductor")

@@ -25,6 +25,7 @@ from cnnstack.contract import ModelMeta
 from trainer import plots
 from trainer.checkpoint import SCHEMA_VERSION, git_commit, save_checkpoint
 from trainer.config import TrainConfig
+from trainer.cuda import configure_cuda, why_no_cuda
 from trainer.data import DatasetInfo, Split, load_dataset
 from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
 from trainer.engine import EvalResult, ModelEMA, compile_model, evaluate, train_one_epoch
@@ -48,7 +49,9 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but torch.cuda.is_available() is False")
+        raise ValueError(
+            f"--device cuda was asked for but torch.cuda.is_available() is False: {why_no_cuda()}"
+        )
     return requested
 
 
@@ -163,7 +166,11 @@ def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) 
         torch.set_num_threads(cfg.threads)
     dist_info = init_distributed(device_type)
     try:
-        return _run(cfg, out, device_for(device_type, dist_info), dist_info, t0, on_epoch_start)
+        device = device_for(device_type, dist_info)
+        cuda_line = configure_cuda(device)  # cudnn.benchmark, TF32
+        if cuda_line:
+            log(cuda_line, dist_info)
+        return _run(cfg, out, device, dist_info, t0, on_epoch_start)
     finally:
         cleanup(dist_info)
 
@@ -324,12 +331,15 @@ def run_epoch(run: Run, epoch: int, progress: str) -> EvalResult:
     }
     if result.acc_tta is not None:
         record["test_acc_tta"] = result.acc_tta
+    if stats.skipped:
+        record["skipped_steps"] = stats.skipped  # fp16 steps GradScaler skipped (overflow)
     run.history.append(record)
     log(
         f"epoch {epoch}/{cfg.epochs}  train_loss {stats.loss:.4f}  train_acc {stats.acc:.4f}  "
         f"test_loss {result.loss:.4f}  test_acc {result.acc:.4f}"
         + (f"  test_acc_tta {result.acc_tta:.4f}" if result.acc_tta is not None else "")
-        + f"  lr {lr:.4g}  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s",
+        + f"  lr {lr:.4g}  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s"
+        + (f"  {stats.skipped} fp16 step(s) skipped" if stats.skipped else ""),
         run.dist_info,
     )
     return result

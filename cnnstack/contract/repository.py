@@ -261,7 +261,9 @@ def check_name_clash(repo: PathLike, name: str, signature: ModelSignature) -> No
         raise RepositoryError(
             f"{Path(repo) / name / str(latest)} has an unreadable {REPORT_FILE}: {e}"
         ) from e
-    for key, theirs, ours in signature.differences(published)[:1]:
+    differences = signature.differences(published)
+    if differences:
+        key, theirs, ours = differences[0]
         raise RepositoryError(
             f"model name '{name}' is taken by a different model in {repo} "
             f"(version {latest} has {key}={theirs!r}, this export has {ours!r}); pass another --name"

@@ -202,26 +202,3 @@ def test_server_process_never_imports_torch(tmp_path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("torch-free")
-
-
-@pytest.mark.gpu
-def test_device_cuda_serves_on_the_cuda_provider(tmp_path, spawn) -> None:
-    from server.runtime import CUDA, DeviceError, resolve_device
-
-    try:
-        if resolve_device("auto") != CUDA:
-            pytest.skip("no working CUDA execution provider on this machine")
-    except DeviceError:
-        pytest.skip("no working CUDA execution provider on this machine")
-    root = tmp_path / "repo"
-    data, tm = tiny_model()
-    publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--metrics-port", "-1", "--device", "cuda", repository=root)
-    listening = server.wait_listening()
-    assert listening["provider"] == CUDA and listening["models"][0]["provider"] == CUDA
-    with grpc.insecure_channel(f"127.0.0.1:{listening['port']}") as ch:
-        reply = pb_grpc.ClassifierStub(ch).Classify(request(), timeout=30)
-    expected = int(tm.probabilities(X[None]).argmax())
-    assert reply.results[0].predictions[0].class_index == expected
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(60) == 0

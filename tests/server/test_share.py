@@ -46,22 +46,26 @@ def test_workers_flag_takes_a_count_or_auto_from_the_command_line_or_env() -> No
 def test_a_worker_gets_its_share_of_the_cores_and_starts_at_its_own_gpu(restore_share) -> None:
     whole = share.machine_cpus()
     assert share.usable_cpus() == whole
+    assert share.worker_gpus((0, 1, 2, 3)) == (0, 1, 2, 3)
     share.take_share(1, 2)
     assert share.usable_cpus() == max(1, whole // 2)
-    # Worker 1 of 2 on a 4-GPU host: its instances on GPUs 1, 2, 3, 0, ...; on one GPU, always 0.
-    assert [share.instance_device(i, devices=4) for i in range(5)] == [1, 2, 3, 0, 1]
-    assert [share.instance_device(i, devices=1) for i in range(3)] == [0, 0, 0]
+    # Worker 1 of 2: its instances are placed over --gpus from the second GPU on; one GPU: that one.
+    assert share.worker_gpus((0, 1, 2, 3)) == (1, 2, 3, 0)
+    assert share.worker_gpus((5,)) == (5,)
+    share.take_share(3, 4)
+    assert share.worker_gpus((0, 1)) == (1, 0)
     with pytest.raises(ValueError):
-        share.take_share(2, 2)
+        share.take_share(4, 4)
 
 
-def test_visible_gpus_are_counted_without_loading_cuda(tmp_path: Path) -> None:
-    assert share.cuda_device_count({"CUDA_VISIBLE_DEVICES": "0,1,2"}) == 3
-    assert share.cuda_device_count({"CUDA_VISIBLE_DEVICES": "-1"}) == 1  # none: device 0 is as good as any
-    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
-        (tmp_path / name).touch()
-    assert share.cuda_device_count({}, dev=tmp_path) == 2
-    assert share.cuda_device_count({}, dev=tmp_path / "missing") == 1
+def test_worker_gpus_place_each_workers_first_instance_on_its_own_gpu(restore_share) -> None:
+    from server.devices import instance_devices
+
+    firsts = []
+    for i in range(2):
+        share.take_share(i, 2)
+        firsts.append(instance_devices([], True, share.worker_gpus((0, 1)), 1)[0])
+    assert firsts == [0, 1]
 
 
 def test_worker_spec_round_trips_every_config_field(tmp_path: Path) -> None:
@@ -129,16 +133,28 @@ def test_multiprocess_gauges_are_written_by_refresh_and_zeroed_on_unload(tmp_pat
     assert unloaded["cnn_model_info"] == unloaded["cnn_queue_depth"] == unloaded["cnn_inflight_requests"] == 0
 
 
-def test_the_probe_model_is_what_onnx_helper_builds() -> None:
-    from onnx import TensorProto, helper
+def test_the_cuda_probe_model_is_what_onnx_helper_builds() -> None:
+    # The server carries the probe as bytes ([serve] has no onnx); onnx (in [dev]) rebuilds it here.
+    from onnx import TensorProto, helper, numpy_helper
 
-    from server.runtime import PROBE_MODEL
+    from server.cuda import CONV_PROBE_MODEL, probe_arrays
 
+    _, w, b, _ = probe_arrays()
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])],
-        "device_probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [
+            helper.make_node("Conv", ["x", "w", "b"], ["c"], name="probe_conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"], name="probe_relu"),
+        ],
+        "cuda_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
-    assert model.SerializeToString() == PROBE_MODEL
+    assert model.SerializeToString() == CONV_PROBE_MODEL
+
+
+def test_the_server_imports_no_onnx(tmp_path: Path) -> None:
+    code = "import sys, server.__main__, server.app, server.supervisor, server.worker, loadtest.__main__; print('onnx' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -289,8 +289,10 @@ def test_augment_without_padding_or_flip_is_identity_and_pads_with_fill() -> Non
 
 @pytest.mark.gpu
 def test_augment_and_to_float_on_cuda() -> None:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
+    from trainer.cuda import why_no_cuda
+
+    if why_no_cuda():
+        pytest.skip(why_no_cuda())
     x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, device="cuda")
     xf = to_float(x, RGB_INFO)
     assert xf.device == x.device
