@@ -118,6 +118,7 @@ def grpc_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str,
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         # A second server on the same port must fail, not share it; the workers of one supervisor
         # (server.supervisor) share it on purpose and the kernel spreads connections over them.
+        # Any other listener a worker opens on a fixed port (an HTTP one) needs reuse_port as well.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
 
