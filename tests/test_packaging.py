@@ -172,7 +172,9 @@ def closure(requires: list[str], extra: str) -> dict[str, metadata.Distribution]
         if key in found:
             continue
         dist = metadata.distribution(req.name)
-        assert req.specifier.contains(dist.version, prereleases=True), f"{req} but {dist.version} is installed"
+        assert req.specifier.contains(dist.version, prereleases=True), (
+            f"{req} but {dist.version} is installed"
+        )
         found[key] = dist
         todo += [(r, {"", *req.extras}) for r in dist.requires or []]
     return found
