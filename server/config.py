@@ -35,6 +35,11 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
     log_level: str = "INFO"
+    # HTTP/REST and TLS (server/http_app.py, server/tls.py).
+    http_port: int = 8000  # KServe v2 REST + /v1 classify; 0: any free port; -1: no HTTP endpoint
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, both protocols use TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
 
     @classmethod
     def from_args(
@@ -71,7 +76,26 @@ class ServerConfig:
             out.append(
                 f"ports must be in [0, 65535] (metrics: -1 disables), got {self.port}/{self.metrics_port}"
             )
+        out += self.http_tls_problems()
         return out
+
+    def http_tls_problems(self) -> list[str]:
+        out = []
+        if not -1 <= self.http_port < 65536:
+            out.append(f"--http-port must be in [0, 65535] (-1 disables), got {self.http_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            out.append("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            out.append("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):  # fmt: skip
+            if path is not None and not path.is_file():
+                out.append(f"{flag} {path} is not a readable file")
+        return out
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def concurrent_rpc_limit(self) -> int:
@@ -84,8 +108,9 @@ class ServerConfig:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnn-serve",
-        description="gRPC server for a model repository: dynamic batching on onnxruntime, "
-        "cnnstack.classifier.v1 + KServe v2 + grpc.health.v1 + reflection, Prometheus metrics.",
+        description="gRPC and HTTP server for a model repository: dynamic batching on onnxruntime, "
+        "cnnstack.classifier.v1 + KServe v2 (gRPC and REST) + grpc.health.v1 + reflection, "
+        "Prometheus metrics.",
         epilog=f"Every flag can be set by environment variable {ENV_PREFIX}<FLAG> "
         f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=32); the command line wins.",
     )
@@ -141,4 +166,16 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "RPCs handled at once; 0: max(1024, 8 * queue size)",
     )
     add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
+    add_http_tls_flags(add, d)
     return p
+
+
+def add_http_tls_flags(add, d: ServerConfig) -> None:
+    add("--http-port", int, d.http_port,
+        "KServe v2 HTTP/REST (+ /v1/models/M:classify) port; 0 picks a free one, -1 disables")  # fmt: skip
+    add("--tls-cert", Path, None, "PEM certificate (chain) for TLS on gRPC and HTTP; needs --tls-key")
+    add(
+        "--tls-key", Path, None, "PEM private key of --tls-cert (keep it out of the image and the repository)"
+    )
+    add("--tls-client-ca", Path, None,
+        "PEM CA bundle: mutual TLS, clients without a certificate it signed are refused")  # fmt: skip

@@ -141,7 +141,7 @@ def test_rejections_are_counted_by_code(server) -> None:
     registry = server.handle.metrics.registry
 
     def count(model: str, version: str, code: str) -> float:
-        labels = {"rpc": "Classify", "model": model, "version": version, "code": code}
+        labels = {"rpc": "Classify", "protocol": "grpc", "model": model, "version": version, "code": code}
         return registry.get_sample_value("cnn_requests_total", labels) or 0.0
 
     before = (count("", "", "NOT_FOUND"), count("tiny", "1", "INVALID_ARGUMENT"), count("tiny", "1", "OK"))
