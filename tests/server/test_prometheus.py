@@ -79,7 +79,16 @@ def test_metrics_endpoint_counts_requests_images_and_batches(tiny_server) -> Non
     mv = (("model", "tiny"), ("version", "1"))
     assert (
         samples[
-            ("cnn_requests_total", (("code", "OK"), ("model", "tiny"), ("protocol", "grpc"), ("rpc", "Classify"), ("version", "1")))
+            (
+                "cnn_requests_total",
+                (
+                    ("code", "OK"),
+                    ("model", "tiny"),
+                    ("protocol", "grpc"),
+                    ("rpc", "Classify"),
+                    ("version", "1"),
+                ),
+            )
         ]
         == 4
     )
@@ -87,7 +96,10 @@ def test_metrics_endpoint_counts_requests_images_and_batches(tiny_server) -> Non
     assert samples[("cnn_batch_size_count", mv)] == 4 and samples[("cnn_batch_size_sum", mv)] == 8
     assert (
         samples[
-            ("cnn_request_latency_seconds_count", (("model", "tiny"), ("protocol", "grpc"), ("rpc", "Classify"), ("version", "1")))
+            (
+                "cnn_request_latency_seconds_count",
+                (("model", "tiny"), ("protocol", "grpc"), ("rpc", "Classify"), ("version", "1")),
+            )
         ]
         == 4
     )
