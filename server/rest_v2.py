@@ -199,9 +199,17 @@ def _field(f: FieldDescriptor, value: Any) -> Any:
     if f.message_type is not None and f.message_type.GetOptions().map_entry:
         value_field = f.message_type.fields_by_name["value"]
         return {str(k): _scalar(value_field, v) for k, v in value.items()}
-    if f.label == FieldDescriptor.LABEL_REPEATED:
+    if _repeated(f):
         return [_scalar(f, v) for v in value]
     return _scalar(f, value)
+
+
+def _repeated(f: FieldDescriptor) -> bool:
+    # ``is_repeated`` is protobuf >= 5's spelling; ``label`` is deprecated there.
+    is_repeated = getattr(f, "is_repeated", None)
+    if is_repeated is not None:
+        return bool(is_repeated() if callable(is_repeated) else is_repeated)
+    return f.label == FieldDescriptor.LABEL_REPEATED
 
 
 def _scalar(f: FieldDescriptor, value: Any) -> Any:
