@@ -1,5 +1,5 @@
-"""cnn-serve as a child process: started on 127.0.0.1 with port 0, found through its ``listening``
-line, stopped with SIGTERM (the graceful drain), SIGKILL only when that does not end it in time.
+"""cnn-serve as a child process: started on 127.0.0.1 with port 0 (gRPC and HTTP), found through
+its ``listening`` line, stopped with SIGTERM (the graceful drain), SIGKILL only when that does not end it in time.
 
 cnn-serve prints one JSON line per event on stdout (``listening`` with the bound ports, ``stopped``
 with the admission summary) and logs on stderr; both are read by threads here, so the child never
@@ -29,7 +29,8 @@ class ServerStartError(RuntimeError):
 
 
 class ServerProcess:
-    """``python -m server --host 127.0.0.1 --port 0 [--repository R] ARGS...`` in a child process.
+    """``python -m server --host 127.0.0.1 --port 0 --http-port 0 [--repository R] ARGS...`` in a
+    child process (ARGS come last, so they may override any of these).
 
     ``launch()`` starts it, ``wait_listening()`` waits for its ``listening`` event; ``start()`` does
     both. ``stop()`` sends SIGTERM and waits; ``kill()`` ends it at once. As a context manager it is
@@ -45,7 +46,8 @@ class ServerProcess:
         cwd: Path | None = None,
     ) -> None:
         where = ["--repository", str(repository)] if repository is not None else []
-        self.cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *where, *args]
+        self.cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
+                    *where, *args]  # fmt: skip
         self.env = {**os.environ, **(env or {})}
         self.log_file = log_file
         self.cwd = cwd
@@ -106,7 +108,22 @@ class ServerProcess:
 
     @property
     def target(self) -> str:
+        """HOST:PORT of gRPC."""
         return f"127.0.0.1:{self.listening['port']}"
+
+    @property
+    def http_target(self) -> str | None:
+        """HOST:PORT of HTTP/REST; None when it was turned off (``--http-port -1``)."""
+        port = self.listening.get("http_port")
+        return f"127.0.0.1:{port}" if port is not None else None
+
+    @property
+    def http_url(self) -> str | None:
+        """``http://`` or ``https://`` (the server said it uses TLS) + ``http_target``."""
+        target = self.http_target
+        if target is None:
+            return None
+        return f"{'https' if self.listening.get('tls') else 'http'}://{target}"
 
     @property
     def pid(self) -> int:

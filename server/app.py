@@ -1,9 +1,13 @@
 """Assembly: ``create_server(cfg)`` (tests, load tests, embedding) and ``serve(cfg)`` (the CLI:
 signals, the "listening" line, graceful shutdown).
 
+One process, one event loop: gRPC and HTTP/REST (server/http_app.py) share the models, batchers,
+admission and metrics; with ``--tls-cert``/``--tls-key`` both listeners use TLS (server/tls.py).
+
 Shutdown (SIGTERM/SIGINT, or ``handle.stop()``): health goes NOT_SERVING, new calls are refused
-(UNAVAILABLE), open streams stop reading, queued and in-flight calls finish within the grace
-period, then model versions are drained and the metrics endpoint closes.
+(UNAVAILABLE over gRPC, 503 over HTTP), open streams stop reading, queued and in-flight calls
+finish within the grace period, then both ports close, model versions are drained and the
+metrics endpoint closes.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import grpc
+from aiohttp import web
 
 from cnnstack.contract import RepositoryError
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc
@@ -26,12 +31,14 @@ from server.classifier_service import ClassifierService
 from server.common import Inference, ServerState
 from server.config import ServerConfig
 from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
+from server.http_app import HttpApi, start_http
 from server.kserve_service import KServeService
 from server.metrics import LIVE_GAUGE_PERIOD_S, ServerMetrics, start_metrics_http
 from server.models import ModelManager
 from server.runtime import CUDA, DeviceError, resolve_device
 from server.served import ServingSettings
 from server.share import usable_cpus, worker_gpus
+from server.tls import TlsFiles, grpc_server_credentials, server_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +58,9 @@ class ServerHandle:
     health: object
     provider: str
     grace_s: float
+    http_port: int | None = None
+    tls: bool = False
+    _http: web.AppRunner | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
     _decode_executor: ThreadPoolExecutor | None = None
     _httpd: object | None = None
@@ -79,8 +89,11 @@ class ServerHandle:
         # A client whose call just finished may send its next one now: answer it UNAVAILABLE too,
         # for a moment, rather than racing the port closing (undispatched calls end CANCELLED).
         await asyncio.sleep(max(0.0, min(LINGER_S, end - loop.time())))
-        # Phase 2: close the port; whatever is still running gets the rest of the grace period.
-        await self.server.stop(max(0.0, end - loop.time()))
+        # Phase 2: close the ports; whatever is still running gets the rest of the grace period.
+        closing = [self.server.stop(max(0.0, end - loop.time()))]
+        if self._http is not None:
+            closing.append(self._http.cleanup())
+        await asyncio.gather(*closing)
         await self.manager.close()
         if self._decode_executor is not None:
             self._decode_executor.shutdown(wait=False)
@@ -129,16 +142,35 @@ async def refresh_live_gauges(metrics: ServerMetrics) -> None:
         await asyncio.sleep(LIVE_GAUGE_PERIOD_S)
 
 
+def tls_files(cfg: ServerConfig) -> TlsFiles | None:
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        return None
+    return TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def bind_grpc(server: grpc.aio.Server, cfg: ServerConfig) -> int:
+    """Add the gRPC port (TLS when configured); returns the bound port."""
+    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
+    files = tls_files(cfg)
+    if files is None:
+        return server.add_insecure_port(f"{host}:{cfg.port}")
+    return server.add_secure_port(f"{host}:{cfg.port}", grpc_server_credentials(files))
+
+
 async def create_server(
     cfg: ServerConfig, metrics: ServerMetrics | None = None, reuse_port: bool = False
 ) -> tuple[ServerHandle, int]:
-    """Load the repository, start gRPC (+ /metrics and polling); returns (handle, bound gRPC port).
+    """Load the repository, start gRPC, HTTP (+ /metrics and polling); returns (handle, bound gRPC port).
 
-    Raises DeviceError (``--device cuda`` without a working CUDA provider) or RepositoryError
-    (repository missing) before binding anything.
+    Raises DeviceError (``--device cuda`` without a working CUDA provider), RepositoryError
+    (repository missing) or OSError (TLS files unusable: ``ssl.SSLError``) before binding anything,
+    OSError when a port cannot be bound.
     """
     if not cfg.repository.is_dir():
         raise RepositoryError(f"model repository {cfg.repository} is not a directory")
+    # TLS files are checked (the key matches the certificate) before anything loads or binds.
+    files = tls_files(cfg)
+    ssl_context = server_ssl_context(files) if files is not None else None
     provider = await asyncio.to_thread(resolve_device, cfg.device, cfg.gpu_ids, cfg.cudnn_conv_algo_search)
     log.info(
         "device %s -> onnxruntime %s%s; %d usable CPU core(s)", cfg.device, provider,
@@ -170,30 +202,36 @@ async def create_server(
     enable_reflection(server)
     for name in SERVICE_NAMES:
         await health.set(name, SERVING)
-    host = f"[{cfg.host}]" if ":" in cfg.host and not cfg.host.startswith("[") else cfg.host
     try:
-        port = server.add_insecure_port(f"{host}:{cfg.port}")
+        port = bind_grpc(server, cfg)
     except RuntimeError as e:
         await manager.close()
-        raise OSError(f"cannot bind gRPC to {host}:{cfg.port}: {e}") from e
+        raise OSError(f"cannot bind gRPC to {cfg.host}:{cfg.port}: {e}") from e
     await server.start()
 
-    httpd, metrics_port = None, None
-    if cfg.metrics_port >= 0:
-        try:
+    runner, http_port, httpd, metrics_port = None, None, None, None
+    try:
+        if cfg.http_port >= 0:
+            api = HttpApi(inference, decode_executor, cfg.max_message_bytes)
+            runner, http_port = await start_http(
+                api, cfg.host, cfg.http_port, ssl_context, reuse_port=reuse_port, shutdown_timeout=cfg.grace_s
+            )
+        if cfg.metrics_port >= 0:
             httpd, metrics_port = start_metrics_http(metrics, cfg.host, cfg.metrics_port)
-        except OSError:
-            await server.stop(0)
-            await manager.close()
-            raise
+    except OSError:
+        if runner is not None:
+            await runner.cleanup()
+        await server.stop(0)
+        await manager.close()
+        raise
     background = [asyncio.create_task(manager.poll_forever(cfg.poll_interval_s), name="repository-poll")]
     if metrics.multiprocess:
         background.append(asyncio.create_task(refresh_live_gauges(metrics), name="live-gauges"))
     state.ready = True
     handle = ServerHandle(
         server=server, port=port, metrics_port=metrics_port, manager=manager, metrics=metrics, state=state,
-        health=health, provider=provider, grace_s=cfg.grace_s, _background=background,
-        _decode_executor=decode_executor, _httpd=httpd,
+        health=health, provider=provider, grace_s=cfg.grace_s, http_port=http_port, tls=cfg.tls,
+        _http=runner, _background=background, _decode_executor=decode_executor, _httpd=httpd,
     )  # fmt: skip
     return handle, port
 
@@ -222,7 +260,9 @@ async def serve(cfg: ServerConfig, reuse_port: bool = False) -> int:
         "listening",
         host=cfg.host,
         port=port,
+        http_port=handle.http_port,
         metrics_port=handle.metrics_port,
+        tls=handle.tls,
         provider=handle.provider,
         models=models,
         pid=os.getpid(),

@@ -1,7 +1,8 @@
 """What both inference APIs share: server state (shutdown, admission counts), lookup-and-submit
 with the version-swap retry, deadlines, the stream engine, and the per-call bookkeeping.
 
-Every inference call (a unary RPC, or one message of a stream) goes through ``Inference.handle``:
+Every inference call (a unary RPC, one message of a stream, or an HTTP infer/classify request)
+goes through ``Inference.handle``:
 it counts the call as active, maps an exception to its gRPC status (``error_code``), and records
 the call's latency and code in the metrics and the version's statistics, and whether it was
 admitted, in one place. The handlers only say what a call does and how it reports an error.
@@ -22,7 +23,7 @@ import grpc
 import numpy as np
 
 from server.errors import ServeError, unavailable
-from server.metrics import ServerMetrics
+from server.metrics import GRPC, ServerMetrics
 from server.models import ModelManager
 from server.served import Retired, ServedVersion
 
@@ -49,6 +50,12 @@ class ServerState:
         self.stopping = True
         for pending in list(self.streams):
             pending.put_nowait(None)  # wakes each stream writer: finish what was read, then end
+
+    @property
+    def serving(self) -> bool:
+        """Ready for traffic: what KServe ServerReady and HTTP /v2/health/ready answer, and what
+        grpc.health.v1 says for the server ("" is SERVING from start-up until shutdown begins)."""
+        return self.ready and not self.stopping
 
     @property
     def idle(self) -> bool:
@@ -92,11 +99,13 @@ class Inference:
         rpc: str,
         work: Callable[[Call], Awaitable[R]],
         on_error: Callable[[grpc.StatusCode, str], Awaitable[R]],
+        protocol: str = GRPC,
     ) -> R:
         """Run one inference call, ``work(call)``, with its bookkeeping around it.
 
         A failure becomes ``on_error(status, message)``: ``context.abort`` for a unary RPC (which
-        raises), an error response for a stream message (which keeps the stream open).
+        raises), an error response for a stream message (which keeps the stream open), an HTTP
+        error response (status from ``server.errors.http_status``) over HTTP.
         """
         t0 = perf_counter()
         self.state.active += 1
@@ -112,7 +121,7 @@ class Inference:
             code = status.name
             return await on_error(status, message)
         finally:
-            self._finish(call, rpc, code, perf_counter() - t0)
+            self._finish(call, rpc, protocol, code, perf_counter() - t0)
 
     async def run(
         self,
@@ -154,13 +163,13 @@ class Inference:
         finally:
             served.inflight -= 1
 
-    def _finish(self, call: Call, rpc: str, code: str, seconds: float) -> None:
+    def _finish(self, call: Call, rpc: str, protocol: str, code: str, seconds: float) -> None:
         self.state.active -= 1
         served = call.served
         if served is None:
-            self.metrics.unknown.observe_request(rpc, code, seconds)
+            self.metrics.unknown.observe_request(rpc, code, seconds, protocol)
         else:
-            served.metrics.observe_request(rpc, code, seconds)
+            served.metrics.observe_request(rpc, code, seconds, protocol)
             served.record_request(code == "OK", seconds)
         if call.admitted:
             if code == "OK":

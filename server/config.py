@@ -54,6 +54,11 @@ class ServerConfig:
     # Scale-out on one host (server.supervisor): N processes serving the same ports; "auto": one
     # per usable core. Stays "1" (no supervisor, one process) unless asked for.
     workers: str = "1"
+    # HTTP/REST and TLS (server/http_app.py, server/tls.py).
+    http_port: int = 8000  # KServe v2 REST + /v1 classify; 0: any free port; -1: no HTTP endpoint
+    tls_cert: Path | None = None  # PEM certificate chain; with tls_key, both protocols use TLS
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
 
     @classmethod
     def from_args(
@@ -102,7 +107,26 @@ class ServerConfig:
             parse_workers(self.workers)
         except ValueError as e:
             out.append(str(e))
+        out += self.http_tls_problems()
         return out
+
+    def http_tls_problems(self) -> list[str]:
+        out = []
+        if not -1 <= self.http_port < 65536:
+            out.append(f"--http-port must be in [0, 65535] (-1 disables), got {self.http_port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            out.append("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            out.append("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):  # fmt: skip
+            if path is not None and not path.is_file():
+                out.append(f"{flag} {path} is not a readable file")
+        return out
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
     @property
     def worker_count(self) -> int:
@@ -123,8 +147,9 @@ class ServerConfig:
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnn-serve",
-        description="gRPC server for a model repository: dynamic batching on onnxruntime, "
-        "cnnstack.classifier.v1 + KServe v2 + grpc.health.v1 + reflection, Prometheus metrics.",
+        description="gRPC and HTTP server for a model repository: dynamic batching on onnxruntime, "
+        "cnnstack.classifier.v1 + KServe v2 (gRPC and REST) + grpc.health.v1 + reflection, "
+        "Prometheus metrics.",
         epilog=f"Every flag can be set by environment variable {ENV_PREFIX}<FLAG> "
         f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=32); the command line wins.",
     )
@@ -189,6 +214,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--workers", str, d.workers,
         "server processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections over "
         "them) under one supervisor with one /metrics; auto: one per usable core")  # fmt: skip
+    add_http_tls_flags(add, d)
     return p
 
 
@@ -205,3 +231,14 @@ def parse_workers(text: str) -> int:
     if n < 1:
         raise ValueError(f"--workers must be >= 1 or auto, got {text!r}")
     return n
+
+
+def add_http_tls_flags(add, d: ServerConfig) -> None:
+    add("--http-port", int, d.http_port,
+        "KServe v2 HTTP/REST (+ /v1/models/M:classify) port; 0 picks a free one, -1 disables")  # fmt: skip
+    add("--tls-cert", Path, None, "PEM certificate (chain) for TLS on gRPC and HTTP; needs --tls-key")
+    add(
+        "--tls-key", Path, None, "PEM private key of --tls-cert (keep it out of the image and the repository)"
+    )
+    add("--tls-client-ca", Path, None,
+        "PEM CA bundle: mutual TLS, clients without a certificate it signed are refused")  # fmt: skip

@@ -1,4 +1,5 @@
-"""Errors that end one request with a specific gRPC status; the server itself stays up."""
+"""Errors that end one request with a specific gRPC status (and its HTTP status over REST); the
+server itself stays up."""
 
 from __future__ import annotations
 
@@ -39,3 +40,22 @@ def deadline_exceeded(message: str) -> ServeError:
 
 def internal(message: str) -> ServeError:
     return ServeError(grpc.StatusCode.INTERNAL, message)
+
+
+# The HTTP status of each gRPC status a request can end with (KServe v2 REST, /v1 classify).
+# Overload and shutdown are both 503: the client should back off or go to another replica.
+HTTP_STATUS = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS.get(code, 500)

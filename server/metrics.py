@@ -1,7 +1,9 @@
 """Every Prometheus metric of the server, defined here and nowhere else.
 
 Labels are small and bounded: ``model`` and ``version`` come from the repository (a request naming
-an unknown model is counted under ``model=""``), ``rpc`` and ``code`` from fixed lists. All label
+an unknown model is counted under ``model=""``), ``rpc``, ``protocol`` and ``code`` from fixed
+lists. Both protocols count into the same series: an HTTP v2 infer is ``rpc="ModelInfer",
+protocol="http"``, an HTTP classify ``rpc="Classify", protocol="http"``. All label
 combinations of a model version are created when it loads, so a dashboard sees zeros rather than
 missing series. The hot path talks to pre-resolved children (``VersionMetrics``), never to
 ``.labels()``.
@@ -19,11 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from urllib.parse import urlparse
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import MetricsHandler
 
 # 100 us .. 10 s: from a small model's batch of 1 to a large model's batch behind a full queue.
 LATENCY_BUCKETS = (
@@ -31,6 +37,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RPCS = ("Classify", "ClassifyStream", "ModelInfer", "ModelStreamInfer")
+GRPC, HTTP = "grpc", "http"
+# (rpc, protocol) pairs that exist: the streams are gRPC only.
+ROUTES = tuple((rpc, GRPC) for rpc in RPCS) + (("Classify", HTTP), ("ModelInfer", HTTP))
 CODES = (
     "OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED",
     "UNAVAILABLE", "INTERNAL",
@@ -50,17 +59,17 @@ class VersionMetrics:
 
     model: str
     version: str
-    latency: dict[str, object]  # rpc -> histogram child
-    requests: dict[tuple[str, str], object]  # (rpc, code) -> counter child
+    latency: dict[tuple[str, str], object]  # (rpc, protocol) -> histogram child
+    requests: dict[tuple[str, str, str], object]  # (rpc, protocol, code) -> counter child
     queue_wait: object
     compute: object
     batch_size: object
     images: object
     inflight: object
 
-    def observe_request(self, rpc: str, code: str, seconds: float) -> None:
-        self.latency[rpc].observe(seconds)  # type: ignore[attr-defined]
-        self.requests[(rpc, code)].inc()  # type: ignore[attr-defined]
+    def observe_request(self, rpc: str, code: str, seconds: float, protocol: str = GRPC) -> None:
+        self.latency[(rpc, protocol)].observe(seconds)  # type: ignore[attr-defined]
+        self.requests[(rpc, protocol, code)].inc()  # type: ignore[attr-defined]
 
     def observe_batch(self, images: int, compute_s: float, queue_waits: list[float]) -> None:
         self.batch_size.observe(images)  # type: ignore[attr-defined]
@@ -79,8 +88,9 @@ class ServerMetrics:
         r = self.registry
         mv = ["model", "version"]
         self.request_latency = Histogram(
-            "cnn_request_latency_seconds", "Server-side latency of inference RPCs (per request, "
-            "or per stream message), from arrival to response.", ["rpc", *mv], buckets=LATENCY_BUCKETS, registry=r,
+            "cnn_request_latency_seconds", "Server-side latency of inference calls (per request, "
+            "or per stream message), from arrival to response.", ["rpc", "protocol", *mv],
+            buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_wait = Histogram(
             "cnn_queue_wait_seconds", "Time a request waited in its model's queue before its batch started.",
@@ -97,8 +107,8 @@ class ServerMetrics:
             "cnn_batch_size", "Images per executed batch.", mv, buckets=BATCH_BUCKETS, registry=r
         )
         self.requests = Counter(
-            "cnn_requests", "Inference requests by RPC, model, version and gRPC status code.",
-            ["rpc", *mv, "code"], registry=r,
+            "cnn_requests", "Inference requests by RPC, protocol, model, version and gRPC status code.",
+            ["rpc", "protocol", *mv, "code"], registry=r,
         )  # fmt: skip
         self.images = Counter("cnn_images", "Images inferred.", mv, registry=r)
         # Workers: queue depth and in-flight add up; an info gauge is 1 while any live worker says so.
@@ -134,9 +144,11 @@ class ServerMetrics:
             return VersionMetrics(
                 model=model,
                 version=version,
-                latency={rpc: self.request_latency.labels(rpc, model, version) for rpc in RPCS},
+                latency={(rpc, p): self.request_latency.labels(rpc, p, model, version) for rpc, p in ROUTES},
                 requests={
-                    (rpc, c): self.requests.labels(rpc, model, version, c) for rpc in RPCS for c in CODES
+                    (rpc, p, c): self.requests.labels(rpc, p, model, version, c)
+                    for rpc, p in ROUTES
+                    for c in CODES
                 },
                 queue_wait=self.queue_wait.labels(model, version),
                 compute=self.compute.labels(model, version),
@@ -205,7 +217,31 @@ class ServerMetrics:
         self.server_info.labels(device, provider).set(1)
 
 
-def start_metrics_http(metrics: ServerMetrics, host: str, port: int) -> tuple[object, int]:
-    """Serve ``/metrics`` from a daemon thread; returns (server with ``.shutdown()``, bound port)."""
-    httpd, _thread = start_http_server(port, addr=host, registry=metrics.registry)
-    return httpd, int(httpd.server_port)
+def start_metrics_http(metrics: ServerMetrics, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
+    """Serve ``/metrics`` (and nothing else: 404) from a daemon thread; returns (server, bound port).
+
+    A thread, not the event loop: a scrape is answered even while the loop is saturated, which
+    is when the numbers matter. Only one path, so an HTTP probe pointed at the wrong port fails
+    instead of passing on the metrics page.
+    """
+    handler = type("MetricsOnlyHandler", (_MetricsOnly,), {"registry": metrics.registry})
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class = type(
+        "MetricsServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
+    )
+    httpd = server_class((host, port), handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd, int(httpd.server_address[1])
+
+
+class _MetricsOnly(MetricsHandler):
+    def do_GET(self) -> None:
+        if urlparse(self.path).path != "/metrics":
+            body = b"404 not found: metrics are at /metrics\n"
+            self.send_response(404)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        super().do_GET()

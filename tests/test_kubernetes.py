@@ -305,9 +305,12 @@ def test_kserve_runtime_serves_the_repository_on_the_port_the_inferenceservice_n
     )
 
 
-@pytest.mark.xfail(
-    reason="the HTTP listener (--http-port, KServe v2 over HTTP) is not in this code yet", strict=False
-)
 def test_the_http_port_the_manifests_probe_is_a_flag_of_the_server() -> None:
-    assert "http_port" in ServerConfig.__dataclass_fields__
-    assert ServerConfig(repository=Path(".")).http_port == HTTP_PORT  # type: ignore[attr-defined]
+    assert ServerConfig(repository=Path(".")).http_port == HTTP_PORT
+    # The probed paths are routes of the HTTP app (routes only: nothing is served).
+    from server.http_app import HttpApi
+
+    api = HttpApi.__new__(HttpApi)
+    api.max_body_bytes = 1 << 20
+    routes = {r.resource.canonical for r in api.app().router.routes() if r.resource is not None}
+    assert {"/v2/health/ready", "/v2/health/live"} <= routes

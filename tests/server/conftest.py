@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from cnnstack.serverproc import ServerProcess
 from server.config import ServerConfig
 from tests.server.helpers import RunningServer, TinyModel, publish, server_config, tiny_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -39,3 +42,18 @@ def start_server() -> Iterator:
 def tiny_server(repo, start_server) -> tuple[RunningServer, TinyModel]:
     root, tm = repo
     return start_server(server_config(root)), tm
+
+
+@pytest.fixture
+def spawn():
+    """``spawn(*args, **kw) -> ServerProcess`` (launched, see cnnstack.serverproc); killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, **kw) -> ServerProcess:
+        p = ServerProcess(*args, cwd=ROOT, **kw).launch()
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        p.kill()

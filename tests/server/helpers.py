@@ -167,6 +167,7 @@ class RunningServer:
         self.thread.start()
         self.handle, self.port = self.run(create_server(cfg), timeout=60)
         self.target = f"127.0.0.1:{self.port}"
+        self.http_url = f"{'https' if cfg.tls else 'http'}://127.0.0.1:{self.handle.http_port}"
         self.summary: dict | None = None
 
     def run(self, coro, timeout: float = 30):
@@ -186,8 +187,8 @@ class RunningServer:
 
 def server_config(repository: Path, **overrides) -> ServerConfig:
     base = ServerConfig(
-        repository=repository, host="127.0.0.1", port=0, metrics_port=0, device="cpu", poll_interval_s=0,
-        grace_s=5.0, intra_op_threads=1,
+        repository=repository, host="127.0.0.1", port=0, http_port=0, metrics_port=0, device="cpu",
+        poll_interval_s=0, grace_s=5.0, intra_op_threads=1,
     )  # fmt: skip
     return replace(base, **overrides)
 

@@ -18,19 +18,26 @@ def test_every_flag_has_an_env_variable_and_the_command_line_wins() -> None:
         "CNN_SERVE_REPOSITORY": "/models", "CNN_SERVE_HOST": "0.0.0.0", "CNN_SERVE_PORT": "9001",
         "CNN_SERVE_METRICS_PORT": "9002", "CNN_SERVE_DEVICE": "cpu", "CNN_SERVE_MAX_BATCH_SIZE": "32",
         "CNN_SERVE_MAX_QUEUE_DELAY_MS": "0.5", "CNN_SERVE_MAX_QUEUE_SIZE": "100", "CNN_SERVE_INSTANCES": "2",
-        "CNN_SERVE_POLL_INTERVAL_S": "3", "CNN_SERVE_GRACE_S": "7",
+        "CNN_SERVE_POLL_INTERVAL_S": "3", "CNN_SERVE_GRACE_S": "7", "CNN_SERVE_HTTP_PORT": "9000",
     }  # fmt: skip
     cfg = ServerConfig.from_args([], env)
     assert cfg == ServerConfig(
         repository=Path("/models"), host="0.0.0.0", port=9001, metrics_port=9002, device="cpu", max_batch_size=32,
-        max_queue_delay_ms=0.5, max_queue_size=100, instances=2, poll_interval_s=3.0, grace_s=7.0,
+        max_queue_delay_ms=0.5, max_queue_size=100, instances=2, poll_interval_s=3.0, grace_s=7.0, http_port=9000,
     )  # fmt: skip
     assert ServerConfig.from_args(["--max-batch-size", "8", "--port", "0"], env).max_batch_size == 8
 
 
-def test_defaults_listen_on_loopback_8001_8002_auto_device(tmp_path) -> None:
+def test_defaults_listen_on_loopback_8000_8001_8002_auto_device_no_tls(tmp_path) -> None:
     cfg = ServerConfig.from_args(["--repository", str(tmp_path)], {})
-    assert (cfg.host, cfg.port, cfg.metrics_port, cfg.device) == ("127.0.0.1", 8001, 8002, "auto")
+    assert (cfg.host, cfg.http_port, cfg.port, cfg.metrics_port, cfg.device) == (
+        "127.0.0.1",
+        8000,
+        8001,
+        8002,
+        "auto",
+    )
+    assert not cfg.tls and cfg.tls_client_ca is None
     assert cfg.concurrent_rpc_limit >= cfg.max_queue_size
 
 
@@ -47,6 +54,15 @@ def test_defaults_listen_on_loopback_8001_8002_auto_device(tmp_path) -> None:
         ),
         (["--repository", "r", "--instances", "0"], {}, "--instances must be >= 1"),
         (["--repository", "r", "--grace-s", "-1"], {}, "--grace-s must be >= 0"),
+        (["--repository", "r", "--http-port", "-2"], {}, "--http-port must be in [0, 65535] (-1 disables)"),
+        (["--repository", "r", "--tls-cert", "c.pem"], {}, "--tls-cert and --tls-key go together"),
+        (["--repository", "r"], {"CNN_SERVE_TLS_KEY": "k.pem"}, "--tls-cert and --tls-key go together"),
+        (["--repository", "r", "--tls-client-ca", "ca.pem"], {}, "--tls-client-ca needs --tls-cert"),
+        (
+            ["--repository", "r", "--tls-cert", "nope.pem", "--tls-key", "nope.pem"],
+            {},
+            "--tls-cert nope.pem is not a readable file",
+        ),
     ],
 )
 def test_bad_settings_are_refused_with_the_flag_named(argv, env, message, capsys) -> None:

@@ -17,7 +17,6 @@ import grpc
 import numpy as np
 import pytest
 
-from cnnstack.serverproc import ServerProcess
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.server.helpers import publish, tiny_model
@@ -32,21 +31,6 @@ def request(model: str = "tiny") -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
         model=model, images=[pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], data=X.tobytes()))]
     )
-
-
-@pytest.fixture
-def spawn():
-    """``spawn(*args, **kw) -> ServerProcess`` (launched, see cnnstack.serverproc); killed at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(*args: str, **kw) -> ServerProcess:
-        p = ServerProcess(*args, cwd=ROOT, **kw).launch()
-        started.append(p)
-        return p
-
-    yield start
-    for p in started:
-        p.kill()
 
 
 def test_sigterm_under_load_finishes_every_admitted_call_and_exits_0(tmp_path, spawn) -> None:
@@ -181,7 +165,7 @@ def test_server_process_never_imports_torch(tmp_path) -> None:
         from protos.cnnstack.classifier.v1 import classifier_pb2 as pb, classifier_pb2_grpc as pbg
 
         async def main():
-            cfg = ServerConfig.from_args(["--repository", {str(root)!r}, "--port", "0", "--metrics-port", "0"], {{}})
+            cfg = ServerConfig.from_args(["--repository", {str(root)!r}, "--port", "0", "--http-port", "0", "--metrics-port", "0"], {{}})
             handle, port = await server.app.create_server(cfg)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{{port}}") as ch:
                 img = pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], data=bytes(4 * 784)))

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from server.metrics import CODES, RPCS, ServerMetrics
+from server.metrics import CODES, ROUTES, ServerMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -38,9 +38,9 @@ def test_metrics_are_pre_initialised_with_bounded_labels() -> None:
     m = ServerMetrics(CollectorRegistry())
     m.version_loaded("lenet", "3", "CPUExecutionProvider", "lenet5", "fashion-mnist", lambda: 7)
     r = m.registry
-    for rpc in RPCS:
+    for rpc, protocol in ROUTES:  # the streams are gRPC only; both unary calls have an HTTP twin
         for code in CODES:
-            labels = {"rpc": rpc, "model": "lenet", "version": "3", "code": code}
+            labels = {"rpc": rpc, "protocol": protocol, "model": "lenet", "version": "3", "code": code}
             assert r.get_sample_value("cnn_requests_total", labels) == 0.0
     assert r.get_sample_value("cnn_queue_depth", {"model": "lenet", "version": "3"}) == 7.0
     assert r.get_sample_value("cnn_inflight_requests", {"model": "lenet", "version": "3"}) == 0.0
@@ -53,7 +53,7 @@ def test_metrics_are_pre_initialised_with_bounded_labels() -> None:
     }
     assert r.get_sample_value("cnn_model_info", info) == 1.0
     # Latency buckets span 100 us .. 10 s.
-    bucket = {"rpc": "Classify", "model": "lenet", "version": "3"}
+    bucket = {"rpc": "Classify", "protocol": "http", "model": "lenet", "version": "3"}
     assert r.get_sample_value("cnn_request_latency_seconds_bucket", {**bucket, "le": "0.0001"}) == 0.0
     assert r.get_sample_value("cnn_request_latency_seconds_bucket", {**bucket, "le": "10.0"}) == 0.0
     m.version_unloaded("lenet", "3")
@@ -79,7 +79,16 @@ def test_metrics_endpoint_counts_requests_images_and_batches(tiny_server) -> Non
     mv = (("model", "tiny"), ("version", "1"))
     assert (
         samples[
-            ("cnn_requests_total", (("code", "OK"), ("model", "tiny"), ("rpc", "Classify"), ("version", "1")))
+            (
+                "cnn_requests_total",
+                (
+                    ("code", "OK"),
+                    ("model", "tiny"),
+                    ("protocol", "grpc"),
+                    ("rpc", "Classify"),
+                    ("version", "1"),
+                ),
+            )
         ]
         == 4
     )
@@ -87,7 +96,10 @@ def test_metrics_endpoint_counts_requests_images_and_batches(tiny_server) -> Non
     assert samples[("cnn_batch_size_count", mv)] == 4 and samples[("cnn_batch_size_sum", mv)] == 8
     assert (
         samples[
-            ("cnn_request_latency_seconds_count", (("model", "tiny"), ("rpc", "Classify"), ("version", "1")))
+            (
+                "cnn_request_latency_seconds_count",
+                (("model", "tiny"), ("protocol", "grpc"), ("rpc", "Classify"), ("version", "1")),
+            )
         ]
         == 4
     )

@@ -1,0 +1,121 @@
+"""``POST /v1/models/{m}[/versions/{v}]:classify``: cnnstack.classifier.v1 Classify over HTTP.
+
+The body is one encoded image (PNG or JPEG; any ``Content-Type`` but JSON), or JSON::
+
+    {"top_k": 3, "images": [{"b64": "<base64 PNG/JPEG>"}, {"shape": [1, 28, 28], "data": [...]}]}
+
+where a tensor image is float32 pixels in [0, 1] of exactly the model's (C, H, W), flat or nested.
+``?top_k=`` in the query wins over the body's. The answer mirrors ClassifyResponse::
+
+    {"model": "fmnist", "version": 1, "results": [{"predictions": [
+        {"class_index": 7, "class_name": "Sneaker", "probability": 0.93}, ...]}]}
+
+Decoding and resizing are ``server.preprocess``'s, with its messages, as over gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.errors import invalid
+from server.postprocess import top_k_of
+from server.preprocess import check_count, decode_image
+from server.served import ServedVersion
+
+JSON_TYPES = ("application/json",)
+
+
+@dataclass(frozen=True)
+class ClassifyBody:
+    images: list[bytes | tuple[list, Any]]  # encoded bytes, or (shape, data) of a tensor
+    top_k: int
+
+    @property
+    def encoded_bytes(self) -> int:
+        return sum(len(img) for img in self.images if isinstance(img, bytes))
+
+
+def _top_k(value: Any) -> int:
+    if isinstance(value, str):
+        if not value.lstrip("-").isdigit():
+            raise invalid(f"top_k must be an integer, got {value!r}")
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid(f"top_k must be an integer, got {value!r}")
+    return value
+
+
+def _image(obj: Any, index: int) -> bytes | tuple[list, Any]:
+    if not isinstance(obj, dict):
+        raise invalid(f"image {index}: must be an object with `b64`, or `shape` and `data`")
+    if "b64" in obj:
+        try:
+            return base64.b64decode(obj["b64"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise invalid(f"image {index}: `b64` is not valid base64") from None
+    if "shape" in obj and "data" in obj:
+        if not isinstance(obj["shape"], list):
+            raise invalid(f"image {index}: `shape` must be a list [C, H, W]")
+        return obj["shape"], obj["data"]
+    raise invalid(f"image {index}: set either `b64` (a base64 PNG/JPEG) or `shape` and `data` (a tensor)")
+
+
+def parse_body(body: bytes, content_type: str, query_top_k: str | None) -> ClassifyBody:
+    if content_type not in JSON_TYPES:
+        return ClassifyBody([body], _top_k(query_top_k) if query_top_k is not None else 1)
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"the request's JSON does not parse: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+        raise invalid('the JSON body needs an "images" list')
+    k = query_top_k if query_top_k is not None else doc.get("top_k", 1)
+    return ClassifyBody([_image(obj, i) for i, obj in enumerate(doc["images"])], _top_k(k))
+
+
+def _tensor(shape: list, data: Any, expected: tuple[int, int, int], index: int) -> np.ndarray:
+    if tuple(shape) != expected:
+        raise invalid(
+            f"image {index}: tensor shape {shape} does not match the model input (C, H, W) = {list(expected)}; "
+            "send an encoded PNG/JPEG to have it resized"
+        )
+    try:
+        x = np.asarray(data, dtype=np.float32).reshape(-1)
+    except (ValueError, TypeError):
+        raise invalid(f"image {index}: tensor data must be numbers (a flat or evenly nested list)") from None
+    if x.size != int(np.prod(expected)):
+        raise invalid(f"image {index}: tensor data has {x.size} values, expected {int(np.prod(expected))}")
+    return x.reshape(expected)
+
+
+def build_batch(body: ClassifyBody, served: ServedVersion) -> np.ndarray:
+    """The images -> (n, C, H, W) float32 for ``served``; top_k checked against its classes."""
+    if not 1 <= body.top_k <= served.num_classes:
+        raise invalid(
+            f"top_k must be between 1 and {served.num_classes} (the model's classes), got {body.top_k}"
+        )
+    check_count(len(body.images), served.max_batch_size)
+    expected = served.input_shape
+    out = np.empty((len(body.images), *expected), dtype=np.float32)
+    for i, img in enumerate(body.images):
+        out[i] = decode_image(img, expected, i) if isinstance(img, bytes) else _tensor(*img, expected, i)
+    return out
+
+
+def encode_response(served: ServedVersion, outputs: list[np.ndarray], k: int) -> bytes:
+    idx, probs = top_k_of(outputs, k)
+    names = served.class_names
+    results = [
+        {"predictions": [
+            {"class_index": i, "class_name": names[i], "probability": p} for i, p in zip(ri, rp, strict=True)
+        ]}
+        for ri, rp in zip(idx, probs, strict=True)
+    ]  # fmt: skip
+    doc = {"model": served.name, "version": served.version, "results": results}
+    return json.dumps(doc, separators=(",", ":")).encode()

@@ -1,0 +1,222 @@
+"""The KServe v2 REST wire format: an infer request body -> ``RestRequest``, outputs -> a body.
+
+JSON tensors (``data`` flat or nested) and the binary tensor data extension that
+``tritonclient.http`` uses by default: the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the inputs' raw bytes, each input saying its
+length in ``parameters.binary_data_size``. Outputs come back as binary when the request asks
+(``outputs[].parameters.binary_data``, or ``parameters.binary_data_output`` for every output),
+else as JSON ``data``. Checks of the tensors themselves are ``server.v2``'s, as over gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from cnnstack.contract import TENSOR_DATATYPE
+from server import v2
+from server.errors import invalid
+from server.served import ServedVersion
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True, slots=True)
+class RestInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: Any = None  # JSON numbers
+    raw: memoryview | None = None  # binary tensor data
+
+
+@dataclass(frozen=True, slots=True)
+class RestOutput:
+    name: str
+    binary: bool
+    classification: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    id: str | None
+    inputs: list[RestInput]
+    outputs: list[RestOutput] | None  # None: every output
+    binary_output: bool  # the default for outputs (``parameters.binary_data_output``)
+
+
+def _obj(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object")
+    return value
+
+
+def _params(obj: dict, what: str) -> dict:
+    return _obj(obj.get("parameters", {}), f"{what} parameters")
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(f"{what} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """(parsed JSON header, the binary part) of a request body."""
+    view = memoryview(body)
+    n = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise invalid(
+                f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
+            )
+        n = int(header_length)
+    try:
+        return json.loads(view[:n].tobytes()), view[n:]
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"the request's JSON does not parse: {e}") from None
+
+
+def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestInput, int]:
+    obj = _obj(obj, f"inputs[{index}]")
+    name, datatype, shape = obj.get("name"), obj.get("datatype"), obj.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+        raise invalid(f"inputs[{index}] needs a string name and datatype and a shape list")
+    dims = tuple(_int(d, f"input {name!r} shape") for d in shape)
+    size = _params(obj, f"input {name!r}").get("binary_data_size")
+    if size is None:
+        if "data" not in obj:
+            raise invalid(f"input {name!r} has neither data nor parameters.binary_data_size")
+        return RestInput(name, datatype, dims, data=obj["data"]), offset
+    end = offset + _int(size, f"input {name!r} binary_data_size")
+    if end > len(binary):
+        raise invalid(f"input {name!r}: binary_data_size runs past the body's {len(binary)} binary bytes")
+    return RestInput(name, datatype, dims, raw=binary[offset:end]), end
+
+
+def _output(obj: Any, index: int, default_binary: bool) -> RestOutput:
+    obj = _obj(obj, f"outputs[{index}]")
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise invalid(f"outputs[{index}] needs a string name")
+    params = _params(obj, f"output {name!r}")
+    k = params.get("classification")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise invalid(f"output {name!r}: classification must be an integer, got {k!r}")
+    return RestOutput(name, bool(params.get("binary_data", default_binary)), k)
+
+
+def parse_request(body: bytes, header_length: str | None) -> RestRequest:
+    """Structure only (JSON shape, binary sizes); the tensors are checked against the model later."""
+    doc, binary = _split(body, header_length)
+    doc = _obj(doc, "the request")
+    binary_output = bool(_params(doc, "the request").get("binary_data_output", False))
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise invalid("the request needs an `inputs` list")
+    inputs, offset = [], 0
+    for i, obj in enumerate(raw_inputs):
+        inp, offset = _input(obj, i, binary, offset)
+        inputs.append(inp)
+    if offset != len(binary):
+        raise invalid(f"{len(binary) - offset} binary bytes after the JSON header belong to no input")
+    outputs = doc.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise invalid("`outputs` must be a list")
+    wanted = None if not outputs else [_output(o, i, binary_output) for i, o in enumerate(outputs)]
+    request_id = doc.get("id")
+    return RestRequest(str(request_id) if request_id is not None else None, inputs, wanted, binary_output)
+
+
+def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
+    """The one input as (N, C, H, W) float32, checked as over gRPC; requested outputs checked too."""
+    v2.check_input_count(served, len(request.inputs))
+    inp = request.inputs[0]
+    shape = v2.check_input(served, inp.name, inp.datatype, inp.shape)
+    for out in request.outputs or ():
+        v2.check_output(served, out.name, out.classification)
+    if inp.raw is not None:
+        return v2.array_from_raw(inp.name, inp.raw, shape)
+    return v2.array_from_values(inp.name, inp.data, shape, "data values")
+
+
+def encode_response(
+    request: RestRequest, served: ServedVersion, outputs: list[np.ndarray]
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length when binary outputs follow it, else None)."""
+    names = served.output_names
+    wanted = request.outputs or [RestOutput(n, request.binary_output) for n in names]
+    tensors: list[dict[str, Any]] = []
+    raws: list[bytes] = []
+    for want in wanted:
+        out = outputs[names.index(want.name)]
+        if want.classification:
+            labels = v2.classification_labels(served, outputs, want.classification)
+            tensor: dict[str, Any] = {
+                "name": want.name, "datatype": "BYTES", "shape": [out.shape[0], want.classification]
+            }  # fmt: skip
+            raw = v2.bytes_tensor(labels) if want.binary else None
+            data: Any = [s.decode() for s in labels]
+        else:
+            tensor = {"name": want.name, "datatype": TENSOR_DATATYPE, "shape": list(out.shape)}
+            raw = np.ascontiguousarray(out, dtype="<f4").tobytes() if want.binary else None
+            data = out.ravel().tolist()
+        if raw is None:
+            tensor["data"] = data
+        else:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            raws.append(raw)
+        tensors.append(tensor)
+    doc: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version)}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = tensors
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    return (header + b"".join(raws), len(header)) if raws else (header, None)
+
+
+def message_dict(msg: Message) -> dict[str, Any]:
+    """A protobuf message as the REST API's JSON, as Triton writes it: field names as in the
+    .proto, every field (zeros included, so ``stats["inference_stats"]["fail"]["count"]`` exists),
+    only the chosen member of a oneof, enums by name, and 64-bit integers as JSON numbers
+    (``json_format`` would make them strings, which clients reading shapes and counts do not expect)."""
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        oneof = f.containing_oneof
+        if oneof is not None and msg.WhichOneof(oneof.name) != f.name:
+            continue
+        out[f.name] = _field(f, getattr(msg, f.name))
+    return out
+
+
+def _field(f: FieldDescriptor, value: Any) -> Any:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        value_field = f.message_type.fields_by_name["value"]
+        return {str(k): _scalar(value_field, v) for k, v in value.items()}
+    if _repeated(f):
+        return [_scalar(f, v) for v in value]
+    return _scalar(f, value)
+
+
+def _repeated(f: FieldDescriptor) -> bool:
+    # ``is_repeated`` is protobuf >= 5's spelling; ``label`` is deprecated there.
+    is_repeated = getattr(f, "is_repeated", None)
+    if is_repeated is not None:
+        return bool(is_repeated() if callable(is_repeated) else is_repeated)
+    return f.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _scalar(f: FieldDescriptor, value: Any) -> Any:
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_dict(value)
+    if f.type == FieldDescriptor.TYPE_ENUM:
+        return f.enum_type.values_by_number[value].name if value in f.enum_type.values_by_number else value
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value

@@ -1,0 +1,165 @@
+"""KServe v2 / Open Inference Protocol semantics shared by the gRPC service and the REST API:
+input and output checks (one bad-input matrix, one set of messages), the classification
+extension, model metadata, statistics and the repository index.
+
+Both front ends call these with what they parsed from their wire format, so a request gets the
+same verdict whichever protocol carried it.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
+from protos.inference import grpc_service_pb2 as ks
+from server.errors import invalid, not_found
+from server.models import ModelManager
+from server.postprocess import top_k_of
+from server.preprocess import check_count
+from server.served import ServedVersion
+
+SERVER_NAME = "cnnstack"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
+
+
+def parse_version(text: str) -> int:
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise invalid(f"model_version must be a positive integer or empty (latest), got {text!r}")
+    return int(text)
+
+
+def check_input_count(served: ServedVersion, n_inputs: int) -> None:
+    if n_inputs != 1:
+        raise invalid(f"model {served.name!r} takes exactly 1 input ({INPUT_NAME!r}), got {n_inputs}")
+
+
+def check_input(served: ServedVersion, name: str, datatype: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The request's one input header -> its shape (N, C, H, W), or INVALID_ARGUMENT."""
+    expected_name = served.instances[0].input_name
+    if name != expected_name:
+        raise invalid(f"unknown input {name!r}; model {served.name!r} has one input {expected_name!r}")
+    if datatype != TENSOR_DATATYPE:
+        raise invalid(f"input {name!r} must be {TENSOR_DATATYPE}, got {datatype!r}")
+    dims = tuple(shape)
+    if len(dims) != 4 or dims[1:] != served.input_shape:
+        raise invalid(
+            f"input {name!r} has shape {list(dims)}, expected [N, {', '.join(map(str, served.input_shape))}]"
+        )
+    check_count(dims[0], served.max_batch_size)
+    return dims
+
+
+def array_from_raw(name: str, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    """Little-endian FP32 bytes -> (N, C, H, W), a view (no copy). NaN/Inf are checked in the batcher."""
+    count = math.prod(shape)
+    if len(raw) != 4 * count:
+        raise invalid(
+            f"input {name!r}: raw contents have {len(raw)} bytes, expected {4 * count} (FP32 x {list(shape)})"
+        )
+    return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def array_from_values(name: str, values: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """Numbers (gRPC ``fp32_contents``; REST ``data``, flat or nested) -> (N, C, H, W) float32."""
+    count = math.prod(shape)
+    try:
+        x = np.asarray(values, dtype=np.float32).reshape(-1)
+    except (ValueError, TypeError):
+        raise invalid(f"input {name!r}: {what} must be numbers (a flat or evenly nested list)") from None
+    if x.size != count:
+        raise invalid(f"input {name!r}: {x.size} {what}, expected {count} for shape {list(shape)}")
+    return x.reshape(shape)
+
+
+def check_output(served: ServedVersion, name: str, classification: int | None) -> None:
+    """Reject unknown output names and bad classification counts before running the model."""
+    if name not in served.output_names:
+        raise invalid(f"unknown output {name!r}; model {served.name!r} has outputs {served.output_names}")
+    if classification is not None and not 1 <= classification <= served.num_classes:
+        raise invalid(f"classification must be between 1 and {served.num_classes}, got {classification}")
+
+
+def classification_labels(served: ServedVersion, outputs: list[np.ndarray], k: int) -> list[bytes]:
+    """The classification extension, as Triton answers it: ``"probability:index:label"`` for the
+    top ``k`` classes of every image, row-major ([N, k])."""
+    idx, vals = top_k_of(outputs, k)
+    names = served.class_names
+    return [
+        f"{v:f}:{i}:{names[i]}".encode()
+        for ri, rv in zip(idx, vals, strict=True)
+        for i, v in zip(ri, rv, strict=True)
+    ]
+
+
+def bytes_tensor(items: list[bytes]) -> bytes:
+    """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def model_metadata(manager: ModelManager, served: ServedVersion) -> ks.ModelMetadataResponse:
+    entry = manager.get_entry(served.name)
+    T = ks.ModelMetadataResponse.TensorMetadata
+    return ks.ModelMetadataResponse(
+        name=served.name,
+        versions=[str(v) for v in sorted(entry.versions)] if entry else [str(served.version)],
+        platform=PLATFORM,
+        inputs=[
+            T(name=served.instances[0].input_name, datatype=TENSOR_DATATYPE, shape=[-1, *served.input_shape])
+        ],
+        outputs=[
+            T(name=n, datatype=TENSOR_DATATYPE, shape=[-1, served.num_classes]) for n in served.output_names
+        ],
+    )
+
+
+def versions_for_statistics(manager: ModelManager, name: str, version: str) -> list[ServedVersion]:
+    """The versions ModelStatistics reports on: one, every version of a model, or everything."""
+    if not name:
+        return [s for e in manager.entries() for s in e.versions.values()]
+    if version:
+        return [manager.resolve(name, parse_version(version))]
+    entry = manager.get_entry(name)
+    if entry is None:
+        raise not_found(f"model {name!r} is not loaded")
+    return list(entry.versions.values())
+
+
+def statistics(served: ServedVersion) -> ks.ModelStatistics:
+    st = served.stats
+    D = ks.StatisticDuration
+    return ks.ModelStatistics(
+        name=served.name,
+        version=str(served.version),
+        last_inference=st.last_inference_ms,
+        inference_count=st.inference_count,
+        execution_count=st.execution_count,
+        inference_stats=ks.InferStatistics(
+            success=D(count=st.success[0], ns=st.success[1]),
+            fail=D(count=st.fail[0], ns=st.fail[1]),
+            queue=D(count=st.queue[0], ns=st.queue[1]),
+            compute_infer=D(count=st.compute[0], ns=st.compute[1]),
+        ),
+        batch_stats=[
+            ks.InferBatchStatistics(batch_size=b, compute_infer=D(count=c, ns=ns))
+            for b, (c, ns) in sorted(st.batches.items())
+        ],
+    )
+
+
+def repository_index(manager: ModelManager, ready_only: bool) -> ks.RepositoryIndexResponse:
+    Index = ks.RepositoryIndexResponse.ModelIndex
+    models = []
+    for entry in manager.entries():
+        models += [Index(name=entry.name, version=str(v), state="READY") for v in sorted(entry.versions)]
+    if not ready_only:
+        for (name, v), reason in sorted(manager.errors.items()):
+            models.append(Index(name=name, version=str(v), state="UNAVAILABLE", reason=reason))
+    return ks.RepositoryIndexResponse(models=models)
