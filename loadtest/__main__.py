@@ -11,11 +11,19 @@ import time
 import urllib.error
 
 from loadtest import metrics_scrape, report
-from loadtest.client import LocalClient, TargetError, describe_model, preflight
+from loadtest.client import (
+    Described,
+    LocalClient,
+    MissingShape,
+    TargetError,
+    describe_model,
+    preflight,
+    resolve_input,
+)
 from loadtest.config import LoadTestConfig, parse_args
 from loadtest.controller import StepResult
 from loadtest.multiproc import MultiProcClient
-from loadtest.payload import MAX_PAYLOADS, build_payloads, load_images, method_for
+from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images, method_for
 from loadtest.runner import StepSpec
 
 
@@ -34,12 +42,14 @@ def build_steps(cfg: LoadTestConfig) -> list[StepSpec]:
     return steps
 
 
-def build_request_payloads(cfg: LoadTestConfig, shape: tuple[int, int, int]) -> list[bytes]:
+def build_request_payloads(
+    cfg: LoadTestConfig, shape: tuple[int, int, int], kserve: KServeInput = KServeInput()
+) -> list[bytes]:
     """Distinct requests, serialized now so that the measured loop does no protobuf work."""
     k = cfg.images_per_request
     n_requests = max(1, min(MAX_PAYLOADS, 2048 // k))  # bounded memory for big requests
     images = load_images(cfg.input, shape, n_requests * k, cfg.seed)  # (N, C, H, W)
-    return build_payloads(cfg.api, images, k, cfg.model, cfg.version, cfg.top_k, cfg.encoding)
+    return build_payloads(cfg.api, images, k, cfg.model, cfg.version, cfg.top_k, cfg.encoding, kserve)
 
 
 def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
@@ -89,9 +99,21 @@ def run_sweep(cfg: LoadTestConfig, payloads: list[bytes], steps: list[StepSpec])
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        shape = cfg.input_shape or describe_model(cfg.target, cfg.api, cfg.model, cfg.version, cfg.timeout_s)
-        payloads = build_request_payloads(cfg, shape)
+        # The flags may say all there is to know; otherwise the server's metadata fills in the rest.
+        told = cfg.input_shape is not None and cfg.api == "classify"
+        described = (
+            Described(None)
+            if told
+            else describe_model(cfg.target, cfg.api, cfg.model, cfg.version, cfg.timeout_s)
+        )
+        shape, kserve = resolve_input(
+            described, cfg.input_shape, cfg.input_name, cfg.datatype, cfg.target, cfg.model
+        )
+        payloads = build_request_payloads(cfg, shape, kserve)
         preflight(cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s)
+    except MissingShape as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except TargetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
+from cnnstack.contract import INPUT_NAME, PROBABILITIES_NAME, TENSOR_DATATYPE
 from loadtest.controller import StepController, StepResult
-from loadtest.payload import kserve_pb2, method_for
+from loadtest.payload import WIRE_DTYPES, KServeInput, kserve_pb2, method_for
 from loadtest.runner import (
     StepSpec,
     new_event_loop,
@@ -29,7 +31,34 @@ class TargetError(RuntimeError):
     """The target cannot serve the requested model (unreachable, unknown model, bad input)."""
 
 
-async def _describe(target: str, api: str, model: str, version: int, timeout: float) -> tuple[int, int, int]:
+class MissingShape(TargetError):
+    """Neither the server's metadata nor the flags give the input's shape (exit 2: a usage error)."""
+
+
+@dataclass(frozen=True)
+class Described:
+    """What the server's metadata says of the model: the image shape (C, H, W) where it says it,
+    and (KServe) how the input tensor is named and typed."""
+
+    shape: tuple[int, int, int] | None
+    kserve: KServeInput = KServeInput()
+
+
+def _from_kserve_metadata(meta: Any) -> Described:
+    """KServe v2 metadata may list no inputs, or dims that are not (-1, C, H, W): legal, so
+    the flags (--shape, --input-name, --datatype) fill in what it leaves out."""
+    outputs = {o.name for o in meta.outputs}
+    output = PROBABILITIES_NAME if PROBABILITIES_NAME in outputs else None  # else: every output
+    if not meta.inputs:
+        return Described(None, KServeInput(output=output))
+    first = meta.inputs[0]
+    dims = [int(d) for d in first.shape]
+    shape = tuple(dims[-3:]) if len(dims) >= 3 and all(d > 0 for d in dims[-3:]) else None
+    datatype = first.datatype if first.datatype in WIRE_DTYPES else TENSOR_DATATYPE
+    return Described(shape, KServeInput(first.name or INPUT_NAME, datatype, output))  # type: ignore[arg-type]
+
+
+async def _describe(target: str, api: str, model: str, version: int, timeout: float) -> Described:
     async with open_channel(target) as ch:
         try:
             if api == "kserve":
@@ -42,8 +71,7 @@ async def _describe(target: str, api: str, model: str, version: int, timeout: fl
                 meta = await call(
                     pb.ModelMetadataRequest(name=model, version=str(version or "")), timeout=timeout
                 )
-                shape = [int(d) for d in meta.inputs[0].shape]  # (-1, C, H, W)
-                return tuple(shape[-3:])  # type: ignore[return-value]
+                return _from_kserve_metadata(meta)
             from protos.cnnstack.classifier.v1 import classifier_pb2 as pb1
 
             call = ch.unary_unary(
@@ -58,17 +86,33 @@ async def _describe(target: str, api: str, model: str, version: int, timeout: fl
             ) from None
     for m in listing.models:
         if m.name == model:
-            return tuple(int(d) for d in m.input_shape)  # type: ignore[return-value]
+            return Described(tuple(int(d) for d in m.input_shape))  # type: ignore[arg-type]
     names = sorted(m.name for m in listing.models)
     raise TargetError(f"{target}: no model {model!r}; the server has {names}")
 
 
-def describe_model(
-    target: str, api: str, model: str, version: int, timeout: float = 10.0
-) -> tuple[int, int, int]:
-    """The model's input shape (C, H, W) as the server reports it."""
+def describe_model(target: str, api: str, model: str, version: int, timeout: float = 10.0) -> Described:
+    """What the server reports of the model's input."""
     with asyncio.Runner(loop_factory=new_event_loop) as r:
         return r.run(_describe(target, api, model, version, timeout))
+
+
+def resolve_input(
+    described: Described,
+    shape: tuple[int, int, int] | None,
+    input_name: str | None,
+    datatype: str | None,
+    target: str,
+    model: str,
+) -> tuple[tuple[int, int, int], KServeInput]:
+    """The flags win over the metadata; a shape neither gives is a MissingShape naming --shape."""
+    shape = shape or described.shape
+    if shape is None:
+        raise MissingShape(
+            f"{target}: the metadata of model {model!r} gives no input shape (C,H,W); pass it with --shape C,H,W"
+        )
+    k = described.kserve
+    return shape, KServeInput(input_name or k.name, datatype or k.datatype, k.output)
 
 
 async def _preflight(target: str, api: str, payload: bytes, images: int, timeout: float) -> None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 APIS = ("classify", "kserve")
+DATATYPES = ("FP32", "FP16")  # what the KServe input tensor is sent as (images are float)
 PLOT_HINT = "pip install 'cnnstack[plot]' (or matplotlib), or leave out --plot"
 ENCODINGS = ("tensor", "png")
 
@@ -32,6 +33,8 @@ class LoadTestConfig:
     input: str = "synthetic"  # "synthetic" or a dataset: IDX images file (.gz ok) or image folder
     encoding: str = "tensor"
     input_shape: tuple[int, int, int] | None = None  # (C, H, W); None: ask the server
+    input_name: str | None = None  # kserve: the input tensor's name; None: the metadata's, else ours
+    datatype: str | None = None  # kserve: FP32 or FP16; None: the metadata's, else FP32
     top_k: int = 1
     processes: int = 1
     connections: int = 1  # gRPC channels (TCP connections) per client process, requests round robin
@@ -71,7 +74,7 @@ def _float_list(text: str) -> tuple[float, ...]:
 def _shape(text: str) -> tuple[int, int, int]:
     values = int_list(text)
     if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"--input-shape is C,H,W, got {text!r}")
+        raise argparse.ArgumentTypeError(f"--shape is C,H,W, got {text!r}")
     return values  # type: ignore[return-value]
 
 
@@ -104,7 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=10_000, help="open-loop cap on requests in flight")
     p.add_argument("--input", default="synthetic", help="'synthetic', an IDX images file or an image folder")
     p.add_argument("--encoding", choices=ENCODINGS, default="tensor", help="classify: float32 tensor or PNG")
-    p.add_argument("--input-shape", type=_shape, default=None, help="C,H,W (default: ask the server)")
+    p.add_argument(
+        "--shape",
+        "--input-shape",
+        dest="input_shape",
+        type=_shape,
+        default=None,
+        help="C,H,W of one image (default: ask the server; needed where its metadata lists no inputs)",
+    )
+    p.add_argument(
+        "--input-name",
+        default=None,
+        help="kserve: the input tensor's name (default: the metadata's first input, else 'input')",
+    )
+    p.add_argument(
+        "--datatype",
+        choices=DATATYPES,
+        default=None,
+        help="kserve: the input tensor's datatype (default: the metadata's, else FP32)",
+    )
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     p.add_argument("--connections", type=int, default=1,
@@ -173,6 +194,8 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         input=a.input,
         encoding=a.encoding,
         input_shape=a.input_shape,
+        input_name=a.input_name,
+        datatype=a.datatype,
         top_k=a.top_k,
         processes=a.processes,
         connections=a.connections,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,28 @@ def classify_request(
     return req.SerializeToString()
 
 
-def kserve_request(images: np.ndarray, model: str, version: int) -> bytes:
-    """One serialized KServe v2 ModelInferRequest: the model's FP32 input (K, C, H, W) as raw bytes."""
+@dataclass(frozen=True)
+class KServeInput:
+    """How a KServe v2 server wants the images: its input tensor's name and datatype, and the
+    output to ask for (None: all of them, for a server without our ``probabilities``)."""
+
+    name: str = INPUT_NAME
+    datatype: str = TENSOR_DATATYPE
+    output: str | None = PROBABILITIES_NAME
+
+
+WIRE_DTYPES = {"FP32": "<f4", "FP16": "<f2"}
+
+
+def kserve_request(images: np.ndarray, model: str, version: int, spec: KServeInput = KServeInput()) -> bytes:
+    """One serialized KServe v2 ModelInferRequest: the input (K, C, H, W) as raw bytes."""
     pb = kserve_pb2()
     req = pb.ModelInferRequest(model_name=model, model_version=str(version) if version else "")
     # The contents travel in raw_input_contents, the fast path.
-    req.inputs.add(name=INPUT_NAME, datatype=TENSOR_DATATYPE, shape=list(images.shape))
-    req.outputs.add(name=PROBABILITIES_NAME)
-    req.raw_input_contents.append(np.ascontiguousarray(images, "<f4").tobytes())
+    req.inputs.add(name=spec.name, datatype=spec.datatype, shape=list(images.shape))
+    if spec.output is not None:
+        req.outputs.add(name=spec.output)
+    req.raw_input_contents.append(np.ascontiguousarray(images, WIRE_DTYPES[spec.datatype]).tobytes())
     return req.SerializeToString()
 
 
@@ -129,6 +144,7 @@ def build_payloads(
     version: int,
     top_k: int = 1,
     encoding: str = "tensor",
+    kserve: KServeInput = KServeInput(),
 ) -> list[bytes]:
     """Cut ``images`` (N, C, H, W) into requests of ``per_request`` images, serialized."""
     n = max(1, min(MAX_PAYLOADS, len(images) // per_request))
@@ -136,7 +152,7 @@ def build_payloads(
     for i in range(n):
         chunk = images[i * per_request : (i + 1) * per_request]
         if api == "kserve":
-            out.append(kserve_request(chunk, model, version))
+            out.append(kserve_request(chunk, model, version, kserve))
         else:
             out.append(classify_request(chunk, model, version, top_k, encoding))
     return out
