@@ -1,14 +1,25 @@
-"""``python -m server.healthcheck --port 8001 [--service NAME]``: exit 0 if grpc.health.v1 says
-SERVING (docker-compose healthcheck), 1 otherwise."""
+"""``python -m server.healthcheck --port 8001 [--service NAME] [--tls-ca CA [--tls-cert C --tls-key K]]``:
+exit 0 if grpc.health.v1 says SERVING (docker-compose healthcheck), 1 otherwise. With ``--tls-ca``
+(or ``--tls``: the system's CAs) it connects over TLS, presenting ``--tls-cert`` for mutual TLS."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.tls import grpc_channel_credentials
+
+
+def open_channel(args: argparse.Namespace) -> grpc.Channel:
+    target = f"{args.host}:{args.port}"
+    if not (args.tls or args.tls_ca or args.tls_cert):
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, grpc_channel_credentials(args.tls_ca, args.tls_cert, args.tls_key))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -17,8 +28,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--service", default="", help='"" = the whole server; or a model name')
     p.add_argument("--timeout-s", type=float, default=3.0)
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    p.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM CA bundle the server's certificate must chain to"
+    )
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     args = p.parse_args(argv)
-    with grpc.insecure_channel(f"{args.host}:{args.port}") as channel:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    with open_channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
