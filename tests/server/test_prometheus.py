@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.http as tc_http
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.integration
 N_CLASSIFY = 37
 N_IMAGES_PER_INFER = 3
 N_INFER = 5
+N_HTTP_INFER = 4  # KServe v2 over HTTP: the same counters, protocol="http"
 
 
 def scrape(port: int) -> dict:
@@ -151,11 +153,20 @@ def test_real_prometheus_scrape_matches_the_requests_sent(tiny_server, tmp_path)
         inp.set_data_from_numpy(np.zeros((N_IMAGES_PER_INFER, 1, 28, 28), dtype=np.float32))
         for _ in range(N_INFER):
             client.infer("tiny", [inp])
+        http = tc_http.InferenceServerClient(server.http_url.removeprefix("http://"))
+        hinp = tc_http.InferInput("input", [N_IMAGES_PER_INFER, 1, 28, 28], "FP32")
+        hinp.set_data_from_numpy(np.zeros((N_IMAGES_PER_INFER, 1, 28, 28), dtype=np.float32))
+        for _ in range(N_HTTP_INFER):
+            http.infer("tiny", [hinp])
+        http.close()
+        # One set of counters for both protocols, told apart by the protocol label.
         queries = {
             'sum(cnn_requests_total{rpc="Classify",model="tiny",code="OK"})': N_CLASSIFY,
-            'sum(cnn_requests_total{model="tiny",code="OK"})': N_CLASSIFY + N_INFER,
-            'sum(cnn_images_total{model="tiny"})': N_CLASSIFY + N_INFER * N_IMAGES_PER_INFER,
-            'sum(cnn_request_latency_seconds_count{rpc="ModelInfer"})': N_INFER,
+            'sum(cnn_requests_total{model="tiny",code="OK"})': N_CLASSIFY + N_INFER + N_HTTP_INFER,
+            'sum(cnn_requests_total{model="tiny",code="OK",protocol="http"})': N_HTTP_INFER,
+            'sum(cnn_images_total{model="tiny"})': N_CLASSIFY + (N_INFER + N_HTTP_INFER) * N_IMAGES_PER_INFER,
+            'sum(cnn_request_latency_seconds_count{rpc="ModelInfer",protocol="grpc"})': N_INFER,
+            'sum(cnn_request_latency_seconds_count{rpc="ModelInfer",protocol="http"})': N_HTTP_INFER,
         }
         got: dict[str, float | None] = {}
         end = time.monotonic() + 30
