@@ -1,4 +1,5 @@
-"""Drive a gRPC unary method with h2load (nghttp2's C HTTP/2 load generator) instead of Python.
+"""Drive a gRPC unary method (HTTP/2) or an HTTP/1.1 endpoint with h2load (nghttp2's C load
+generator) instead of Python.
 
 Why: loadtest's client is Python; even with its own GIL it spends far more CPU per request than
 a C client, it shares the machine's cores with the server, and at concurrency 1 its own event-loop
@@ -69,16 +70,42 @@ def run_h2load(
     """
     if concurrency % connections:
         raise ValueError(f"concurrency {concurrency} must divide by connections {connections}")
+    headers = {"content-type": "application/grpc", "te": "trailers"}
+    flags = ["-c", str(connections), "-m", str(concurrency // connections)]
+    return _h2load(
+        f"http://{target}{method}", grpc_frame(message), headers, flags, duration_s, warmup_s, timeout_s
+    )
+
+
+def run_h2load_http1(
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    concurrency: int,
+    duration_s: float,
+    warmup_s: float = 1.0,
+    timeout_s: float = 120.0,
+) -> H2loadResult:
+    """Closed loop over HTTP/1.1 (``h2load --h1``): ``concurrency`` keep-alive connections, one
+    request in flight on each, POSTing ``body``. HTTP statuses are read, so failures count."""
+    flags = ["--h1", "-c", str(concurrency), "-m", "1"]
+    return _h2load(url, body, headers, flags, duration_s, warmup_s, timeout_s)
+
+
+def _h2load(
+    url: str, body: bytes, headers: dict[str, str], flags: list[str], duration_s: float, warmup_s: float,
+    timeout_s: float,
+) -> H2loadResult:  # fmt: skip
     exe = shutil.which("h2load")
     if exe is None:
         raise FileNotFoundError("h2load not found: apt-get install -y nghttp2-client")
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
-        body, log = Path(tmp) / "body.bin", Path(tmp) / "log.tsv"
-        body.write_bytes(grpc_frame(message))
-        cmd = [exe, f"http://{target}{method}", "-d", str(body),
-               "-H", "content-type: application/grpc", "-H", "te: trailers",
-               "-c", str(connections), "-m", str(concurrency // connections),
-               "-D", f"{round(duration_s * 1000)}ms", "--warm-up-time", f"{round(warmup_s * 1000)}ms", "--log-file", str(log)]  # fmt: skip
+        body_file, log = Path(tmp) / "body.bin", Path(tmp) / "log.tsv"
+        body_file.write_bytes(body)
+        cmd = [exe, url, "-d", str(body_file), *(a for k, v in headers.items() for a in ("-H", f"{k}: {v}")),
+               *flags, "-D", f"{round(duration_s * 1000)}ms", "--warm-up-time", f"{round(warmup_s * 1000)}ms",
+               "--log-file", str(log)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
             raise RuntimeError(
@@ -89,7 +116,7 @@ def run_h2load(
     failed = sum(int(g) for g in m.groups()) if m else 0
     ok = status == 200
     if not ok.any():
-        raise RuntimeError(f"h2load got no HTTP 200 responses from {target}{method}:\n{proc.stdout[-800:]}")
+        raise RuntimeError(f"h2load got no HTTP 200 responses from {url}:\n{proc.stdout[-800:]}")
     span_s = (int((start_us + latency_us)[ok].max()) - int(start_us[ok].min())) / 1e6
     # The same percentile method as cnn-loadtest's rows it is printed next to.
     pct = latency_summary((latency_us[ok] / 1e6).tolist())

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     started, load0 = time.time(), os.getloadavg()
     with ServerProcess("--metrics-port", "-1", "--poll-interval-s", "0", "--device", cfg.device,
                        repository=cfg.repository, cwd=ROOT) as probe:  # fmt: skip
-        shape = describe_model(probe.target, "classify", cfg.model, 0)  # the model's input, as served
+        shape = describe_model(probe.target, "classify", cfg.model, 0).shape  # the model's input, as served
+    assert shape is not None, "ListModels always gives the input shape"
     message = build_payloads("classify", load_images("synthetic", shape, 1, seed=0), 1, cfg.model, 0)[0]
     results = run_rounds(cfg, message)
     command = "python -m bench.workers_bench " + " ".join(sys.argv[1:] if argv is None else argv)

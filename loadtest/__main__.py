@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 import urllib.error
+from typing import Any
 
 from loadtest import metrics_scrape, report
 from loadtest.client import (
@@ -23,7 +24,7 @@ from loadtest.client import (
 from loadtest.config import LoadTestConfig, parse_args
 from loadtest.controller import StepResult
 from loadtest.multiproc import MultiProcClient
-from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images, method_for
+from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images, route_for
 from loadtest.runner import StepSpec
 
 
@@ -44,12 +45,15 @@ def build_steps(cfg: LoadTestConfig) -> list[StepSpec]:
 
 def build_request_payloads(
     cfg: LoadTestConfig, shape: tuple[int, int, int], kserve: KServeInput = KServeInput()
-) -> list[bytes]:
-    """Distinct requests, serialized now so that the measured loop does no protobuf work."""
+) -> list[Any]:
+    """Distinct requests, serialized now so that the measured loop does no protobuf or JSON work."""
     k = cfg.images_per_request
     n_requests = max(1, min(MAX_PAYLOADS, 2048 // k))  # bounded memory for big requests
     images = load_images(cfg.input, shape, n_requests * k, cfg.seed)  # (N, C, H, W)
-    return build_payloads(cfg.api, images, k, cfg.model, cfg.version, cfg.top_k, cfg.encoding, kserve)
+    encoding = ("json" if cfg.json else "binary") if cfg.protocol == "http" else cfg.encoding
+    return build_payloads(
+        cfg.api, images, k, cfg.model, cfg.version, cfg.top_k, encoding, kserve, cfg.protocol
+    )
 
 
 def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
@@ -62,21 +66,17 @@ def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
         return None
 
 
-def run_sweep(cfg: LoadTestConfig, payloads: list[bytes], steps: list[StepSpec]) -> list[StepResult]:
+def run_sweep(cfg: LoadTestConfig, payloads: list[Any], steps: list[StepSpec]) -> list[StepResult]:
+    route = route_for(cfg.api, cfg.protocol, cfg.model, cfg.version)
     if cfg.processes == 1:
         client: LocalClient | MultiProcClient = LocalClient(
-            cfg.target,
-            cfg.api,
-            payloads,
-            cfg.images_per_request,
-            cfg.stability_windows,
-            cfg.stability_percent,
-            cfg.connections,
-        )
+            cfg.target, cfg.api, payloads, cfg.images_per_request, cfg.stability_windows,
+            cfg.stability_percent, cfg.connections, cfg.transport, route,
+        )  # fmt: skip
     else:
         client = MultiProcClient(
-            cfg.target, method_for(cfg.api), payloads, cfg.images_per_request, cfg.processes,
-            cfg.stability_windows, cfg.stability_percent, cfg.connections,
+            cfg.target, route, payloads, cfg.images_per_request, cfg.processes,
+            cfg.stability_windows, cfg.stability_percent, cfg.connections, cfg.transport,
         )  # fmt: skip
     results = []
     try:
@@ -104,13 +104,16 @@ def main(argv: list[str] | None = None) -> int:
         described = (
             Described(None)
             if told
-            else describe_model(cfg.target, cfg.api, cfg.model, cfg.version, cfg.timeout_s)
+            else describe_model(cfg.target, cfg.api, cfg.model, cfg.version, cfg.timeout_s, cfg.transport)
         )
         shape, kserve = resolve_input(
             described, cfg.input_shape, cfg.input_name, cfg.datatype, cfg.target, cfg.model
         )
         payloads = build_request_payloads(cfg, shape, kserve)
-        preflight(cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s)
+        route = route_for(cfg.api, cfg.protocol, cfg.model, cfg.version)
+        preflight(
+            cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s, cfg.transport, route
+        )
     except MissingShape as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not cfg.quiet:
         print(
-            f"target {cfg.target} model {cfg.model} api {cfg.api} input {shape} x {cfg.images_per_request}/request, "
+            f"target {cfg.target} ({cfg.wire}) model {cfg.model} api {cfg.api} input {shape} x {cfg.images_per_request}/request, "
             f"{len(payloads[0])} bytes/request, {cfg.processes} client process(es) x {cfg.connections} connection(s)"
         )
     started = time.time()
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "target": cfg.target,
         "model": cfg.model,
         "api": cfg.api,
+        "wire": cfg.wire,
         "input_shape": list(shape),
         "images_per_request": cfg.images_per_request,
         "request_bytes": len(payloads[0]),
@@ -146,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         report.write_csv(cfg.csv, results)
     if cfg.plot:
         report.write_plot(
-            cfg.plot, results, f"{cfg.model} @ {cfg.target} ({cfg.api}, {cfg.images_per_request} img/req)"
+            cfg.plot,
+            results,
+            f"{cfg.model} @ {cfg.target} ({cfg.api}, {cfg.wire}, {cfg.images_per_request} img/req)",
         )
     if not cfg.quiet:
         print("(latencies in ms; percentiles by nearest rank over the last stable windows)")

@@ -7,7 +7,10 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.transport import Transport
+
 APIS = ("classify", "kserve")
+PROTOCOLS = ("grpc", "http")
 DATATYPES = ("FP32", "FP16")  # what the KServe input tensor is sent as (images are float)
 PLOT_HINT = "pip install 'cnnstack[plot]' (or matplotlib), or leave out --plot"
 ENCODINGS = ("tensor", "png")
@@ -38,6 +41,12 @@ class LoadTestConfig:
     top_k: int = 1
     processes: int = 1
     connections: int = 1  # gRPC channels (TCP connections) per client process, requests round robin
+    protocol: str = "grpc"  # kserve: "grpc" or "http" (KServe v2 REST)
+    json: bool = False  # http: JSON tensors instead of the binary tensor data extension
+    tls: bool = False  # TLS, trusting tls_ca (else the system's CAs)
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None  # presented for mutual TLS, with tls_key
+    tls_key: Path | None = None
     seed: int = 0
     out: Path | None = None
     csv: Path | None = None
@@ -48,6 +57,16 @@ class LoadTestConfig:
     @property
     def host(self) -> str:
         return self.target.rsplit(":", 1)[0]
+
+    @property
+    def transport(self) -> Transport:
+        return Transport(self.protocol, self.json, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def wire(self) -> str:
+        """How requests travel, for the report: "grpc", "http binary" or "http json", "+ TLS"."""
+        wire = self.protocol if self.protocol == "grpc" else f"http {'json' if self.json else 'binary'}"
+        return wire + (" + TLS" if self.transport.secure else "")
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -88,9 +107,12 @@ def _target(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnn-loadtest",
-        description="Closed- and open-loop gRPC load test for cnn-serve (Classify) or any KServe v2 server.",
+        description="Closed- and open-loop load test for cnn-serve (Classify, gRPC) or any KServe v2 server "
+        "(gRPC or HTTP/REST), plain text or TLS.",
     )
-    p.add_argument("--target", type=_target, required=True, help="HOST:PORT of the gRPC server")
+    p.add_argument(
+        "--target", type=_target, required=True, help="HOST:PORT of the server (gRPC or HTTP port)"
+    )
     p.add_argument("--model", required=True)
     p.add_argument("--version", type=int, default=0, help="model version (0: latest)")
     p.add_argument("--api", choices=APIS, default="classify")
@@ -131,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connections", type=int, default=1,
                    help="gRPC channels (TCP connections) per client process, requests round robin over "
                    "them: a server's kernel spreads connections, not requests, over its workers")  # fmt: skip
+    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc",
+                   help="kserve: gRPC, or HTTP/REST (the binary tensor data extension unless --json)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="--protocol http: JSON tensors both ways")
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (or --tls-ca)")
+    p.add_argument(
+        "--tls-ca", type=Path, default=None, help="PEM CA bundle the server's certificate must chain to"
+    )
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON report")
     p.add_argument("--csv", type=Path, default=None)
@@ -158,6 +189,16 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         (a.connections >= 1, "--connections must be >= 1"),
         (not (a.api == "kserve" and a.encoding == "png"), "--encoding png needs --api classify"),
         (
+            a.protocol == "grpc" or a.api == "kserve",
+            "--protocol http needs --api kserve (cnn-serve's classify over HTTP takes image files: see docs/serving.md)",
+        ),
+        (not a.json or a.protocol == "http", "--json needs --protocol http"),
+        (
+            a.protocol == "grpc" or a.connections == 1,
+            "--connections is for gRPC; over HTTP/1.1 each request in flight has its own keep-alive connection",
+        ),
+        ((a.tls_cert is None) == (a.tls_key is None), "--tls-cert and --tls-key go together"),
+        (
             a.metrics_url is None or a.metrics_url.startswith(("http://", "https://")),
             "--metrics-url must be http(s)",
         ),
@@ -168,6 +209,9 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
     if a.plot is not None and importlib.util.find_spec("matplotlib") is None:
         # Before the sweep, not after it: the plot is the last thing written.
         parser.error(f"--plot needs matplotlib, which is not installed: {PLOT_HINT}")
+    for flag, path in (("--tls-ca", a.tls_ca), ("--tls-cert", a.tls_cert), ("--tls-key", a.tls_key)):
+        if path is not None and not path.is_file():
+            parser.error(f"{flag} {path}: no such file")
     if a.input != "synthetic" and not Path(a.input).exists():
         parser.error(f"--input {a.input!r} is neither 'synthetic' nor an existing file or folder")
     concurrency = a.concurrency or (() if a.request_rate else (1, 4, 16, 64))
@@ -199,6 +243,12 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         top_k=a.top_k,
         processes=a.processes,
         connections=a.connections,
+        protocol=a.protocol,
+        json=a.json,
+        tls=a.tls,
+        tls_ca=a.tls_ca,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
         seed=a.seed,
         out=a.out,
         csv=a.csv,

@@ -22,7 +22,7 @@ class StepResult:
     requests_per_s: float
     images_per_s: float
     latency_ms: dict[str, float]  # p50/p90/p95/p99/max/mean over the reported windows
-    errors: dict[str, int]  # by gRPC status code name, in the reported windows
+    errors: dict[str, int]  # by code (gRPC status name, or HTTP_<status>), in the reported windows
     sent: int  # whole step, warm-up included, all processes
     ok: int
     errors_total: dict[str, int]

@@ -1,6 +1,7 @@
 """``--processes P``: the load spread over P client processes (one GIL each).
 
-Each child keeps one uvloop event loop and its ``connections`` channels for the whole sweep. For every step the
+Each child keeps one uvloop event loop and its connection (``connections`` gRPC channels, or an
+HTTP keep-alive pool) for the whole sweep. For every step the
 parent sends each child its share (concurrency split as evenly as possible, rate divided by P)
 and a common start instant; ``time.perf_counter`` is CLOCK_MONOTONIC on Linux, shared by all
 processes, so windows line up. Children stream their windows' raw latencies to the parent, which
@@ -18,6 +19,7 @@ from typing import Any
 
 from loadtest.controller import StepController, StepResult
 from loadtest.runner import ProcessTotals, StepSpec
+from loadtest.transport import Transport
 
 READY_TIMEOUT_S = 60.0
 START_DELAY_S = 0.2  # from sending a step to its start: lets every child arm before t0
@@ -26,22 +28,24 @@ START_DELAY_S = 0.2  # from sending a step to its start: lets every child arm be
 def _child_main(
     index: int,
     target: str,
-    method: str,
+    route: str,  # the gRPC method, or the HTTP path
     payloads: Sequence[bytes],
     images_per_request: int,
     commands: Any,
     results: Any,
     stop: Any,
     connections: int = 1,
+    transport: Transport = Transport(),
 ) -> None:
     import asyncio
 
-    from loadtest.runner import new_event_loop, open_channels, raw_call, round_robin, run_process_step
+    from loadtest.runner import new_event_loop, run_process_step
+    from loadtest.transport import connect
 
     try:
         runner = asyncio.Runner(loop_factory=new_event_loop)
-        channels = runner.run(open_channels(target, connections, READY_TIMEOUT_S))
-        call = round_robin([raw_call(ch, method) for ch in channels])
+        conn = runner.run(connect(target, transport, route, connections, READY_TIMEOUT_S))
+        call = conn.call
         results.put(("ready", index, None))
         while (cmd := commands.get()) is not None:
             spec, t0 = cmd
@@ -53,8 +57,7 @@ def _child_main(
                 run_process_step(call, payloads, spec, images_per_request, t0, sink, stop.is_set)
             )
             results.put(("done", index, totals))
-        for ch in channels:
-            runner.run(ch.close())
+        runner.run(conn.close())
         runner.close()
     except Exception:
         results.put(("error", index, traceback.format_exc()))
@@ -64,13 +67,14 @@ class MultiProcClient:
     def __init__(
         self,
         target: str,
-        method: str,
+        route: str,
         payloads: Sequence[bytes],
         images_per_request: int,
         processes: int,
         stability_windows: int,
         stability_percent: float,
         connections: int = 1,
+        transport: Transport = Transport(),
     ) -> None:
         ctx = mp.get_context("spawn")  # never fork a process that may hold gRPC state
         self.k = images_per_request
@@ -85,13 +89,14 @@ class MultiProcClient:
                 args=(
                     i,
                     target,
-                    method,
+                    route,
                     payloads,
                     images_per_request,
                     self._commands[i],
                     self._results,
                     self._stop,
                     connections,
+                    transport,
                 ),
                 daemon=True,
                 name=f"loadtest-client-{i}",

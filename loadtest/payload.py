@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 import numpy as np
 
 from cnnstack.contract import INPUT_NAME, PROBABILITIES_NAME, TENSOR_DATATYPE
+from loadtest.transport import HttpPayload
 
 CLASSIFY_METHOD = "/cnnstack.classifier.v1.Classifier/Classify"
 KSERVE_METHOD = "/inference.GRPCInferenceService/ModelInfer"
+HEADER_LENGTH = "Inference-Header-Content-Length"  # KServe v2 binary tensor data extension
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 MAX_PAYLOADS = 64  # distinct requests cycled through; enough to defeat any caching, small in memory
 
@@ -136,6 +139,30 @@ def kserve_request(images: np.ndarray, model: str, version: int, spec: KServeInp
     return req.SerializeToString()
 
 
+def kserve_http_request(
+    images: np.ndarray, model: str, version: int, spec: KServeInput = KServeInput(), as_json: bool = False
+) -> HttpPayload:
+    """One KServe v2 REST infer request for ``images`` (K, C, H, W): by default the binary tensor
+    data extension (a JSON header, then the raw tensor; outputs asked back as binary, as
+    ``tritonclient.http`` does), with ``as_json`` JSON tensors both ways."""
+    tensor: dict[str, Any] = {"name": spec.name, "datatype": spec.datatype, "shape": list(images.shape)}
+    raw = np.ascontiguousarray(images, WIRE_DTYPES[spec.datatype])
+    if as_json:
+        tensor["data"] = raw.astype(np.float32).ravel().tolist()
+    else:
+        tensor["parameters"] = {"binary_data_size": raw.nbytes}
+    header: dict[str, Any] = {"inputs": [tensor]}
+    if spec.output is not None:
+        header["outputs"] = [{"name": spec.output, "parameters": {"binary_data": not as_json}}]
+    elif not as_json:
+        header["parameters"] = {"binary_data_output": True}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    if as_json:
+        return HttpPayload(head, {"Content-Type": "application/json"})
+    headers = {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
+    return HttpPayload(head + raw.tobytes(), headers)
+
+
 def build_payloads(
     api: str,
     images: np.ndarray,
@@ -145,17 +172,33 @@ def build_payloads(
     top_k: int = 1,
     encoding: str = "tensor",
     kserve: KServeInput = KServeInput(),
-) -> list[bytes]:
-    """Cut ``images`` (N, C, H, W) into requests of ``per_request`` images, serialized."""
+    protocol: str = "grpc",
+) -> list[Any]:
+    """Cut ``images`` (N, C, H, W) into requests of ``per_request`` images, serialized: bytes for
+    gRPC, ``HttpPayload`` for HTTP (``encoding`` "json" or "binary" there)."""
     n = max(1, min(MAX_PAYLOADS, len(images) // per_request))
-    out = []
+    out: list[Any] = []
     for i in range(n):
         chunk = images[i * per_request : (i + 1) * per_request]
-        if api == "kserve":
+        if protocol == "http":
+            out.append(kserve_http_request(chunk, model, version, kserve, as_json=encoding == "json"))
+        elif api == "kserve":
             out.append(kserve_request(chunk, model, version, kserve))
         else:
             out.append(classify_request(chunk, model, version, top_k, encoding))
     return out
+
+
+def infer_path(model: str, version: int) -> str:
+    """The KServe v2 REST infer path of a model (version 0: the server's choice)."""
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+
+
+def route_for(api: str, protocol: str = "grpc", model: str = "", version: int = 0) -> str:
+    """Where requests go: the gRPC method, or (HTTP, KServe only) the infer path."""
+    if protocol == "http":
+        return infer_path(model, version)
+    return method_for(api)
 
 
 def method_for(api: str) -> str:

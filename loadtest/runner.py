@@ -16,7 +16,6 @@ a deadline) so that, at the end, sent == ok + errors.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
 from collections import Counter
@@ -28,6 +27,15 @@ import grpc
 
 TICK_S = 0.02  # how often the monitor looks at the stop flag between window boundaries
 CLIENT_OVERLOAD = "CLIENT_OVERLOAD"  # open loop: a due request not sent because max_inflight were pending
+
+
+class CallFailed(Exception):
+    """A request that got no good answer over a transport other than gRPC; ``code`` is what the
+    report counts it as (gRPC failures count by their status code name)."""
+
+    def __init__(self, code: str, details: str = "") -> None:
+        super().__init__(f"{code}: {details}" if details else code)
+        self.code, self.details = code, details
 
 
 @dataclass(frozen=True)
@@ -135,6 +143,8 @@ async def _one(call: Any, payload: bytes, start: float, timeout: float, rec: _Re
         await call(payload, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         rec.error(e.code().name, time.perf_counter())
+    except CallFailed as e:
+        rec.error(e.code, time.perf_counter())
     else:
         rec.ok(start, time.perf_counter())
 
@@ -242,49 +252,10 @@ async def run_process_step(
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (about 15% more RPC/s from grpc.aio here), else asyncio's default."""
+    """uvloop when installed (grpc.aio and aiohttp spend less per request on it), else asyncio's default."""
     try:
         import uvloop
 
         return uvloop.new_event_loop()
     except ImportError:
         return asyncio.new_event_loop()
-
-
-def open_channel(target: str) -> grpc.aio.Channel:
-    # Large messages: 32 ResNet images of 3x224x224 float32 are ~19 MB.
-    opts = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-    # Each channel its own TCP connection: by default channels to one target share one through
-    # grpc's global subchannel pool, and --connections would open a single connection.
-    opts.append(("grpc.use_local_subchannel_pool", 1))
-    return grpc.aio.insecure_channel(target, options=opts)
-
-
-async def open_channels(target: str, count: int, ready_timeout_s: float) -> list[grpc.aio.Channel]:
-    """``count`` channels, each connected (TimeoutError when one is not within the timeout)."""
-    channels = [open_channel(target) for _ in range(count)]
-    try:
-        await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), ready_timeout_s)
-    except BaseException:
-        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
-        raise
-    return channels
-
-
-def round_robin(calls: Sequence[Any]) -> Any:
-    """One callable over several channels' calls, each request on the next channel in turn. A
-    server's kernel balances connections, not requests (cnn-serve --workers): K channels let one
-    client reach up to K workers or replicas."""
-    if len(calls) == 1:
-        return calls[0]
-    turn = itertools.cycle(calls)
-
-    def call(payload: bytes, timeout: float | None = None) -> Any:
-        return next(turn)(payload, timeout=timeout)
-
-    return call
-
-
-def raw_call(channel: grpc.aio.Channel, method: str) -> Any:
-    """A unary multicallable that sends pre-serialized bytes and returns the raw response bytes."""
-    return channel.unary_unary(method, request_serializer=None, response_deserializer=None)

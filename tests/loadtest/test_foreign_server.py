@@ -5,6 +5,7 @@ what the metadata leaves out; without a shape the CLI says which flag to give, e
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 
@@ -84,3 +85,89 @@ def test_the_flags_complete_the_metadata_and_the_load_runs(foreign, capsys) -> N
     assert len(servicer.requests) > 2  # the pre-flight request, then the step's
     # No 'probabilities' output in a foreign model: the client asks for all outputs.
     assert all(not r.outputs for r in servicer.requests)
+
+
+class ForeignRest:
+    """The same kind of server over KServe v2 REST (aiohttp): metadata without inputs, input 'x',
+    output 'scores', and every third inference refused with 503 as an overloaded server would."""
+
+    def __init__(self) -> None:
+        self.headers: list[dict] = []
+
+    async def metadata(self, request):
+        from aiohttp import web
+
+        return web.json_response({"name": MODEL, "platform": "onnxruntime_onnx", "versions": ["1"]})
+
+    async def infer(self, request):
+        from aiohttp import web
+
+        body = await request.read()
+        n = int(request.headers.get("Inference-Header-Content-Length", len(body)))
+        header = json.loads(body[:n])
+        self.headers.append(header)
+        if len(self.headers) % 3 == 0:
+            return web.json_response({"error": "busy"}, status=503)
+        tensor = header["inputs"][0]
+        batch = tensor["shape"][0]
+        return web.json_response(
+            {
+                "model_name": MODEL,
+                "outputs": [
+                    {"name": "scores", "datatype": "FP32", "shape": [batch, 3], "data": [0.0] * (3 * batch)}
+                ],
+            }  # fmt: skip
+        )
+
+
+@pytest.fixture
+def foreign_rest() -> Iterator[tuple[str, ForeignRest]]:
+    from aiohttp import web
+
+    servicer, loop = ForeignRest(), asyncio.new_event_loop()
+    app = web.Application()
+    app.router.add_get(f"/v2/models/{MODEL}", servicer.metadata)
+    app.router.add_post(f"/v2/models/{MODEL}/infer", servicer.infer)
+    runner = web.AppRunner(app)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    thread = threading.Thread(target=loop.run_forever)
+    thread.start()
+    port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+    yield f"127.0.0.1:{port}", servicer
+    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def test_over_http_metadata_without_inputs_needs_the_shape_flag(foreign_rest, capsys) -> None:
+    target, servicer = foreign_rest
+    assert main(["--target", target, "--model", MODEL, "--api", "kserve", "--protocol", "http", *FAST]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--shape C,H,W" in err[0]
+    assert servicer.headers == []
+
+
+@pytest.mark.parametrize("encoding", [[], ["--json"]], ids=["binary", "json"])
+def test_over_http_the_flags_complete_the_metadata_and_503s_are_counted(
+    foreign_rest, tmp_path, encoding
+) -> None:
+    target, servicer = foreign_rest
+    out = tmp_path / "report.json"
+    argv = ["--target", target, "--model", MODEL, "--api", "kserve", "--protocol", "http", *encoding,
+            "--shape", "1,8,8", "--input-name", "x", "--datatype", "FP16", "--out", str(out), *FAST]  # fmt: skip
+    assert main(argv) == 0
+    tensor = servicer.headers[0]["inputs"][0]
+    assert tensor["name"] == "x" and tensor["datatype"] == "FP16" and tensor["shape"] == [1, 1, 8, 8]
+    assert ("data" in tensor) == bool(encoding)  # JSON tensors, or the binary extension's size
+    assert all("outputs" not in h for h in servicer.headers)  # no 'probabilities': all outputs
+    (step,) = json.loads(out.read_text())["steps"]
+    # The server refused every third request: counted by status, none lost.
+    assert step["errors_total"].get("HTTP_503", 0) > 0
+    assert step["sent"] == step["ok"] + sum(step["errors_total"].values()) == len(servicer.headers) - 1
