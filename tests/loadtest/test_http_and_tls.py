@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trustme
 
 from loadtest.__main__ import main
 from loadtest.metrics_scrape import REQUESTS, fetch, parse
-from tests.server.helpers import RunningServer, publish, server_config, tiny_model
+from tests.server.helpers import RunningServer, publish, server_config, tiny_model, write_pki
 
 pytestmark = pytest.mark.integration
 
@@ -24,17 +23,8 @@ STEPS = ["--concurrency", "1,8", "--max-requests", "120", "--duration", "3", "--
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("load-tester@example.test")
-    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-             "client_cert": d / "client.pem", "client_key": d / "client.key"}  # fmt: skip
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server.private_key_pem.write_to_path(str(files["key"]))
-    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    client.private_key_pem.write_to_path(str(files["client_key"]))
-    return files
+    """A CA, a server certificate for 127.0.0.1, and a client certificate, as PEM files."""
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="module")

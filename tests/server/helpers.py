@@ -196,3 +196,20 @@ def server_config(repository: Path, **overrides) -> ServerConfig:
 def copy_repo(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def write_pki(d: Path) -> dict[str, Path]:
+    """Throwaway TLS material (trustme) as PEM files in ``d``: a CA, a server certificate for
+    127.0.0.1 and localhost, and a client certificate. Keys: ca, cert, key, client_cert, client_key."""
+    import trustme
+
+    ca = trustme.CA()
+    server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("load-tester@example.test")
+    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
+             "client_cert": d / "client.pem", "client_key": d / "client.key"}  # fmt: skip
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
+    server.private_key_pem.write_to_path(str(files["key"]))
+    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
+    client.private_key_pem.write_to_path(str(files["client_key"]))
+    return files

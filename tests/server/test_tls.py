@@ -13,12 +13,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import trustme
 
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
 from server import healthcheck
-from tests.server.helpers import server_config
+from tests.server.helpers import server_config, write_pki
 
 pytestmark = pytest.mark.integration
 
@@ -26,20 +25,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1, and a client certificate, as PEM files."""
-    d = tmp_path_factory.mktemp("pki")
-    ca = trustme.CA()
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("load-tester@example.test")
-    files = {
-        "ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-        "client_cert": d / "client.pem", "client_key": d / "client.key",
-    }  # fmt: skip
-    ca.cert_pem.write_to_path(str(files["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(files["cert"]))
-    server.private_key_pem.write_to_path(str(files["key"]))
-    client.cert_chain_pems[0].write_to_path(str(files["client_cert"]))
-    client.private_key_pem.write_to_path(str(files["client_key"]))
-    return files
+    return write_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _grpc_ready(target: str, pki: dict[str, Path], with_client_cert: bool) -> bool:
