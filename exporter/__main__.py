@@ -35,7 +35,9 @@ def export_all(cfg: ExportConfig) -> int:
         _err(f"cnn-export: {e}")
         return 1
     rows, failures = [], 0
-    bar = tqdm(cfg.sources, desc="export", unit="model", disable=not cfg.progress, file=sys.stderr)
+    # A bar only on a terminal: in a log file its redraws are noise; the step lines say the same.
+    show = cfg.progress and sys.stderr.isatty()
+    bar = tqdm(cfg.sources, desc="export", unit="model", disable=not show, file=sys.stderr)
     for given in bar:
         bar.set_postfix_str(given.name)
         try:
