@@ -62,10 +62,12 @@ def _step_seconds(
 
 def probe_cpu_speed(
     model: nn.Module, input_shape: tuple[int, ...], num_classes: int, batch_size: int, channels_last: bool,
-    rounds: int = 3, steps: int = 3,
+    rounds: int = 3, steps: int = 3, min_seconds: float = 1.5, max_rounds: int = 20,
 ) -> dict[str, float]:  # fmt: skip
     """Median seconds per training step of ``model`` (a copy) in fp32 and bf16, interleaved round by
-    round so that a CPU whose speed drifts slows both alike; the first step of each round is warm-up."""
+    round so that a CPU whose speed drifts slows both alike; the first step of each round is warm-up.
+    At least ``rounds`` rounds, more (up to ``max_rounds``) until ``min_seconds`` have been timed: a
+    small model's steps are short, and a few of them are at the mercy of one interruption."""
     probe = copy.deepcopy(model).cpu().train()
     if channels_last:
         probe = probe.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -76,7 +78,9 @@ def probe_cpu_speed(
     y = torch.randint(0, num_classes, (batch_size,), generator=gen)
     seconds: dict[str, list[float]] = {"fp32": [], "bf16": []}
     with torch.random.fork_rng(devices=[]):  # dropout draws: the run's CPU random stream stays put
-        for _ in range(rounds):
+        for done in range(max_rounds):
+            if done >= rounds and sum(map(sum, seconds.values())) >= min_seconds:
+                break
             for precision in seconds:
                 seconds[precision] += _step_seconds(probe, x, y, precision, steps + 1)[1:]
     return {p: statistics.median(s) for p, s in seconds.items()}
