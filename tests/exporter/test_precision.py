@@ -82,7 +82,13 @@ def test_fp16_and_int8_are_published_with_deltas(trained_lenet: Path, tmp_path: 
         logits, probs = sess.run(None, {"input": x})
         np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-3)
         agree = logits.argmax(1) == ref_logits.argmax(1)
-        assert agree[clear].all(), f"{precision}: {int((~agree[clear]).sum())} clear answers changed"
+        # FP16 rounds every value by ~1e-3 relative: a clear answer never moves. INT8 moves logits by
+        # up to a few tenths, and how far depends on the CPU's int8 kernels (VNNI, AMX): a rare clear
+        # answer may change there, so it must keep nearly all of them, not all.
+        kept = agree[clear].mean()
+        assert kept >= (1.0 if precision == "fp16" else 0.99), (
+            f"{precision}: {int((~agree[clear]).sum())} of {int(clear.sum())} clear answers changed"
+        )
         assert (repo / f"lenet-{precision}" / "config.pbtxt").read_text() == (
             (repo / "lenet" / "config.pbtxt").read_text().replace('"lenet"', f'"lenet-{precision}"')
         )
