@@ -172,15 +172,16 @@ def _check_kserve_reply(raw: bytes, transport: Transport, images: int) -> list[l
 
 async def _preflight(target: str, transport: Transport, route: str, api: str, payload: Any,
                      images: int, timeout: float) -> None:  # fmt: skip
-    conn = await connect(target, transport, route, 1, timeout)
+    try:
+        conn = await connect(target, transport, route, 1, timeout)
+    except TimeoutError:  # a gRPC channel that did not connect (or whose TLS handshake failed)
+        raise TargetError(f"{target}: not reachable within {timeout:g}s") from None
     try:
         raw = await conn.call(payload, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise TargetError(f"{target}: pre-flight request failed: {e.code().name}: {e.details()}") from None
     except CallFailed as e:
         raise TargetError(f"{target}: pre-flight request failed: {e}") from None
-    except TimeoutError:
-        raise TargetError(f"{target}: not reachable within {timeout:g}s") from None
     finally:
         await conn.close()
     if api == "kserve":

@@ -133,14 +133,21 @@ def test_defaults_sweep_concurrencies_1_4_16_64() -> None:
     assert cfg.concurrency == () and cfg.request_rates == (10.0, 20.5)
 
 
-def test_unreachable_target_fails_fast_with_status_1(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["--shape", "1,28,28"], ["--api", "kserve", "--protocol", "http"]],
+    ids=["asks-the-server", "shape-given", "http"],
+)
+def test_unreachable_target_fails_fast_with_status_1(flags, capsys: pytest.CaptureFixture[str]) -> None:
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert main(["--target", f"127.0.0.1:{port}", "--model", "m", "--timeout", "2", *FAST]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+    assert main(["--target", f"127.0.0.1:{port}", "--model", "m", "--timeout", "2", *flags, *FAST]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and f"127.0.0.1:{port}" in err[0]
+    assert any(word in err[0] for word in ("UNAVAILABLE", "not reachable", "ClientConnectorError"))
 
 
 def test_dataset_input_is_sent_as_png_of_the_models_size(fake_server: FakeServer, tmp_path: Path) -> None:
