@@ -9,6 +9,7 @@ a failure raises ``grpc.aio.AioRpcError`` (gRPC) or ``CallFailed`` (HTTP: ``HTTP
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import ssl
 from collections.abc import Sequence
@@ -88,21 +89,22 @@ class HttpCall:
     per request in flight, reused), reading the whole response as gRPC's call does."""
 
     def __init__(self, session: Any, url: str) -> None:
-        self.session, self.url = session, url
-
-    async def __call__(self, payload: HttpPayload, timeout: float | None = None) -> bytes:
         import aiohttp
 
+        self.session, self.url = session, url
+        self._errors = aiohttp.ClientError
+        self._timeout = functools.lru_cache(maxsize=4)(lambda s: aiohttp.ClientTimeout(total=s))
+
+    async def __call__(self, payload: HttpPayload, timeout: float | None = None) -> bytes:
         try:
             async with self.session.post(
-                self.url, data=payload.body, headers=payload.headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as r:  # fmt: skip
+                self.url, data=payload.body, headers=payload.headers, timeout=self._timeout(timeout)
+            ) as r:
                 body: bytes = await r.read()
                 status = r.status
         except TimeoutError:
             raise CallFailed("DEADLINE_EXCEEDED", f"no response within {timeout}s") from None
-        except aiohttp.ClientError as e:
+        except self._errors as e:
             raise CallFailed("UNAVAILABLE", f"{type(e).__name__}: {e}") from None
         if status != 200:
             raise CallFailed(f"HTTP_{status}", body[:300].decode("utf-8", "replace"))
