@@ -24,7 +24,7 @@ from loadtest.client import (
 from loadtest.config import LoadTestConfig, parse_args
 from loadtest.controller import StepResult
 from loadtest.multiproc import MultiProcClient
-from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images, route_for
+from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images
 from loadtest.runner import StepSpec
 
 
@@ -67,15 +67,14 @@ def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
 
 
 def run_sweep(cfg: LoadTestConfig, payloads: list[Any], steps: list[StepSpec]) -> list[StepResult]:
-    route = route_for(cfg.api, cfg.protocol, cfg.model, cfg.version)
     if cfg.processes == 1:
         client: LocalClient | MultiProcClient = LocalClient(
             cfg.target, cfg.api, payloads, cfg.images_per_request, cfg.stability_windows,
-            cfg.stability_percent, cfg.connections, cfg.transport, route,
+            cfg.stability_percent, cfg.connections, cfg.transport, cfg.route,
         )  # fmt: skip
     else:
         client = MultiProcClient(
-            cfg.target, route, payloads, cfg.images_per_request, cfg.processes,
+            cfg.target, cfg.route, payloads, cfg.images_per_request, cfg.processes,
             cfg.stability_windows, cfg.stability_percent, cfg.connections, cfg.transport,
         )  # fmt: skip
     results = []
@@ -110,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             described, cfg.input_shape, cfg.input_name, cfg.datatype, cfg.target, cfg.model
         )
         payloads = build_request_payloads(cfg, shape, kserve)
-        route = route_for(cfg.api, cfg.protocol, cfg.model, cfg.version)
         preflight(
-            cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s, cfg.transport, route
+            cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s, cfg.transport, cfg.route
         )
     except MissingShape as e:
         print(f"error: {e}", file=sys.stderr)

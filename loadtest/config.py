@@ -7,6 +7,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from loadtest.payload import route_for
 from loadtest.transport import Transport
 
 APIS = ("classify", "kserve")
@@ -61,6 +62,11 @@ class LoadTestConfig:
     @property
     def transport(self) -> Transport:
         return Transport(self.protocol, self.json, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
+
+    @property
+    def route(self) -> str:
+        """Where requests go: the gRPC method, or (HTTP) the model's infer path."""
+        return route_for(self.api, self.protocol, self.model, self.version)
 
     @property
     def wire(self) -> str:
