@@ -53,3 +53,33 @@ def test_h2load_drives_the_echo_server() -> None:
     assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     # Rate = responses over the measured span: 4 in flight can't beat 4 / (median latency) by much.
     assert r.requests_per_s < 4 / (lat["p50_ms"] / 1e3) * 2
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not h2load_client.available(), reason="h2load not installed (apt-get install nghttp2-client)"
+)
+def test_h2load_http1_posts_kserve_rest_requests_and_reads_their_status(tmp_path: Path) -> None:
+    """``--h1`` against cnn-serve's HTTP port with cnn-loadtest's binary-extension payload: every
+    request answered 200; a run that gets no 200 at all (an unknown model: 404) is an error."""
+    from loadtest.payload import infer_path
+    from tests.server.helpers import RunningServer, publish, server_config, tiny_model
+
+    data, tm = tiny_model(
+        input_shape=(1, 8, 8), class_names=("a", "b", "c"), arch="tiny", dataset="synthetic"
+    )
+    publish(tmp_path / "repo", "tiny", 1, data, tm.meta)
+    server = RunningServer(server_config(tmp_path / "repo"))
+    try:
+        images = load_images("synthetic", (1, 8, 8), 1, seed=0)  # (1, C, H, W)
+        payload = build_payloads("kserve", images, 1, "tiny", 0, encoding="binary", protocol="http")[0]
+        base = f"http://127.0.0.1:{server.handle.http_port}"
+        r = h2load_client.run_h2load_http1(base + infer_path("tiny", 0), payload.body, payload.headers,
+                                           concurrency=4, duration_s=1.0, warmup_s=0.2, timeout_s=30)  # fmt: skip
+        with pytest.raises(RuntimeError, match="no HTTP 200"):
+            h2load_client.run_h2load_http1(base + infer_path("nope", 0), payload.body, payload.headers,
+                                           concurrency=2, duration_s=0.3, warmup_s=0.1, timeout_s=30)  # fmt: skip
+    finally:
+        server.stop(1.0)
+    assert r.failed == 0 and r.requests > 50
+    assert 0 < r.latency_ms["p50_ms"] <= r.latency_ms["p99_ms"]
