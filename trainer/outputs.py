@@ -11,18 +11,25 @@ confusion_matrix.png, curves.png
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from cnnstack.contract import atomic_write_text, json_text
+from trainer.models import count_parameters
+
+if TYPE_CHECKING:
+    from trainer.engine import EvalResult
+    from trainer.train import Run
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json")
 
@@ -95,3 +102,32 @@ def read_confusion_csv(path: str | os.PathLike[str]) -> tuple[list[str], list[li
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     return rows[0][1:], [[int(v) for v in r[1:]] for r in rows[1:]]
+
+
+def run_summary(run: Run, result: EvalResult, t0: float) -> dict[str, Any]:
+    """The run's summary: final and best accuracy, per-class accuracy, speed, settings."""
+    cfg, history = run.cfg, run.history
+    return {
+        "test_acc": result.acc,
+        "test_acc_tta": result.acc_tta,
+        "tta_flip": run.tta_flip,
+        "test_loss": result.loss,
+        "best_test_acc": run.best_acc,
+        "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
+        "per_class_acc": dict(zip(run.info.class_names, result.per_class_acc(), strict=True)),
+        "params": count_parameters(run.model),
+        "wall_time_s": time.perf_counter() - t0,
+        "train_time_s": sum(r["seconds"] for r in history),
+        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
+        "arch": cfg.arch,
+        "dataset": run.info.name,
+        "preset": cfg.preset,
+        "epochs": cfg.epochs,
+        "precision": run.precision,
+        "device": str(run.device),
+        "world_size": run.dist_info.world_size,
+        "ema_decay": cfg.ema_decay,
+        "malloc_tuned": run.malloc_tuned,
+        "compile_s": run.compile_s,
+        "config": dataclasses.asdict(cfg),
+    }

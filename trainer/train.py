@@ -36,6 +36,7 @@ from trainer.outputs import (
     check_output_dir,
     cpu_state_dict,
     rng_state,
+    run_summary,
     write_confusion_csv,
     write_json,
     write_metrics_jsonl,
@@ -199,7 +200,7 @@ def _run(
             f"nothing to do: {cfg.resume} already trained {run.start_epoch} of {cfg.epochs} epochs", dist_info
         )
         return {"test_acc": run.history[-1]["test_acc"] if run.history else None, "epochs": run.start_epoch}
-    summary = summarize(run, result, t0)
+    summary = run_summary(run, result, t0)
     if dist_info.is_main:
         write_outputs(run, result, summary, t0)
     return summary
@@ -379,35 +380,6 @@ def save(run: Run, epoch: int, result: EvalResult, commit: str | None) -> None:
 
 
 # ---------------------------------------------------------------- the end
-
-
-def summarize(run: Run, result: EvalResult, t0: float) -> dict[str, Any]:
-    """The run's summary: final and best accuracy, per-class accuracy, speed, settings."""
-    cfg, history = run.cfg, run.history
-    return {
-        "test_acc": result.acc,
-        "test_acc_tta": result.acc_tta,
-        "tta_flip": run.tta_flip,
-        "test_loss": result.loss,
-        "best_test_acc": run.best_acc,
-        "best_epoch": max(history, key=lambda r: r["test_acc"])["epoch"],
-        "per_class_acc": dict(zip(run.info.class_names, result.per_class_acc(), strict=True)),
-        "params": count_parameters(run.model),
-        "wall_time_s": time.perf_counter() - t0,
-        "train_time_s": sum(r["seconds"] for r in history),
-        "images_per_s": sum(r["images_per_s"] for r in history) / len(history),
-        "arch": cfg.arch,
-        "dataset": run.info.name,
-        "preset": cfg.preset,
-        "epochs": cfg.epochs,
-        "precision": run.precision,
-        "device": str(run.device),
-        "world_size": run.dist_info.world_size,
-        "ema_decay": cfg.ema_decay,
-        "malloc_tuned": run.malloc_tuned,
-        "compile_s": run.compile_s,
-        "config": dataclasses.asdict(cfg),
-    }
 
 
 def write_outputs(run: Run, result: EvalResult, summary: dict[str, Any], t0: float) -> None:
