@@ -15,7 +15,7 @@ import grpc
 
 from cnnstack.contract import INPUT_NAME, PROBABILITIES_NAME, TENSOR_DATATYPE
 from loadtest.controller import StepController, StepResult
-from loadtest.payload import WIRE_DTYPES, KServeInput, kserve_pb2, method_for
+from loadtest.payload import WIRE_DTYPES, KServeInput, kserve_pb2, method_for, model_path
 from loadtest.runner import CallFailed, StepSpec, new_event_loop, run_process_step
 from loadtest.transport import Connection, Transport, connect, new_session
 
@@ -115,8 +115,7 @@ async def _http_json(transport: Transport, url: str, timeout: float) -> Any:
 
 async def _describe_http(target: str, transport: Transport, model: str, version: int,
                          timeout: float) -> Described:  # fmt: skip
-    path = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
-    meta = await _http_json(transport, transport.base_url(target) + path, timeout)
+    meta = await _http_json(transport, transport.base_url(target) + model_path(model, version), timeout)
     inputs = [t for t in meta.get("inputs") or () if isinstance(t, dict)]
     outputs = [o.get("name", "") for o in meta.get("outputs") or () if isinstance(o, dict)]
     return _from_kserve_metadata(inputs, outputs)

@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loadtest.payload import route_for
-from loadtest.transport import Transport
+from loadtest.transport import PROTOCOLS, Transport
 
 APIS = ("classify", "kserve")
-PROTOCOLS = ("grpc", "http")
 DATATYPES = ("FP32", "FP16")  # what the KServe input tensor is sent as (images are float)
 PLOT_HINT = "pip install 'cnnstack[plot]' (or matplotlib), or leave out --plot"
 ENCODINGS = ("tensor", "png")
@@ -61,7 +60,7 @@ class LoadTestConfig:
 
     @property
     def transport(self) -> Transport:
-        return Transport(self.protocol, self.json, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
+        return Transport(self.protocol, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
 
     @property
     def route(self) -> str:

@@ -189,9 +189,14 @@ def build_payloads(
     return out
 
 
+def model_path(model: str, version: int) -> str:
+    """A model's KServe v2 REST path, its metadata (version 0: the server's choice)."""
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
+
+
 def infer_path(model: str, version: int) -> str:
     """The KServe v2 REST infer path of a model (version 0: the server's choice)."""
-    return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
+    return model_path(model, version) + "/infer"
 
 
 def route_for(api: str, protocol: str = "grpc", model: str = "", version: int = 0) -> str:

@@ -28,11 +28,11 @@ MAX_MESSAGE_BYTES = 256 << 20
 
 @dataclass(frozen=True)
 class Transport:
-    """The wire: protocol, tensor encoding over HTTP, and TLS (``ca`` trusted, else the system's
-    store; ``cert``/``key`` presented for mutual TLS). Plain data, so it crosses to client processes."""
+    """The wire: protocol and TLS (``ca`` trusted, else the system's store; ``cert``/``key``
+    presented for mutual TLS). Plain data, so it crosses to client processes. JSON or binary
+    tensors over HTTP is the payload's business (``loadtest.payload``), not the connection's."""
 
     protocol: str = "grpc"
-    json: bool = False  # http: JSON tensors instead of the binary extension
     tls: bool = False
     ca: Path | None = None
     cert: Path | None = None
