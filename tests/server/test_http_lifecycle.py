@@ -61,7 +61,9 @@ def test_overload_over_http_is_503_at_once_and_admitted_requests_succeed(tmp_pat
     ok = [t for status, _, t in results if status == 200]
     rejected = [(t, error) for status, error, t in results if status == 503]
     assert len(ok) + len(rejected) == CONCURRENT  # nothing else: no 500, no timeouts
-    assert len(ok) >= QUEUE + 1 and len(rejected) >= CONCURRENT // 2
+    # The whole queue is admitted; one more only if the batcher took a request off it before the
+    # burst filled it, a race the burst may win (then exactly QUEUE are admitted).
+    assert len(ok) >= QUEUE and len(rejected) >= CONCURRENT // 2
     assert all("overloaded" in error for _, error in rejected)
     assert np.median([t for t, _ in rejected]) < np.median(ok)  # answered at once, not in turn
     assert server.handle.state.admitted_failed == 0

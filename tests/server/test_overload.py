@@ -54,7 +54,9 @@ def test_overload_rejects_the_excess_and_admitted_calls_succeed(tmp_path, start_
         lat for c, lat in zip(codes, latencies, strict=True) if c == grpc.StatusCode.RESOURCE_EXHAUSTED
     ]
     assert len(ok) + len(rejected) == CONCURRENT  # nothing else: no INTERNAL, no timeouts
-    assert len(ok) >= QUEUE + 1 and len(rejected) >= CONCURRENT // 2
+    # The whole queue is admitted; one more only if the batcher took a request off it before the
+    # burst filled it, a race the burst may win (then exactly QUEUE are admitted).
+    assert len(ok) >= QUEUE and len(rejected) >= CONCURRENT // 2
     # Rejected calls are answered at once, not after waiting their turn.
     assert np.median(rejected) < np.median(ok)
     assert server.handle.state.admitted_failed == 0
