@@ -23,9 +23,22 @@ from pathlib import Path
 from typing import Any
 
 MODULES = (
-    "torch", "numpy", "onnx", "onnxscript", "onnxruntime", "grpc", "grpc_health", "grpc_reflection",
-    "google.protobuf", "prometheus_client", "PIL", "matplotlib", "tqdm", "uvloop", "pytest",
-)  # fmt: skip
+    "torch",
+    "numpy",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "grpc",
+    "grpc_health",
+    "grpc_reflection",
+    "google.protobuf",
+    "prometheus_client",
+    "PIL",
+    "matplotlib",
+    "tqdm",
+    "uvloop",
+    "pytest",
+)
 GOAL_ACC, GOAL_TRAIN_S, GOAL_IMAGES_S, GOAL_TOTAL_S = 0.95, 60.0, 20_000.0, 480.0
 
 
@@ -298,18 +311,37 @@ def table(out: Path) -> str:
         _loadtest_row(out, 32, device, steps),
     )
     rows = [
-        ("GPU (nvidia-smi)", smi or _not_run(steps, "nvidia-smi"), "an NVIDIA GPU", "PASS" if smi else "FAIL"),
+        (
+            "GPU (nvidia-smi)",
+            smi or _not_run(steps, "nvidia-smi"),
+            "an NVIDIA GPU",
+            "PASS" if smi else "FAIL",
+        ),
         ("torch", _short(torch_text), "CUDA usable", "PASS" if t.get("device") else "FAIL"),
-        ("onnxruntime", ort_text, "CUDA provider runs a conv", "PASS" if o.get("cuda_probe") == "ok" else "FAIL"),
-        ("python modules", f"missing: {', '.join(missing)}" if missing else f"all present; protos {e.get('protos', '?')}", "none missing",
-         "PASS" if not missing and e.get("protos") == "ok" else "FAIL"),
+        (
+            "onnxruntime",
+            ort_text,
+            "CUDA provider runs a conv",
+            "PASS" if o.get("cuda_probe") == "ok" else "FAIL",
+        ),
+        (
+            "python modules",
+            f"missing: {', '.join(missing)}" if missing else f"all present; protos {e.get('protos', '?')}",
+            "none missing",
+            "PASS" if not missing and e.get("protos") == "ok" else "FAIL",
+        ),
         ("CNN_REQUIRE_GPU=1 pytest -m gpu", pytest_result, "all pass, none skipped", pytest_ok),
-        ("train resnet18 fashion-mnist", train, f">= {100 * GOAL_ACC:.0f}% in <= {GOAL_TRAIN_S:.0f} s wall", train_ok),
+        (
+            "train resnet18 fashion-mnist",
+            train,
+            f">= {100 * GOAL_ACC:.0f}% in <= {GOAL_TRAIN_S:.0f} s wall",
+            train_ok,
+        ),
         ("export (parity gate)", export, "published", export_ok),
         ("cnn-serve", serve, "--device cuda, every conv on CUDA", serve_ok),
         ("cnn-loadtest 1 image/request", lt1, "-", lt1_ok),
         ("cnn-loadtest 32 images/request", lt32, f">= {GOAL_IMAGES_S:,.0f} img/s on CUDA", lt32_ok),
-    ]  # fmt: skip
+    ]
     c = _json(out / "ceiling.json")
     if c:
         per = "; ".join(

@@ -94,18 +94,34 @@ def run_h2load_http1(
 
 
 def _h2load(
-    url: str, body: bytes, headers: dict[str, str], flags: list[str], duration_s: float, warmup_s: float,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    flags: list[str],
+    duration_s: float,
+    warmup_s: float,
     timeout_s: float,
-) -> H2loadResult:  # fmt: skip
+) -> H2loadResult:
     exe = shutil.which("h2load")
     if exe is None:
         raise FileNotFoundError("h2load not found: apt-get install -y nghttp2-client")
     with tempfile.TemporaryDirectory(prefix="h2load-") as tmp:
         body_file, log = Path(tmp) / "body.bin", Path(tmp) / "log.tsv"
         body_file.write_bytes(body)
-        cmd = [exe, url, "-d", str(body_file), *(a for k, v in headers.items() for a in ("-H", f"{k}: {v}")),
-               *flags, "-D", f"{round(duration_s * 1000)}ms", "--warm-up-time", f"{round(warmup_s * 1000)}ms",
-               "--log-file", str(log)]  # fmt: skip
+        cmd = [
+            exe,
+            url,
+            "-d",
+            str(body_file),
+            *(a for k, v in headers.items() for a in ("-H", f"{k}: {v}")),
+            *flags,
+            "-D",
+            f"{round(duration_s * 1000)}ms",
+            "--warm-up-time",
+            f"{round(warmup_s * 1000)}ms",
+            "--log-file",
+            str(log),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
         if proc.returncode != 0:
             raise RuntimeError(

@@ -70,8 +70,14 @@ class NaiveClassifier(pb_grpc.ClassifierServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        d = pb.ModelDescription(name=self.name, version=1, versions=[1], input_shape=list(self.shape),
-                                class_names=self.class_names, provider="CPUExecutionProvider")  # fmt: skip
+        d = pb.ModelDescription(
+            name=self.name,
+            version=1,
+            versions=[1],
+            input_shape=list(self.shape),
+            class_names=self.class_names,
+            provider="CPUExecutionProvider",
+        )
         return pb.ListModelsResponse(models=[d])
 
 

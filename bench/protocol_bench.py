@@ -37,8 +37,13 @@ from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path, load_ima
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, protocol, json, tls)
-WIRES = [("grpc", "grpc", False, False), ("http binary", "http", False, False), ("http json", "http", True, False),
-         ("grpc + TLS", "grpc", False, True), ("http binary + TLS", "http", False, True)]  # fmt: skip
+WIRES = [
+    ("grpc", "grpc", False, False),
+    ("http binary", "http", False, False),
+    ("http json", "http", True, False),
+    ("grpc + TLS", "grpc", False, True),
+    ("http binary + TLS", "http", False, True),
+]
 
 
 @dataclass(frozen=True)
@@ -89,10 +94,34 @@ def loadtest_step(
     _, protocol, as_json, tls = wire
     port = server.listening["port"] if protocol == "grpc" else server.listening["http_port"]
     out = tmp / "step.json"
-    cmd = [sys.executable, "-m", "loadtest", "--target", f"127.0.0.1:{port}", "--model", cfg.model,
-           "--api", "kserve", "--protocol", protocol, "--concurrency", str(c), "--duration", str(cfg.duration_s),
-           "--warmup", str(cfg.warmup_s), "--window", str(cfg.duration_s / 4), "--stability-windows", "100",
-           "--out", str(out), "--quiet", *(["--json"] if as_json else []), *(["--tls-ca", str(ca)] if tls else [])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest",
+        "--target",
+        f"127.0.0.1:{port}",
+        "--model",
+        cfg.model,
+        "--api",
+        "kserve",
+        "--protocol",
+        protocol,
+        "--concurrency",
+        str(c),
+        "--duration",
+        str(cfg.duration_s),
+        "--warmup",
+        str(cfg.warmup_s),
+        "--window",
+        str(cfg.duration_s / 4),
+        "--stability-windows",
+        "100",
+        "--out",
+        str(out),
+        "--quiet",
+        *(["--json"] if as_json else []),
+        *(["--tls-ca", str(ca)] if tls else []),
+    ]
     subprocess.run(cmd, check=True, cwd=ROOT, timeout=cfg.duration_s * 3 + 120)
     (step,) = json.loads(out.read_text())["steps"]
     if step["errors_total"]:
@@ -108,17 +137,30 @@ def h2load_step(cfg: ProtocolBench, server: ServerProcess, wire: tuple, c: int, 
         murl = f"http://127.0.0.1:{server.listening['metrics_port']}/metrics"
         before = metrics_scrape.scrape(murl, cfg.model).get(f"{metrics_scrape.REQUESTS}:OK", 0.0)
         message = build_payloads("kserve", images, 1, cfg.model, 0)[0]
-        r = h2load_client.run_h2load(f"127.0.0.1:{server.listening['port']}", KSERVE_METHOD, message,
-                                     concurrency=c, duration_s=cfg.duration_s, warmup_s=cfg.warmup_s)  # fmt: skip
+        r = h2load_client.run_h2load(
+            f"127.0.0.1:{server.listening['port']}",
+            KSERVE_METHOD,
+            message,
+            concurrency=c,
+            duration_s=cfg.duration_s,
+            warmup_s=cfg.warmup_s,
+        )
         ok = metrics_scrape.scrape(murl, cfg.model).get(f"{metrics_scrape.REQUESTS}:OK", 0.0) - before
         if ok < r.requests:  # h2load cannot read gRPC statuses (trailers): the server's count must cover it
             raise RuntimeError(f"h2load counted {r.requests} responses but the server answered {ok:.0f} OK")
     else:
-        payload = build_payloads("kserve", images, 1, cfg.model, 0, encoding="json" if as_json else "binary",
-                                 protocol="http")[0]  # fmt: skip
+        payload = build_payloads(
+            "kserve", images, 1, cfg.model, 0, encoding="json" if as_json else "binary", protocol="http"
+        )[0]
         url = f"http://127.0.0.1:{server.listening['http_port']}{infer_path(cfg.model, 0)}"
-        r = h2load_client.run_h2load_http1(url, payload.body, payload.headers, concurrency=c,
-                                           duration_s=cfg.duration_s, warmup_s=cfg.warmup_s)  # fmt: skip
+        r = h2load_client.run_h2load_http1(
+            url,
+            payload.body,
+            payload.headers,
+            concurrency=c,
+            duration_s=cfg.duration_s,
+            warmup_s=cfg.warmup_s,
+        )
     if r.failed:
         raise RuntimeError(f"h2load {wire[0]} c={c}: {r.failed} failed requests")
     return {
@@ -146,40 +188,68 @@ def run(cfg: ProtocolBench) -> dict[str, Any]:
                         server = secure if wire[3] else plain
                         r = loadtest_step(cfg, server, wire, c, pki["ca"], tmp)
                         runs.setdefault(("cnn-loadtest", wire[0], c), []).append(r)
-                        print(f"round {rnd + 1} cnn-loadtest {wire[0]:>18} c={c:<3} {r['requests_per_s']:8.0f} req/s "
-                              f"p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms", flush=True)  # fmt: skip
+                        print(
+                            f"round {rnd + 1} cnn-loadtest {wire[0]:>18} c={c:<3} {r['requests_per_s']:8.0f} req/s "
+                            f"p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms",
+                            flush=True,
+                        )
                         if cfg.h2load and not wire[3]:
                             r = h2load_step(cfg, server, wire, c, shape)
                             runs.setdefault(("h2load", wire[0], c), []).append(r)
-                            print(f"round {rnd + 1} h2load       {wire[0]:>18} c={c:<3} {r['requests_per_s']:8.0f} "
-                                  f"req/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms", flush=True)  # fmt: skip
+                            print(
+                                f"round {rnd + 1} h2load       {wire[0]:>18} c={c:<3} {r['requests_per_s']:8.0f} "
+                                f"req/s p50 {r['p50_ms']:.2f} p99 {r['p99_ms']:.2f} ms",
+                                flush=True,
+                            )
         finally:
             plain.stop()
             secure.stop()
-    rows = [{"client": k[0], "wire": k[1], "concurrency": k[2], "rounds": len(v),
-             **{m: statistics.median(x[m] for x in v) for m in ("requests_per_s", "p50_ms", "p99_ms")}}
-            for k, v in runs.items()]  # fmt: skip
-    return {"cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"), "model": cfg.model, "rows": rows,
-            "ratios": ratios(rows, max(cfg.concurrency))}  # fmt: skip
+    rows = [
+        {
+            "client": k[0],
+            "wire": k[1],
+            "concurrency": k[2],
+            "rounds": len(v),
+            **{m: statistics.median(x[m] for x in v) for m in ("requests_per_s", "p50_ms", "p99_ms")},
+        }
+        for k, v in runs.items()
+    ]
+    return {
+        "cpu": cpu_model(),
+        "date": time.strftime("%Y-%m-%d"),
+        "model": cfg.model,
+        "rows": rows,
+        "ratios": ratios(rows, max(cfg.concurrency)),
+    }
 
 
 def ratios(rows: list[dict], c: int) -> dict[str, float]:
     rps = {(r["client"], r["wire"]): r["requests_per_s"] for r in rows if r["concurrency"] == c}
     out = {}
     for client in ("cnn-loadtest", "h2load"):
-        for num, den in (("http binary", "grpc"), ("http json", "grpc"), ("grpc + TLS", "grpc"),
-                         ("http binary + TLS", "http binary")):  # fmt: skip
+        for num, den in (
+            ("http binary", "grpc"),
+            ("http json", "grpc"),
+            ("grpc + TLS", "grpc"),
+            ("http binary + TLS", "http binary"),
+        ):
             if (client, num) in rps and (client, den) in rps:
                 out[f"{client}: {num} / {den} at c={c}"] = rps[(client, num)] / rps[(client, den)]
     return out
 
 
 def markdown(doc: dict) -> str:
-    lines = [f"{doc['model']}, 1 image per request; CPU {doc['cpu']}, {doc['date']}", "",
-             "| client | wire | concurrency | req/s | p50 ms | p99 ms |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"{doc['model']}, 1 image per request; CPU {doc['cpu']}, {doc['date']}",
+        "",
+        "| client | wire | concurrency | req/s | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     for r in doc["rows"]:
-        lines.append(f"| {r['client']} | {r['wire']} | {r['concurrency']} | {r['requests_per_s']:,.0f} "
-                     f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")  # fmt: skip
+        lines.append(
+            f"| {r['client']} | {r['wire']} | {r['concurrency']} | {r['requests_per_s']:,.0f} "
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
+        )
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in doc["ratios"].items()]
     return "\n".join(lines) + "\n"
@@ -199,8 +269,16 @@ def parse_args(argv: list[str] | None) -> ProtocolBench:
     if not (a.repository / a.model).is_dir():
         p.error(f"no model {a.model!r} in {a.repository}: run cnn-pipeline (or cnn-export) first")
     conc = tuple(int(v) for v in a.concurrency.split(","))
-    return ProtocolBench(a.repository, a.model, conc, a.duration, a.warmup, a.rounds,
-                         not a.no_h2load and h2load_client.available(), a.out_dir)  # fmt: skip
+    return ProtocolBench(
+        a.repository,
+        a.model,
+        conc,
+        a.duration,
+        a.warmup,
+        a.rounds,
+        not a.no_h2load and h2load_client.available(),
+        a.out_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

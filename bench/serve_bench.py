@@ -78,9 +78,18 @@ def write_untrained_checkpoint(name: str, path: Path) -> None:
     args = {"in_channels": shape[0], "num_classes": len(classes), "image_size": shape[1]}
     model = get_model(arch, **args).eval()
     meta = ModelMeta(arch, dataset, shape, *STATS[dataset], class_names=classes)
-    ckpt = {"schema_version": SCHEMA_VERSION, "arch": arch, "model_args": args, "meta": meta.to_dict(),
-            "state_dict": model.state_dict(), "optimizer": None, "scheduler": None, "epoch": 0,
-            "metrics": {}, "config": {"note": "untrained, for serve_bench"}}  # fmt: skip
+    ckpt = {
+        "schema_version": SCHEMA_VERSION,
+        "arch": arch,
+        "model_args": args,
+        "meta": meta.to_dict(),
+        "state_dict": model.state_dict(),
+        "optimizer": None,
+        "scheduler": None,
+        "epoch": 0,
+        "metrics": {},
+        "config": {"note": "untrained, for serve_bench"},
+    }
     save_checkpoint(path, ckpt)
 
 
@@ -92,9 +101,25 @@ def prepare_repository(cfg: BenchConfig) -> Path:
         ckpt = cfg.checkpoints.get(name) or cfg.out_dir / "checkpoints" / f"{name}.pt"
         if name not in cfg.checkpoints and not ckpt.is_file():
             write_untrained_checkpoint(name, ckpt)
-        cmd = [sys.executable, "-m", "exporter", str(ckpt), "-r", str(repo), "--name", name, "--no-progress",
-               "--parity-samples", "512", "--batch1-samples", "8", "--bench-seconds", "0.2",
-               "--max-batch-size", str(cfg.max_batch)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "exporter",
+            str(ckpt),
+            "-r",
+            str(repo),
+            "--name",
+            name,
+            "--no-progress",
+            "--parity-samples",
+            "512",
+            "--batch1-samples",
+            "8",
+            "--bench-seconds",
+            "0.2",
+            "--max-batch-size",
+            str(cfg.max_batch),
+        ]
         print(f"[bench] exporting {name}: {' '.join(cmd[2:])}", flush=True)
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
     return repo
@@ -109,8 +134,9 @@ def inprocess(model_file: Path, batch: int, seconds: float) -> dict[str, float]:
 
     from server.runtime import session_options, threads_per_instance
 
-    sess = ort.InferenceSession(str(model_file), session_options(threads_per_instance(0, 1)),
-                                providers=["CPUExecutionProvider"])  # fmt: skip
+    sess = ort.InferenceSession(
+        str(model_file), session_options(threads_per_instance(0, 1)), providers=["CPUExecutionProvider"]
+    )
     shape = [d if isinstance(d, int) else batch for d in sess.get_inputs()[0].shape]
     feed = {sess.get_inputs()[0].name: np.random.default_rng(0).random(shape, dtype=np.float32)}
     for _ in range(10):
@@ -177,9 +203,17 @@ def server_process(
 
 
 def load_step(
-    cfg: BenchConfig, target: str, model: str, shape: tuple[int, int, int], k: int, concurrency: int,
-    processes: int = 1, metrics_url: str | None = None, expected_latency_s: float = 0.0, pid: int | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: BenchConfig,
+    target: str,
+    model: str,
+    shape: tuple[int, int, int],
+    k: int,
+    concurrency: int,
+    processes: int = 1,
+    metrics_url: str | None = None,
+    expected_latency_s: float = 0.0,
+    pid: int | None = None,
+) -> dict[str, Any]:
     images = load_images("synthetic", shape, max(1, 2048 // k) * k, seed=0)  # (N, C, H, W)
     payloads = build_payloads("classify", images, k, model, 0)
     # A step whose requests take seconds (64 x 32 ResNet images queue behind each other) needs a
@@ -210,18 +244,26 @@ def load_step(
     d["server_cpu_us_per_request"] = server_cpu / max(r.ok, 1) * 1e6
     d["client_cpu_us_per_request"] = client_cpu / max(r.ok, 1) * 1e6 if processes == 1 else float("nan")
     errors = sum(r.errors_total.values())
-    print(f"[bench]   c={concurrency:<3} k={k:<2} p={processes}: {r.requests_per_s:8.1f} req/s {r.images_per_s:8.1f} img/s "
-          f"p50 {r.latency_ms['p50_ms']:.2f} ms p99 {r.latency_ms['p99_ms']:.2f} ms "
-          f"{'stable' if r.stable else 'NOT STABLE'} errors={errors} cpu/req server "
-          f"{d['server_cpu_us_per_request']:.0f} us client {d['client_cpu_us_per_request']:.0f} us"
-          + (f" server={r.server}" if r.server else ""), flush=True)  # fmt: skip
+    print(
+        f"[bench]   c={concurrency:<3} k={k:<2} p={processes}: {r.requests_per_s:8.1f} req/s {r.images_per_s:8.1f} img/s "
+        f"p50 {r.latency_ms['p50_ms']:.2f} ms p99 {r.latency_ms['p99_ms']:.2f} ms "
+        f"{'stable' if r.stable else 'NOT STABLE'} errors={errors} cpu/req server "
+        f"{d['server_cpu_us_per_request']:.0f} us client {d['client_cpu_us_per_request']:.0f} us"
+        + (f" server={r.server}" if r.server else ""),
+        flush=True,
+    )
     return d
 
 
 def h2load_step(
-    cfg: BenchConfig, target: str, model: str, shape: tuple[int, int, int], concurrency: int,
-    pid: int, metrics_url: str | None = None,
-) -> dict[str, Any]:  # fmt: skip
+    cfg: BenchConfig,
+    target: str,
+    model: str,
+    shape: tuple[int, int, int],
+    concurrency: int,
+    pid: int,
+    metrics_url: str | None = None,
+) -> dict[str, Any]:
     """1-image requests from h2load (C client, ~no client cost); same keys as ``load_step``'s result.
 
     h2load cannot see gRPC status (it is in trailers): for cnn-serve the step's OK count on its own
@@ -229,17 +271,32 @@ def h2load_step(
     message = build_payloads("classify", load_images("synthetic", shape, 1, seed=0), 1, model, 0)[0]
     before = metrics_scrape.scrape(metrics_url, model) if metrics_url else None
     cpu0 = cpu_seconds(pid)
-    r = h2load_client.run_h2load(target, CLASSIFY_METHOD, message, concurrency=concurrency,
-                                 duration_s=cfg.h2load_s, warmup_s=cfg.warmup_s)  # fmt: skip
+    r = h2load_client.run_h2load(
+        target,
+        CLASSIFY_METHOD,
+        message,
+        concurrency=concurrency,
+        duration_s=cfg.h2load_s,
+        warmup_s=cfg.warmup_s,
+    )
     server_cpu = cpu_seconds(pid) - cpu0
-    d: dict[str, Any] = {"requests_per_s": r.requests_per_s, "images_per_s": r.requests_per_s,
-                         "latency_ms": r.latency_ms, "ok": r.requests, "errors": r.failed, "client": "h2load"}  # fmt: skip
+    d: dict[str, Any] = {
+        "requests_per_s": r.requests_per_s,
+        "images_per_s": r.requests_per_s,
+        "latency_ms": r.latency_ms,
+        "ok": r.requests,
+        "errors": r.failed,
+        "client": "h2load",
+    }
     # CPU over the whole call (warm-up included) per measured response: an upper bound.
     d["server_cpu_us_per_request"] = server_cpu / max(r.requests, 1) * 1e6
     if metrics_url and before is not None:
         after = metrics_scrape.scrape(metrics_url, model)
-        codes = {k.split(":", 1)[1]: v - before.get(k, 0.0) for k, v in after.items()
-                 if k.startswith(metrics_scrape.REQUESTS + ":")}  # fmt: skip
+        codes = {
+            k.split(":", 1)[1]: v - before.get(k, 0.0)
+            for k, v in after.items()
+            if k.startswith(metrics_scrape.REQUESTS + ":")
+        }
         ok = codes.pop("OK", 0.0)
         # h2load resets the streams still open when its time is up: the server counts those
         # CANCELLED (up to `concurrency` of them); they are not failures of the server.
@@ -248,10 +305,13 @@ def h2load_step(
         if ok < r.requests:
             raise RuntimeError(f"h2load counted {r.requests} responses but {target} answered {ok:.0f} OK")
         d["server"] = metrics_scrape.step_summary(before, after)
-    print(f"[bench]   h2load c={concurrency:<3}: {r.requests_per_s:8.1f} req/s p50 {r.latency_ms['p50_ms']:.2f} ms "
-          f"p99 {r.latency_ms['p99_ms']:.2f} ms errors={d['errors']} "
-          f"cancelled-at-end={d.get('cancelled_at_end', 0)} cpu/req server "
-          f"{d['server_cpu_us_per_request']:.0f} us", flush=True)  # fmt: skip
+    print(
+        f"[bench]   h2load c={concurrency:<3}: {r.requests_per_s:8.1f} req/s p50 {r.latency_ms['p50_ms']:.2f} ms "
+        f"p99 {r.latency_ms['p99_ms']:.2f} ms errors={d['errors']} "
+        f"cancelled-at-end={d.get('cancelled_at_end', 0)} cpu/req server "
+        f"{d['server_cpu_us_per_request']:.0f} us",
+        flush=True,
+    )
     return d
 
 
@@ -270,8 +330,17 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     target = f"127.0.0.1:{port}"
     py = sys.executable
     print(f"[bench] {name}: bare echo server", flush=True)
-    echo = [py, "-m", "bench.echo_server", "--port", str(port), "--model", name,
-            "--input-shape", ",".join(map(str, shape))]  # fmt: skip
+    echo = [
+        py,
+        "-m",
+        "bench.echo_server",
+        "--port",
+        str(port),
+        "--model",
+        name,
+        "--input-shape",
+        ",".join(map(str, shape)),
+    ]
     h2 = cfg.h2load and h2load_client.available()
     with server_process(echo, target, name) as proc:
         out["echo"] = {c: load_step(cfg, target, name, shape, 1, c, pid=proc.pid) for c in (1, 64)}
@@ -282,8 +351,17 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
     with server_process(naive, target, name) as proc:
         out["naive"] = {c: load_step(cfg, target, name, shape, 1, c, pid=proc.pid) for c in cfg.concurrency}
     print(f"[bench] {name}: cnn-serve", flush=True)
-    ours = ServerProcess("--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
-                         *cfg.server_args, repository=repo, cwd=ROOT)  # fmt: skip
+    ours = ServerProcess(
+        "--metrics-port",
+        "0",
+        "--poll-interval-s",
+        "0",
+        "--log-level",
+        "WARNING",
+        *cfg.server_args,
+        repository=repo,
+        cwd=ROOT,
+    )
     with ours:
         target, pid = ours.target, ours.pid
         murl = f"http://127.0.0.1:{ours.listening['metrics_port']}/metrics"
@@ -293,8 +371,17 @@ def bench_model(cfg: BenchConfig, repo: Path, name: str) -> dict[str, Any]:
         top = max(cfg.concurrency)
         # Latency to expect with top x big_request images in flight, at the 1-image throughput.
         expected = top * cfg.big_request / max(out["ours"][top]["images_per_s"], 1e-3)
-        out["ours_big"] = load_step(cfg, target, name, shape, cfg.big_request, top, metrics_url=murl,
-                                    expected_latency_s=expected, pid=pid)  # fmt: skip
+        out["ours_big"] = load_step(
+            cfg,
+            target,
+            name,
+            shape,
+            cfg.big_request,
+            top,
+            metrics_url=murl,
+            expected_latency_s=expected,
+            pid=pid,
+        )
         if h2:
             out["ours_h2"] = {c: h2load_step(cfg, target, name, shape, c, pid, murl) for c in (1, 64)}
     return out
@@ -314,8 +401,13 @@ def client_ceiling(cfg: BenchConfig) -> dict[int, Any]:
 def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description="cnn-serve serving benchmark (see the module docstring)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts" / "bench")
-    p.add_argument("--checkpoint", action="append", default=[], metavar="NAME=PATH",
-                   help=f"trained checkpoint for one of {list(MODELS)} (default: untrained weights)")  # fmt: skip
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help=f"trained checkpoint for one of {list(MODELS)} (default: untrained weights)",
+    )
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument(
         "--repeat", type=int, default=1, help="runs of everything; each setup reports its median run"
@@ -336,8 +428,16 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
         p.error(f"--models takes names from {list(MODELS)}, got {a.models!r}")
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
-    return BenchConfig(out_dir=a.out_dir, checkpoints=ckpts, models=models, repeat=a.repeat, duration_s=a.duration,
-                       ceiling=not a.no_ceiling, server_args=tuple(a.server_arg), h2load=not a.no_h2load)  # fmt: skip
+    return BenchConfig(
+        out_dir=a.out_dir,
+        checkpoints=ckpts,
+        models=models,
+        repeat=a.repeat,
+        duration_s=a.duration,
+        ceiling=not a.no_ceiling,
+        server_args=tuple(a.server_arg),
+        h2load=not a.no_h2load,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,21 +455,37 @@ def main(argv: list[str] | None = None) -> int:
         results["client_ceiling"] = client_ceiling(cfg)
     rat = ratios(results, max(cfg.concurrency))
     command = "python -m bench.serve_bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    lines = [f"`{command.strip()}` on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / "
-             f"{os.getloadavg()[0]:.1f} after; median of {cfg.repeat} run(s) per setup.", "",
-             table(results, cfg.max_batch, cfg.concurrency, cfg.big_request), "", ratio_table(rat)]  # fmt: skip
+    lines = [
+        f"`{command.strip()}` on {os.cpu_count()} CPUs, load average {load_before[0]:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after; median of {cfg.repeat} run(s) per setup.",
+        "",
+        table(results, cfg.max_batch, cfg.concurrency, cfg.big_request),
+        "",
+        ratio_table(rat),
+    ]
     if (cc := results.get("client_ceiling")) is not None:
         per_req = cc[1]["client_cpu_us_per_request"]
-        lines += ["", f"Client ceiling (cnn-loadtest -> bare echo, c=64, 1 LeNet image per request): "
-                      f"{cc[1]['requests_per_s']:.0f} req/s with 1 client process, "
-                      f"{cc[2]['requests_per_s']:.0f} req/s with 2 (`--processes 2`); the client spends "
-                      f"{per_req:.0f} us of CPU per request, i.e. at most ~{1e6 / per_req:.0f} req/s per "
-                      f"client core (the echo server spent {cc[1]['server_cpu_us_per_request']:.0f} us)."]  # fmt: skip
+        lines += [
+            "",
+            f"Client ceiling (cnn-loadtest -> bare echo, c=64, 1 LeNet image per request): "
+            f"{cc[1]['requests_per_s']:.0f} req/s with 1 client process, "
+            f"{cc[2]['requests_per_s']:.0f} req/s with 2 (`--processes 2`); the client spends "
+            f"{per_req:.0f} us of CPU per request, i.e. at most ~{1e6 / per_req:.0f} req/s per "
+            f"client core (the echo server spent {cc[1]['server_cpu_us_per_request']:.0f} us).",
+        ]
     markdown = "\n".join(lines) + "\n"
     print("\n" + markdown)
-    doc = {"started_unix": started, "cpus": os.cpu_count(), "loadavg_before": load_before,
-           "loadavg_after": os.getloadavg(), "command": command, "config": {k: str(v) for k, v in cfg.__dict__.items()},
-           "results": results, "raw_runs": runs, "ratios": rat}  # fmt: skip
+    doc = {
+        "started_unix": started,
+        "cpus": os.cpu_count(),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "command": command,
+        "config": {k: str(v) for k, v in cfg.__dict__.items()},
+        "results": results,
+        "raw_runs": runs,
+        "ratios": rat,
+    }
     (cfg.out_dir / "serve_bench.json").write_text(
         json.dumps(doc, indent=2, default=str).replace("NaN", "null") + "\n"
     )

@@ -60,8 +60,15 @@ def ratios(results: dict[str, Any], top: int) -> list[dict[str, Any]]:
             if 1 not in m.get(ours, {}):
                 continue
             p50, base = m[ours][1]["latency_ms"]["p50_ms"], m["inprocess_b1"]["p50_ms"]
-            out.append({"ratio": f"{name} c=1: ours p50 - in-process batch-1 p50 (ms){suffix}", "value": p50 - base,
-                        "target": C1_EXCESS_MS, "pass": p50 - base <= C1_EXCESS_MS, "lower_is_better": True})  # fmt: skip
+            out.append(
+                {
+                    "ratio": f"{name} c=1: ours p50 - in-process batch-1 p50 (ms){suffix}",
+                    "value": p50 - base,
+                    "target": C1_EXCESS_MS,
+                    "pass": p50 - base <= C1_EXCESS_MS,
+                    "lower_is_better": True,
+                }
+            )
     return out
 
 
@@ -75,8 +82,10 @@ def _srv(s: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any], max_batch: int, concurrency: tuple[int, ...], big_request: int) -> str:
     """Markdown: one row per setup; server columns from cnn-serve's /metrics for our server."""
-    lines = ["| model | setup | req/s | img/s | p50 ms | p99 ms | server CPU us/req | server batch / queue ms / compute ms |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = [
+        "| model | setup | req/s | img/s | p50 ms | p99 ms | server CPU us/req | server batch / queue ms / compute ms |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name in MODELS:
         if (m := results.get(name)) is None:
             continue
@@ -95,9 +104,11 @@ def table(results: dict[str, Any], max_batch: int, concurrency: tuple[int, ...],
         steps += [(f"ours c={c}{H2}", s) for c, s in m.get("ours_h2", {}).items()]
         for label, s in steps:
             lat = s["latency_ms"]
-            lines.append(f"| {name} | {label} | {s['requests_per_s']:.1f} | {s['images_per_s']:.1f} | "
-                         f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | {s['server_cpu_us_per_request']:.0f} | "
-                         f"{_srv(s)} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {label} | {s['requests_per_s']:.1f} | {s['images_per_s']:.1f} | "
+                f"{lat['p50_ms']:.2f} | {lat['p99_ms']:.2f} | {s['server_cpu_us_per_request']:.0f} | "
+                f"{_srv(s)} |"
+            )
     return "\n".join(lines)
 
 

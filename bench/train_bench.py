@@ -226,8 +226,13 @@ def run_side(
     if args.side == "baseline":
         if args.baseline_malloc == "tuned":
             tune_malloc()
-        return d2l_style(dataclasses.replace(cfg, precision="fp32", tune_malloc=False), args.workers, dataset,
-                         args.baseline_data, wait)  # fmt: skip
+        return d2l_style(
+            dataclasses.replace(cfg, precision="fp32", tune_malloc=False),
+            args.workers,
+            dataset,
+            args.baseline_data,
+            wait,
+        )
     return ours(cfg, wait)
 
 
@@ -278,8 +283,18 @@ def pair_in_lockstep(argv: list[str], workdir: Path) -> dict[str, dict[str, Any]
             waiting_r, waiting_w = os.pipe()
             result = workdir / f"{side}.json"
             # As a module from the checkout's root, as this one runs: the packages import as they do here.
-            cmd = [sys.executable, "-m", "bench.train_bench", *argv, "--side", side, "--result-json", str(result),
-                   "--turn-fds", f"{go_r},{waiting_w}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "bench.train_bench",
+                *argv,
+                "--side",
+                side,
+                "--result-json",
+                str(result),
+                "--turn-fds",
+                f"{go_r},{waiting_w}",
+            ]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, pass_fds=(go_r, waiting_w), cwd=ROOT)
             os.close(go_r)
             os.close(waiting_w)
@@ -327,12 +342,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=1, help="(baseline, ours) pairs to run; prints the median ratio"
     )
-    p.add_argument("--baseline-data", choices=tuple(DATASETS), default="torchvision",
-                   help="d2l loop's per-sample path: torchvision's (PIL + ToTensor + Normalize) or a lighter "
-                        "tensor-only one")  # fmt: skip
-    p.add_argument("--baseline-malloc", choices=("default", "tuned"), default="default",
-                   help="d2l loop's allocator: glibc's defaults, as its users run it, or our trainer's "
-                        "mallopt settings (trainer/hostmem.py) to see how much of the gap they are")  # fmt: skip
+    p.add_argument(
+        "--baseline-data",
+        choices=tuple(DATASETS),
+        default="torchvision",
+        help="d2l loop's per-sample path: torchvision's (PIL + ToTensor + Normalize) or a lighter "
+        "tensor-only one",
+    )
+    p.add_argument(
+        "--baseline-malloc",
+        choices=("default", "tuned"),
+        default="default",
+        help="d2l loop's allocator: glibc's defaults, as its users run it, or our trainer's "
+        "mallopt settings (trainer/hostmem.py) to see how much of the gap they are",
+    )
     p.add_argument("--side", choices=("baseline", "ours"), help=argparse.SUPPRESS)  # internal: one side
     p.add_argument("--result-json", help=argparse.SUPPRESS)
     p.add_argument("--turn-fds", help=argparse.SUPPRESS)  # internal: the lockstep pipes (TurnClient)
@@ -366,9 +389,15 @@ def main(argv: list[str] | None = None) -> int:
             # layout the run then trains in (the trainer's default, NCHW).
             turns()
             info = dataset[0]
-            choice = resolve_precision(args.precision, torch.device("cpu"), build_model(cfg, info)[0],
-                                       input_shape=info.input_shape, num_classes=info.num_classes,
-                                       batch_size=cfg.batch_size, channels_last=cfg.channels_last)  # fmt: skip
+            choice = resolve_precision(
+                args.precision,
+                torch.device("cpu"),
+                build_model(cfg, info)[0],
+                input_shape=info.input_shape,
+                num_classes=info.num_classes,
+                batch_size=cfg.batch_size,
+                channels_last=cfg.channels_last,
+            )
             cfg = dataclasses.replace(cfg, precision=choice.precision)
             print(f"ours: {choice.describe(args.precision)}", file=sys.stderr, flush=True)
         result = run_side(args, cfg, dataset, turns)
@@ -376,8 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         result["turns"] = turns.turns
         Path(args.result_json).write_text(json.dumps(result))
         return 0
-    print(f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads", flush=True)  # fmt: skip
+    print(
+        f"# {args.arch} {KNOBS[args.arch]} on {args.dataset}, batch {args.batch_size}, {args.epochs} epochs, "
+        f"SGD lr {args.lr} momentum {args.momentum}, {torch.get_num_threads()} threads",
+        flush=True,
+    )
     ratios, accs = [], []  # accs: (d2l loop, ours) final test accuracy of each pair
     for rep in range(1, args.repeat + 1):
         tag = f"[{rep}/{args.repeat}] " if args.repeat > 1 else ""
@@ -386,17 +418,26 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="train-bench-pair-") as tmp:
             pair = pair_in_lockstep([*argv, "--seed", str(seed)], Path(tmp))
         baseline, result = pair["baseline"], pair["ours"]
-        print(f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
-              f"fp32, {args.baseline_malloc} malloc): "
-              f"{baseline['images_per_s']:,.0f} train images/s, test acc "
-              f"{baseline['test_acc']:.4f}", flush=True)  # fmt: skip
-        print(f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} "
-              f"train images/s, test acc {result['test_acc']:.4f}", flush=True)  # fmt: skip
+        print(
+            f"{tag}d2l-style loop (DataLoader, {args.workers} workers, {args.baseline_data} per-sample path, "
+            f"fp32, {args.baseline_malloc} malloc): "
+            f"{baseline['images_per_s']:,.0f} train images/s, test acc "
+            f"{baseline['test_acc']:.4f}",
+            flush=True,
+        )
+        print(
+            f"{tag}ours (on-device batches, {result['precision']}): {result['images_per_s']:,.0f} "
+            f"train images/s, test acc {result['test_acc']:.4f}",
+            flush=True,
+        )
         ratios.append(result["images_per_s"] / baseline["images_per_s"])
         accs.append((baseline["test_acc"], result["test_acc"]))
-        print(f"{tag}seed {seed}: speedup {ratios[-1]:.2f}x; accuracy ours - d2l "
-              f"{(accs[-1][1] - accs[-1][0]) * 100:+.2f} points "
-              f"(pair, epochs alternating: {time.perf_counter() - t:.1f}s)", flush=True)  # fmt: skip
+        print(
+            f"{tag}seed {seed}: speedup {ratios[-1]:.2f}x; accuracy ours - d2l "
+            f"{(accs[-1][1] - accs[-1][0]) * 100:+.2f} points "
+            f"(pair, epochs alternating: {time.perf_counter() - t:.1f}s)",
+            flush=True,
+        )
     ratio = float(np.median(ratios))
     mean_d2l, mean_ours = (float(np.mean([a[i] for a in accs])) for i in (0, 1))
     gap = abs(mean_ours - mean_d2l) * 100
@@ -404,9 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speedup {ratio:.2f}x{' median' if len(ratios) > 1 else ''}{spread} (target >= 2.4x)")
     # Both loops' 3-epoch accuracies move by ~0.5 points from seed to seed, each way, so the loops
     # are compared on their mean over the pairs' seeds; each pair's difference is printed above.
-    print(f"test accuracy, mean of {len(accs)} seed{'s' if len(accs) > 1 else ''}: d2l loop {mean_d2l:.4f}, "
-          f"ours {mean_ours:.4f}, gap {gap:.2f} points (must be <= 0.5); per pair "
-          f"{', '.join(f'{(o - d) * 100:+.2f}' for d, o in accs)}")  # fmt: skip
+    print(
+        f"test accuracy, mean of {len(accs)} seed{'s' if len(accs) > 1 else ''}: d2l loop {mean_d2l:.4f}, "
+        f"ours {mean_ours:.4f}, gap {gap:.2f} points (must be <= 0.5); per pair "
+        f"{', '.join(f'{(o - d) * 100:+.2f}' for d, o in accs)}"
+    )
     return 0 if gap <= 0.5 else 1
 
 

@@ -86,9 +86,12 @@ def worker_channels(target: str, pids: list[int], limit: int = 64) -> dict[int, 
 def inference_counts(channels: dict[int, grpc.Channel], model: str) -> dict[int, int]:
     req = ks.ModelStatisticsRequest(name=model)
     return {
-        pid: sum(s.inference_count for s in ks_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(req, timeout=30).model_stats)
+        pid: sum(
+            s.inference_count
+            for s in ks_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(req, timeout=30).model_stats
+        )
         for pid, ch in channels.items()
-    }  # fmt: skip
+    }
 
 
 def one_round(
@@ -98,8 +101,15 @@ def one_round(
     pids = [server.pid, *server.listening.get("workers", [])]
     before, counts0 = metrics_scrape.scrape(murl, cfg.model), inference_counts(channels, cfg.model)
     cpu0, t0 = sum(cpu_seconds(p) for p in pids), time.monotonic()
-    r = h2load_client.run_h2load(server.target, CLASSIFY_METHOD, message, concurrency=cfg.concurrency,
-                                 duration_s=cfg.duration_s, warmup_s=cfg.warmup_s, connections=cfg.connections)  # fmt: skip
+    r = h2load_client.run_h2load(
+        server.target,
+        CLASSIFY_METHOD,
+        message,
+        concurrency=cfg.concurrency,
+        duration_s=cfg.duration_s,
+        warmup_s=cfg.warmup_s,
+        connections=cfg.connections,
+    )
     cpu, wall = sum(cpu_seconds(p) for p in pids) - cpu0, time.monotonic() - t0
     after, counts1 = metrics_scrape.scrape(murl, cfg.model), inference_counts(channels, cfg.model)
     ok = after.get(f"{metrics_scrape.REQUESTS}:OK", 0.0) - before.get(f"{metrics_scrape.REQUESTS}:OK", 0.0)
@@ -108,13 +118,30 @@ def one_round(
     served = sorted((counts1[p] - counts0[p] for p in counts1), reverse=True)
     split = [round(n / max(1, sum(served)), 2) for n in served]
     # CPU over the whole h2load call (its warm-up too) per measured response: an upper bound.
-    return {"requests_per_s": r.requests_per_s, "latency_ms": r.latency_ms, "ok": r.requests, "failed": r.failed,
-            "split": split, "server_cores": cpu / wall, "cpu_us_per_request": cpu / max(1, r.requests) * 1e6}  # fmt: skip
+    return {
+        "requests_per_s": r.requests_per_s,
+        "latency_ms": r.latency_ms,
+        "ok": r.requests,
+        "failed": r.failed,
+        "split": split,
+        "server_cores": cpu / wall,
+        "cpu_us_per_request": cpu / max(1, r.requests) * 1e6,
+    }
 
 
 def start_server(cfg: WorkersBench, n: int) -> tuple[ServerProcess, dict[int, grpc.Channel]]:
-    args = ["--workers", str(n), "--metrics-port", "0", "--poll-interval-s", "0", "--log-level", "WARNING",
-            "--device", cfg.device]  # fmt: skip
+    args = [
+        "--workers",
+        str(n),
+        "--metrics-port",
+        "0",
+        "--poll-interval-s",
+        "0",
+        "--log-level",
+        "WARNING",
+        "--device",
+        cfg.device,
+    ]
     server = ServerProcess(*args, repository=cfg.repository, cwd=ROOT)
     server.start()
     return server, worker_channels(server.target, server.listening.get("workers") or [server.pid])
@@ -131,10 +158,13 @@ def run_rounds(cfg: WorkersBench, message: bytes) -> dict[int, list[dict[str, An
             for n in cfg.workers:
                 r = one_round(cfg, servers[n][0], message, servers[n][1])
                 results[n].append(r)
-                print(f"[bench] round {i + 1}/{cfg.rounds} workers={n}: {r['requests_per_s']:8.0f} req/s  "
-                      f"p50 {r['latency_ms']['p50_ms']:.2f} ms  p99 {r['latency_ms']['p99_ms']:.2f} ms  "
-                      f"split {r['split']}  server {r['server_cores']:.2f} cores, "
-                      f"{r['cpu_us_per_request']:.0f} us/request  failed {r['failed']}", flush=True)  # fmt: skip
+                print(
+                    f"[bench] round {i + 1}/{cfg.rounds} workers={n}: {r['requests_per_s']:8.0f} req/s  "
+                    f"p50 {r['latency_ms']['p50_ms']:.2f} ms  p99 {r['latency_ms']['p99_ms']:.2f} ms  "
+                    f"split {r['split']}  server {r['server_cores']:.2f} cores, "
+                    f"{r['cpu_us_per_request']:.0f} us/request  failed {r['failed']}",
+                    flush=True,
+                )
     finally:
         for server, channels in servers.values():
             for ch in channels.values():
@@ -149,17 +179,21 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(cfg: WorkersBench, results: dict[int, list[dict[str, Any]]]) -> str:
     base = median_round(results[cfg.workers[0]])["requests_per_s"]
-    lines = [f"| workers | req/s (median round) | x workers={cfg.workers[0]} | p50 / p99 ms | server cores | "
-             "CPU us/request | every round: req/s (split of requests over workers) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"| workers | req/s (median round) | x workers={cfg.workers[0]} | p50 / p99 ms | server cores | "
+        "CPU us/request | every round: req/s (split of requests over workers) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for n, rounds in results.items():
         med = median_round(rounds)
         each = ", ".join(
             f"{r['requests_per_s']:.0f} ({'/'.join(f'{x:.2f}' for x in r['split'])})" for r in rounds
         )
-        lines.append(f"| {n} | {med['requests_per_s']:.0f} | {med['requests_per_s'] / base:.2f}x | "
-                     f"{med['latency_ms']['p50_ms']:.2f} / {med['latency_ms']['p99_ms']:.2f} | "
-                     f"{med['server_cores']:.2f} | {med['cpu_us_per_request']:.0f} | {each} |")  # fmt: skip
+        lines.append(
+            f"| {n} | {med['requests_per_s']:.0f} | {med['requests_per_s'] / base:.2f}x | "
+            f"{med['latency_ms']['p50_ms']:.2f} / {med['latency_ms']['p99_ms']:.2f} | "
+            f"{med['server_cores']:.2f} | {med['cpu_us_per_request']:.0f} | {each} |"
+        )
     return "\n".join(lines)
 
 
@@ -179,8 +213,18 @@ def parse_args(argv: list[str] | None) -> WorkersBench:
     workers = tuple(int(w) for w in a.workers.split(",") if w)
     if not workers or min(workers) < 1 or a.rounds < 1 or a.concurrency % a.connections:
         p.error("--workers takes counts >= 1, --rounds >= 1, --concurrency must divide by --connections")
-    return WorkersBench(a.repository, a.model, workers, a.connections, a.concurrency, a.duration, a.warmup,
-                        a.rounds, a.device, a.out_dir)  # fmt: skip
+    return WorkersBench(
+        a.repository,
+        a.model,
+        workers,
+        a.connections,
+        a.concurrency,
+        a.duration,
+        a.warmup,
+        a.rounds,
+        a.device,
+        a.out_dir,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,23 +233,40 @@ def main(argv: list[str] | None = None) -> int:
         print("h2load not found: apt-get install -y nghttp2-client", file=sys.stderr)
         return 2
     started, load0 = time.time(), os.getloadavg()
-    with ServerProcess("--metrics-port", "-1", "--poll-interval-s", "0", "--device", cfg.device,
-                       repository=cfg.repository, cwd=ROOT) as probe:  # fmt: skip
+    with ServerProcess(
+        "--metrics-port",
+        "-1",
+        "--poll-interval-s",
+        "0",
+        "--device",
+        cfg.device,
+        repository=cfg.repository,
+        cwd=ROOT,
+    ) as probe:
         shape = describe_model(probe.target, "classify", cfg.model, 0).shape  # the model's input, as served
     assert shape is not None, "ListModels always gives the input shape"
     message = build_payloads("classify", load_images("synthetic", shape, 1, seed=0), 1, cfg.model, 0)[0]
     results = run_rounds(cfg, message)
     command = "python -m bench.workers_bench " + " ".join(sys.argv[1:] if argv is None else argv)
-    head = (f"`{command.strip()}`: {cfg.model}, 1-image requests, h2load {cfg.concurrency} in flight over "
-            f"{cfg.connections} connections, {cfg.duration_s:g} s x {cfg.rounds} rounds per worker count; "
-            f"{cpu_model()}, {os.cpu_count()} cores, load average {load0[0]:.1f} before / "
-            f"{os.getloadavg()[0]:.1f} after, {time.strftime('%Y-%m-%d', time.localtime(started))}.")  # fmt: skip
+    head = (
+        f"`{command.strip()}`: {cfg.model}, 1-image requests, h2load {cfg.concurrency} in flight over "
+        f"{cfg.connections} connections, {cfg.duration_s:g} s x {cfg.rounds} rounds per worker count; "
+        f"{cpu_model()}, {os.cpu_count()} cores, load average {load0[0]:.1f} before / "
+        f"{os.getloadavg()[0]:.1f} after, {time.strftime('%Y-%m-%d', time.localtime(started))}."
+    )
     markdown = head + "\n\n" + table(cfg, results) + "\n"
     print("\n" + markdown)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    doc = {"command": command, "cpu": cpu_model(), "cores": os.cpu_count(), "started_unix": started,
-           "loadavg_before": load0, "loadavg_after": os.getloadavg(), "config": {k: str(v) for k, v in cfg.__dict__.items()},
-           "results": results}  # fmt: skip
+    doc = {
+        "command": command,
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "started_unix": started,
+        "loadavg_before": load0,
+        "loadavg_after": os.getloadavg(),
+        "config": {k: str(v) for k, v in cfg.__dict__.items()},
+        "results": results,
+    }
     (cfg.out_dir / "workers_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
     (cfg.out_dir / "workers_bench.md").write_text(markdown)
     print(f"wrote {cfg.out_dir / 'workers_bench.json'} and workers_bench.md")

@@ -130,15 +130,29 @@ def loadtest_command(cfg: PipelineConfig, name: str, port: int, metrics_port: in
     test_images = find_file(cfg.data_dir or DATA_DIR, SPLIT_FILES["test"][0], ())
     return _module_cmd(
         "loadtest",
-        "--target", f"127.0.0.1:{port}", "--model", name,
-        "--concurrency", ",".join(map(str, cfg.concurrency)),
-        "--duration", str(cfg.loadtest_duration_s), "--warmup", str(cfg.loadtest_warmup_s),
-        "--window", str(min(2.0, cfg.loadtest_duration_s)),
-        "--input", str(test_images) if test_images else "synthetic",
-        "--metrics-url", f"http://127.0.0.1:{metrics_port}/metrics",
-        "--out", str(reports / f"loadtest-{name}.json"), "--csv", str(reports / f"loadtest-{name}.csv"),
-        "--plot", str(reports / f"loadtest-{name}.png"),
-    )  # fmt: skip
+        "--target",
+        f"127.0.0.1:{port}",
+        "--model",
+        name,
+        "--concurrency",
+        ",".join(map(str, cfg.concurrency)),
+        "--duration",
+        str(cfg.loadtest_duration_s),
+        "--warmup",
+        str(cfg.loadtest_warmup_s),
+        "--window",
+        str(min(2.0, cfg.loadtest_duration_s)),
+        "--input",
+        str(test_images) if test_images else "synthetic",
+        "--metrics-url",
+        f"http://127.0.0.1:{metrics_port}/metrics",
+        "--out",
+        str(reports / f"loadtest-{name}.json"),
+        "--csv",
+        str(reports / f"loadtest-{name}.csv"),
+        "--plot",
+        str(reports / f"loadtest-{name}.png"),
+    )
 
 
 # ------------------------------------------------------------------ summary
@@ -195,14 +209,26 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for m in summary["models"]:
         for i, s in enumerate(m["loadtest"]):
             head = (
-                [m["model"], m["arch"], f"{m['params']:,}", str(m["epochs"]), f"{100 * m['test_acc']:.2f}%",
-                 "-" if m["onnx_test_acc"] is None else f"{100 * m['onnx_test_acc']:.2f}%",
-                 f"{m['parity_max_abs_diff']:.2e}", f"{100 * m['top1_agreement']:.2f}%"]
+                [
+                    m["model"],
+                    m["arch"],
+                    f"{m['params']:,}",
+                    str(m["epochs"]),
+                    f"{100 * m['test_acc']:.2f}%",
+                    "-" if m["onnx_test_acc"] is None else f"{100 * m['onnx_test_acc']:.2f}%",
+                    f"{m['parity_max_abs_diff']:.2e}",
+                    f"{100 * m['top1_agreement']:.2f}%",
+                ]
                 if i == 0
                 else [""] * 8
-            )  # fmt: skip
-            tail = [str(s["concurrency"]), f"{s['images_per_s']:.0f}", f"{s['p50_ms']:.2f}",
-                    f"{s['p99_ms']:.2f}", str(s["errors"])]  # fmt: skip
+            )
+            tail = [
+                str(s["concurrency"]),
+                f"{s['images_per_s']:.0f}",
+                f"{s['p50_ms']:.2f}",
+                f"{s['p99_ms']:.2f}",
+                str(s["errors"]),
+            ]
             lines.append("| " + " | ".join(head + tail) + " |")
     return "\n".join(lines) + f"\n\nwall time {summary['wall_time_s']:.0f} s; outputs in {summary['out']}/\n"
 
@@ -227,17 +253,25 @@ def export_all(cfg: PipelineConfig, names: list[str], logs: Path) -> None:
 def serve_and_load_test(cfg: PipelineConfig, names: list[str], logs: Path) -> None:
     """Stages 3 and 4: cnn-serve on the repository, a load test per model, then SIGTERM."""
     server = ServerProcess(
-        "--metrics-port", "0", "--device", cfg.device, "--poll-interval-s", "0",
-        repository=cfg.out / "repository", log_file=logs / "server.log",
-    )  # fmt: skip
+        "--metrics-port",
+        "0",
+        "--device",
+        cfg.device,
+        "--poll-interval-s",
+        "0",
+        repository=cfg.out / "repository",
+        log_file=logs / "server.log",
+    )
     _log(f"start server: {' '.join(server.cmd)}")
     try:
         listening = server.start()
     except ServerStartError as e:
         raise StageFailed(f"the server did not start: {e}") from None
     try:
-        _log(f"server on 127.0.0.1:{listening['port']} (metrics :{listening['metrics_port']}), "
-             f"provider {listening['provider']}, models {[m['name'] for m in listening['models']]}")  # fmt: skip
+        _log(
+            f"server on 127.0.0.1:{listening['port']} (metrics :{listening['metrics_port']}), "
+            f"provider {listening['provider']}, models {[m['name'] for m in listening['models']]}"
+        )
         for name in names:
             cmd = loadtest_command(cfg, name, listening["port"], listening["metrics_port"])
             run_stage(cmd, f"3/4 load test {name}", logs / f"loadtest-{name}.log")
@@ -298,10 +332,16 @@ def parse_args(argv: Sequence[str] | None) -> PipelineConfig:
     if not a.loadtest_duration > 0:
         p.error("--loadtest-duration must be > 0")
     return PipelineConfig(
-        out=a.out, data_dir=a.data_dir, device=a.device, epochs=a.epochs, max_train=a.max_train,
-        concurrency=a.concurrency, loadtest_duration_s=a.loadtest_duration, parity_samples=a.parity_samples,
+        out=a.out,
+        data_dir=a.data_dir,
+        device=a.device,
+        epochs=a.epochs,
+        max_train=a.max_train,
+        concurrency=a.concurrency,
+        loadtest_duration_s=a.loadtest_duration,
+        parity_samples=a.parity_samples,
         quiet=a.quiet,
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,8 +46,19 @@ class ServerProcess:
         cwd: Path | None = None,
     ) -> None:
         where = ["--repository", str(repository)] if repository is not None else []
-        self.cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--http-port", "0",
-                    *where, *args]  # fmt: skip
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            *where,
+            *args,
+        ]
         self.env = {**os.environ, **(env or {})}
         self.log_file = log_file
         self.cwd = cwd

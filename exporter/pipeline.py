@@ -338,8 +338,15 @@ def _eval_data(
     return data, calib
 
 
-def _variants(fp32: Candidate, names: dict[str, str], src: Source, data: EvalData, report: ExportReport,
-              cfg: ExportConfig, calib: tuple[np.ndarray, str] | None) -> list[Candidate]:  # fmt: skip
+def _variants(
+    fp32: Candidate,
+    names: dict[str, str],
+    src: Source,
+    data: EvalData,
+    report: ExportReport,
+    cfg: ExportConfig,
+    calib: tuple[np.ndarray, str] | None,
+) -> list[Candidate]:
     variants = []
     for precision in [p for p in names if p != "fp32"]:
         say(names[precision], f"converting to {precision}, then its accuracy and speed against fp32")
@@ -352,8 +359,14 @@ def _variants(fp32: Candidate, names: dict[str, str], src: Source, data: EvalDat
     return variants
 
 
-def _publish_all(result: ExportResult, every: list[Candidate], names: dict[str, str], src: Source,
-                 cfg: ExportConfig, t0: float) -> None:  # fmt: skip
+def _publish_all(
+    result: ExportResult,
+    every: list[Candidate],
+    names: dict[str, str],
+    src: Source,
+    cfg: ExportConfig,
+    t0: float,
+) -> None:
     assert cfg.repository is not None
     report = result.report
     # fp16/int8 keep fp32 inputs/outputs: every precision gets the same interface in config.pbtxt.
@@ -374,9 +387,13 @@ def _publish_all(result: ExportResult, every: list[Candidate], names: dict[str, 
             model_name, src.meta.input_shape, src.meta.num_classes, cfg.max_batch_size, cfg.max_queue_delay_us
         )
         result.published[model_name] = publish(
-            cfg.repository, model_name, cand.model_bytes, report_for, render_config(config),
+            cfg.repository,
+            model_name,
+            cand.model_bytes,
+            report_for,
+            render_config(config),
             labels=src.meta.class_names,
-        )  # fmt: skip
+        )
     report.published = dict(result.published)
 
 

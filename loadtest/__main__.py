@@ -69,14 +69,28 @@ def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
 def run_sweep(cfg: LoadTestConfig, payloads: list[Any], steps: list[StepSpec]) -> list[StepResult]:
     if cfg.processes == 1:
         client: LocalClient | MultiProcClient = LocalClient(
-            cfg.target, cfg.api, payloads, cfg.images_per_request, cfg.stability_windows,
-            cfg.stability_percent, cfg.connections, cfg.transport, cfg.route,
-        )  # fmt: skip
+            cfg.target,
+            cfg.api,
+            payloads,
+            cfg.images_per_request,
+            cfg.stability_windows,
+            cfg.stability_percent,
+            cfg.connections,
+            cfg.transport,
+            cfg.route,
+        )
     else:
         client = MultiProcClient(
-            cfg.target, cfg.route, payloads, cfg.images_per_request, cfg.processes,
-            cfg.stability_windows, cfg.stability_percent, cfg.connections, cfg.transport,
-        )  # fmt: skip
+            cfg.target,
+            cfg.route,
+            payloads,
+            cfg.images_per_request,
+            cfg.processes,
+            cfg.stability_windows,
+            cfg.stability_percent,
+            cfg.connections,
+            cfg.transport,
+        )
     results = []
     try:
         if not cfg.quiet:

@@ -53,8 +53,9 @@ def _from_kserve_metadata(inputs: Sequence[Any], outputs: Sequence[str]) -> Desc
     return Described(shape, KServeInput(first.get("name") or INPUT_NAME, datatype, output))  # type: ignore[arg-type]
 
 
-async def _describe_grpc(target: str, transport: Transport, api: str, model: str, version: int,
-                         timeout: float) -> Described:  # fmt: skip
+async def _describe_grpc(
+    target: str, transport: Transport, api: str, model: str, version: int, timeout: float
+) -> Described:
     async with transport.grpc_channel(target) as ch:
         try:
             if api == "kserve":
@@ -113,8 +114,9 @@ async def _http_json(transport: Transport, url: str, timeout: float) -> Any:
     return doc
 
 
-async def _describe_http(target: str, transport: Transport, model: str, version: int,
-                         timeout: float) -> Described:  # fmt: skip
+async def _describe_http(
+    target: str, transport: Transport, model: str, version: int, timeout: float
+) -> Described:
     meta = await _http_json(transport, transport.base_url(target) + model_path(model, version), timeout)
     inputs = [t for t in meta.get("inputs") or () if isinstance(t, dict)]
     outputs = [o.get("name", "") for o in meta.get("outputs") or () if isinstance(o, dict)]
@@ -169,8 +171,9 @@ def _check_kserve_reply(raw: bytes, transport: Transport, images: int) -> list[l
     return shapes
 
 
-async def _preflight(target: str, transport: Transport, route: str, api: str, payload: Any,
-                     images: int, timeout: float) -> None:  # fmt: skip
+async def _preflight(
+    target: str, transport: Transport, route: str, api: str, payload: Any, images: int, timeout: float
+) -> None:
     try:
         conn = await connect(target, transport, route, 1, timeout)
     except TimeoutError:  # a gRPC channel that did not connect (or whose TLS handshake failed)
@@ -197,9 +200,14 @@ async def _preflight(target: str, transport: Transport, route: str, api: str, pa
 
 
 def preflight(
-    target: str, api: str, payload: Any, images: int, timeout: float = 10.0,
-    transport: Transport = Transport(), route: str | None = None,
-) -> None:  # fmt: skip
+    target: str,
+    api: str,
+    payload: Any,
+    images: int,
+    timeout: float = 10.0,
+    transport: Transport = Transport(),
+    route: str | None = None,
+) -> None:
     """One request, response decoded and checked, so a misconfigured run fails before measuring."""
     with asyncio.Runner(loop_factory=new_event_loop) as r:
         r.run(_preflight(target, transport, route or method_for(api), api, payload, images, timeout))

@@ -155,11 +155,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--top-k", type=int, default=1)
     p.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
-    p.add_argument("--connections", type=int, default=1,
-                   help="gRPC channels (TCP connections) per client process, requests round robin over "
-                   "them: a server's kernel spreads connections, not requests, over its workers")  # fmt: skip
-    p.add_argument("--protocol", choices=PROTOCOLS, default="grpc",
-                   help="kserve: gRPC, or HTTP/REST (the binary tensor data extension unless --json)")  # fmt: skip
+    p.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="gRPC channels (TCP connections) per client process, requests round robin over "
+        "them: a server's kernel spreads connections, not requests, over its workers",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="grpc",
+        help="kserve: gRPC, or HTTP/REST (the binary tensor data extension unless --json)",
+    )
     p.add_argument("--json", action="store_true", help="--protocol http: JSON tensors both ways")
     p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (or --tls-ca)")
     p.add_argument(

@@ -12,10 +12,28 @@ from typing import Any
 from loadtest.controller import StepResult
 
 CSV_FIELDS = (
-    "mode", "load", "processes", "stable", "windows", "measured_s", "requests_per_s", "images_per_s",
-    "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "errors", "sent", "ok",
-    "send_lag_p99_ms", "server_queue_wait_ms", "server_compute_ms", "server_batch_size",
-)  # fmt: skip
+    "mode",
+    "load",
+    "processes",
+    "stable",
+    "windows",
+    "measured_s",
+    "requests_per_s",
+    "images_per_s",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "mean_ms",
+    "errors",
+    "sent",
+    "ok",
+    "send_lag_p99_ms",
+    "server_queue_wait_ms",
+    "server_compute_ms",
+    "server_batch_size",
+)
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -116,8 +134,13 @@ def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
         for key, color in colors.items():
             ax.plot(x, [r.latency_ms[key] for r in rs], style, color=color, label=f"{mode} loop {key[:-3]}")
         for r in rs:
-            ax.annotate(r.label, (r.images_per_s, r.latency_ms["p99_ms"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                r.label,
+                (r.images_per_s, r.latency_ms["p99_ms"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency (ms)")
     ax.set_yscale("log")

@@ -58,11 +58,13 @@ class Transport:
         return ctx
 
     def grpc_channel(self, target: str) -> grpc.aio.Channel:
-        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                # Each channel its own TCP connection: by default channels to one target share
-                # one through grpc's global subchannel pool, and --connections would open one.
-                ("grpc.use_local_subchannel_pool", 1)]  # fmt: skip
+        opts = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # Each channel its own TCP connection: by default channels to one target share
+            # one through grpc's global subchannel pool, and --connections would open one.
+            ("grpc.use_local_subchannel_pool", 1),
+        ]
         if not self.secure:
             return grpc.aio.insecure_channel(target, options=opts)
         creds = grpc.ssl_channel_credentials(

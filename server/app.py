@@ -173,9 +173,12 @@ async def create_server(
     ssl_context = server_ssl_context(files) if files is not None else None
     provider = await asyncio.to_thread(resolve_device, cfg.device, cfg.gpu_ids, cfg.cudnn_conv_algo_search)
     log.info(
-        "device %s -> onnxruntime %s%s; %d usable CPU core(s)", cfg.device, provider,
-        f" on GPU(s) {cfg.gpus}" if provider == CUDA else "", usable_cpus(),
-    )  # fmt: skip
+        "device %s -> onnxruntime %s%s; %d usable CPU core(s)",
+        cfg.device,
+        provider,
+        f" on GPU(s) {cfg.gpus}" if provider == CUDA else "",
+        usable_cpus(),
+    )
     metrics = metrics if metrics is not None else ServerMetrics()
     metrics.set_server_info(cfg.device, provider)
     health = create_health()
@@ -229,10 +232,22 @@ async def create_server(
         background.append(asyncio.create_task(refresh_live_gauges(metrics), name="live-gauges"))
     state.ready = True
     handle = ServerHandle(
-        server=server, port=port, metrics_port=metrics_port, manager=manager, metrics=metrics, state=state,
-        health=health, provider=provider, grace_s=cfg.grace_s, http_port=http_port, tls=cfg.tls,
-        _http=runner, _background=background, _decode_executor=decode_executor, _httpd=httpd,
-    )  # fmt: skip
+        server=server,
+        port=port,
+        metrics_port=metrics_port,
+        manager=manager,
+        metrics=metrics,
+        state=state,
+        health=health,
+        provider=provider,
+        grace_s=cfg.grace_s,
+        http_port=http_port,
+        tls=cfg.tls,
+        _http=runner,
+        _background=background,
+        _decode_executor=decode_executor,
+        _httpd=httpd,
+    )
     return handle, port
 
 

@@ -113,6 +113,6 @@ class ClassifierService(pb_grpc.ClassifierServicer):
                     class_names=list(s.class_names),
                     provider=s.provider,
                     max_batch_size=s.max_batch_size,
-                )  # fmt: skip
+                )
             )
         return pb.ListModelsResponse(models=models)

@@ -118,8 +118,11 @@ class ServerConfig:
             out.append("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             out.append("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
-        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca)):  # fmt: skip
+        for flag, path in (
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-client-ca", self.tls_client_ca),
+        ):
             if path is not None and not path.is_file():
                 out.append(f"{flag} {path} is not a readable file")
         return out
@@ -174,17 +177,36 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--host", str, d.host, "address to bind (0.0.0.0 in containers)")
     add("--port", int, d.port, "gRPC port; 0 picks a free one (printed in the 'listening' log line)")
     add("--metrics-port", int, d.metrics_port, "Prometheus /metrics port; 0 picks a free one, -1 disables")
-    add("--device", str, d.device, "onnxruntime execution provider: cuda fails start unless a convolution runs on every GPU in "
+    add(
+        "--device",
+        str,
+        d.device,
+        "onnxruntime execution provider: cuda fails start unless a convolution runs on every GPU in "
         "--gpus, and refuses models with a convolution on the CPU; auto falls back to CPU and says why",
-        choices=DEVICES)  # fmt: skip
-    add("--gpus", str, d.gpus, "CUDA devices for the instances, e.g. 0,1: each gets --instances instances "
-        "(a config.pbtxt instance_group may name its own among them)")  # fmt: skip
-    add("--cudnn-conv-algo-search", str, d.cudnn_conv_algo_search,
+        choices=DEVICES,
+    )
+    add(
+        "--gpus",
+        str,
+        d.gpus,
+        "CUDA devices for the instances, e.g. 0,1: each gets --instances instances "
+        "(a config.pbtxt instance_group may name its own among them)",
+    )
+    add(
+        "--cudnn-conv-algo-search",
+        str,
+        d.cudnn_conv_algo_search,
         "how cuDNN picks convolution algorithms: HEURISTIC (no per-shape cost), EXHAUSTIVE (times every "
-        "algorithm once per new input shape; warm-up then runs every batch size at load)", choices=ALGO_SEARCHES)  # fmt: skip
+        "algorithm once per new input shape; warm-up then runs every batch size at load)",
+        choices=ALGO_SEARCHES,
+    )
     add("--max-batch-size", int, d.max_batch_size, "most images one model execution takes")
-    add("--max-queue-delay-ms", float, d.max_queue_delay_ms,
-        "under load, how long the oldest request may wait for a batch to fill")  # fmt: skip
+    add(
+        "--max-queue-delay-ms",
+        float,
+        d.max_queue_delay_ms,
+        "under load, how long the oldest request may wait for a batch to fill",
+    )
     add(
         "--max-queue-size",
         int,
@@ -198,9 +220,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         d.intra_op_threads,
         "onnxruntime threads per instance; 0: cores / instances",
     )
-    add("--inline-compute-us", float, d.inline_compute_us,
+    add(
+        "--inline-compute-us",
+        float,
+        d.inline_compute_us,
         "batches that the load-time measurement says compute faster than this run on the event loop "
-        "(a thread hand-off costs about as much); 0: always use the instance's thread")  # fmt: skip
+        "(a thread hand-off costs about as much); 0: always use the instance's thread",
+    )
     add("--poll-interval-s", float, d.poll_interval_s, "repository poll period; 0 disables (SIGHUP reloads)")
     add("--grace-s", float, d.grace_s, "on SIGTERM, how long queued and in-flight calls may take to finish")
     add("--max-message-bytes", int, d.max_message_bytes, "largest request or response message")
@@ -211,9 +237,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "RPCs handled at once; 0: max(1024, 8 * queue size)",
     )
     add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
-    add("--workers", str, d.workers,
+    add(
+        "--workers",
+        str,
+        d.workers,
         "server processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections over "
-        "them) under one supervisor with one /metrics; auto: one per usable core")  # fmt: skip
+        "them) under one supervisor with one /metrics; auto: one per usable core",
+    )
     add_http_tls_flags(add, d)
     return p
 
@@ -234,11 +264,19 @@ def parse_workers(text: str) -> int:
 
 
 def add_http_tls_flags(add, d: ServerConfig) -> None:
-    add("--http-port", int, d.http_port,
-        "KServe v2 HTTP/REST (+ /v1/models/M:classify) port; 0 picks a free one, -1 disables")  # fmt: skip
+    add(
+        "--http-port",
+        int,
+        d.http_port,
+        "KServe v2 HTTP/REST (+ /v1/models/M:classify) port; 0 picks a free one, -1 disables",
+    )
     add("--tls-cert", Path, None, "PEM certificate (chain) for TLS on gRPC and HTTP; needs --tls-key")
     add(
         "--tls-key", Path, None, "PEM private key of --tls-cert (keep it out of the image and the repository)"
     )
-    add("--tls-client-ca", Path, None,
-        "PEM CA bundle: mutual TLS, clients without a certificate it signed are refused")  # fmt: skip
+    add(
+        "--tls-client-ca",
+        Path,
+        None,
+        "PEM CA bundle: mutual TLS, clients without a certificate it signed are refused",
+    )

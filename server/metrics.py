@@ -33,17 +33,38 @@ from prometheus_client.exposition import MetricsHandler
 
 # 100 us .. 10 s: from a small model's batch of 1 to a large model's batch behind a full queue.
 LATENCY_BUCKETS = (
-    1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    1e-2,
+    2.5e-2,
+    5e-2,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 RPCS = ("Classify", "ClassifyStream", "ModelInfer", "ModelStreamInfer")
 GRPC, HTTP = "grpc", "http"
 # (rpc, protocol) pairs that exist: the streams are gRPC only.
 ROUTES = tuple((rpc, GRPC) for rpc in RPCS) + (("Classify", HTTP), ("ModelInfer", HTTP))
 CODES = (
-    "OK", "INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED",
-    "UNAVAILABLE", "INTERNAL",
-)  # fmt: skip
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "RESOURCE_EXHAUSTED",
+    "DEADLINE_EXCEEDED",
+    "CANCELLED",
+    "UNAVAILABLE",
+    "INTERNAL",
+)
 UNKNOWN_MODEL = ""
 LIVE_GAUGE_PERIOD_S = 0.5  # multiprocess mode: how stale queue depth and in-flight may be in a scrape
 
@@ -88,14 +109,20 @@ class ServerMetrics:
         r = self.registry
         mv = ["model", "version"]
         self.request_latency = Histogram(
-            "cnn_request_latency_seconds", "Server-side latency of inference calls (per request, "
-            "or per stream message), from arrival to response.", ["rpc", "protocol", *mv],
-            buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "cnn_request_latency_seconds",
+            "Server-side latency of inference calls (per request, "
+            "or per stream message), from arrival to response.",
+            ["rpc", "protocol", *mv],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_wait = Histogram(
-            "cnn_queue_wait_seconds", "Time a request waited in its model's queue before its batch started.",
-            mv, buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+            "cnn_queue_wait_seconds",
+            "Time a request waited in its model's queue before its batch started.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.compute = Histogram(
             "cnn_compute_seconds",
             "onnxruntime time per executed batch.",
@@ -107,31 +134,47 @@ class ServerMetrics:
             "cnn_batch_size", "Images per executed batch.", mv, buckets=BATCH_BUCKETS, registry=r
         )
         self.requests = Counter(
-            "cnn_requests", "Inference requests by RPC, protocol, model, version and gRPC status code.",
-            ["rpc", "protocol", *mv, "code"], registry=r,
-        )  # fmt: skip
+            "cnn_requests",
+            "Inference requests by RPC, protocol, model, version and gRPC status code.",
+            ["rpc", "protocol", *mv, "code"],
+            registry=r,
+        )
         self.images = Counter("cnn_images", "Images inferred.", mv, registry=r)
         # Workers: queue depth and in-flight add up; an info gauge is 1 while any live worker says so.
         self.queue_depth = Gauge(
-            "cnn_queue_depth", "Requests waiting in the model's queue.", mv, registry=r,
+            "cnn_queue_depth",
+            "Requests waiting in the model's queue.",
+            mv,
+            registry=r,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )
         self.inflight = Gauge(
-            "cnn_inflight_requests", "Inference requests admitted and not yet answered.", mv, registry=r,
+            "cnn_inflight_requests",
+            "Inference requests admitted and not yet answered.",
+            mv,
+            registry=r,
             multiprocess_mode="livesum",
-        )  # fmt: skip
+        )
         self.model_info = Gauge(
-            "cnn_model_info", "1 for every loaded model version; its execution provider and architecture.",
-            [*mv, "provider", "arch", "dataset"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            "cnn_model_info",
+            "1 for every loaded model version; its execution provider and architecture.",
+            [*mv, "provider", "arch", "dataset"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.load_failures = Counter(
-            "cnn_model_load_failures", "Model versions rejected at load (corrupt file, failed export report, ...).",
-            ["model"], registry=r,
-        )  # fmt: skip
+            "cnn_model_load_failures",
+            "Model versions rejected at load (corrupt file, failed export report, ...).",
+            ["model"],
+            registry=r,
+        )
         self.server_info = Gauge(
-            "cnn_server_info", "1; the device asked for and the execution provider in use.",
-            ["device", "provider"], registry=r, multiprocess_mode="livemax",
-        )  # fmt: skip
+            "cnn_server_info",
+            "1; the device asked for and the execution provider in use.",
+            ["device", "provider"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.multiprocess = multiprocess_mode()
         self._live: dict[tuple[str, str], tuple[Callable[[], int], Callable[[], int] | None]] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}

@@ -172,9 +172,16 @@ class ModelManager:
             log.info(
                 "loaded model %s version %d (%s, %s, input %s, %d classes, max batch %d, %d instance(s), "
                 "batches <= %d run inline)",
-                name, v, loaded.meta.arch, self.settings.provider, list(loaded.meta.input_shape),
-                loaded.meta.num_classes, loaded.max_batch_size, len(loaded.instances), loaded.inline_max_images,
-            )  # fmt: skip
+                name,
+                v,
+                loaded.meta.arch,
+                self.settings.provider,
+                list(loaded.meta.input_shape),
+                loaded.meta.num_classes,
+                loaded.max_batch_size,
+                len(loaded.instances),
+                loaded.inline_max_images,
+            )
         if failed:
             # Never serve less because a version is broken: keep every version already loaded.
             for v, cur in current.items():

@@ -112,10 +112,13 @@ def encode_response(served: ServedVersion, outputs: list[np.ndarray], k: int) ->
     idx, probs = top_k_of(outputs, k)
     names = served.class_names
     results = [
-        {"predictions": [
-            {"class_index": i, "class_name": names[i], "probability": p} for i, p in zip(ri, rp, strict=True)
-        ]}
+        {
+            "predictions": [
+                {"class_index": i, "class_name": names[i], "probability": p}
+                for i, p in zip(ri, rp, strict=True)
+            ]
+        }
         for ri, rp in zip(idx, probs, strict=True)
-    ]  # fmt: skip
+    ]
     doc = {"model": served.name, "version": served.version, "results": results}
     return json.dumps(doc, separators=(",", ":")).encode()

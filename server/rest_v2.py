@@ -159,8 +159,10 @@ def encode_response(
         if want.classification:
             labels = v2.classification_labels(served, outputs, want.classification)
             tensor: dict[str, Any] = {
-                "name": want.name, "datatype": "BYTES", "shape": [out.shape[0], want.classification]
-            }  # fmt: skip
+                "name": want.name,
+                "datatype": "BYTES",
+                "shape": [out.shape[0], want.classification],
+            }
             raw = v2.bytes_tensor(labels) if want.binary else None
             data: Any = [s.decode() for s in labels]
         else:

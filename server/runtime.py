@@ -25,8 +25,15 @@ from server.share import usable_cpus
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CPU", "CUDA", "DeviceError", "Instance", "create_instances", "create_session", "resolve_device", "usable_cpus",
-]  # fmt: skip
+    "CPU",
+    "CUDA",
+    "DeviceError",
+    "Instance",
+    "create_instances",
+    "create_session",
+    "resolve_device",
+    "usable_cpus",
+]
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -51,13 +58,18 @@ def providers_for(provider: str, device_id: int | None = 0, algo_search: str = D
 
 
 def create_session(
-    model_path: Path, provider: str, intra_op_threads: int, device_id: int | None = None,
+    model_path: Path,
+    provider: str,
+    intra_op_threads: int,
+    device_id: int | None = None,
     algo_search: str = DEFAULT_ALGO_SEARCH,
-) -> ort.InferenceSession:  # fmt: skip
+) -> ort.InferenceSession:
     session = ort.InferenceSession(
-        str(model_path), sess_options=session_options(intra_op_threads),
-        providers=providers_for(provider, device_id, algo_search), enable_fallback=0,
-    )  # fmt: skip
+        str(model_path),
+        sess_options=session_options(intra_op_threads),
+        providers=providers_for(provider, device_id, algo_search),
+        enable_fallback=0,
+    )
     if session.get_providers()[0] != provider:
         raise DeviceError(f"{model_path}: wanted {provider}, onnxruntime gave {session.get_providers()}")
     session.disable_fallback()
@@ -65,9 +77,13 @@ def create_session(
 
 
 def node_placement(
-    session: ort.InferenceSession, model_path: Path, provider: str, device_id: int | None,
-    algo_search: str, sample: np.ndarray,
-) -> list[NodePlacement]:  # fmt: skip
+    session: ort.InferenceSession,
+    model_path: Path,
+    provider: str,
+    device_id: int | None,
+    algo_search: str,
+    sample: np.ndarray,
+) -> list[NodePlacement]:
     """Where each node of ``session`` runs: its own record, else a one-run profile of the same model."""
     placed = recorded_placement(session)
     if placed is None:
@@ -102,9 +118,14 @@ class Instance:
 
 
 def create_instances(
-    model_path: Path, provider: str, count: int, intra_op_threads: int, thread_prefix: str,
-    devices: Sequence[int | None] | None = None, algo_search: str = DEFAULT_ALGO_SEARCH,
-) -> list[Instance]:  # fmt: skip
+    model_path: Path,
+    provider: str,
+    count: int,
+    intra_op_threads: int,
+    thread_prefix: str,
+    devices: Sequence[int | None] | None = None,
+    algo_search: str = DEFAULT_ALGO_SEARCH,
+) -> list[Instance]:
     """``count`` instances; instance i on ``devices[i]`` (CUDA ordinals; default: all on device 0 / CPU)."""
     instances: list[Instance] = []
     try:

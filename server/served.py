@@ -114,9 +114,14 @@ def load_version(
     threads = threads_per_instance(s.intra_op_threads, count)
     try:
         instances = create_instances(
-            files.model_path, s.provider, count, threads, f"{name}-v{files.version}", devices,
+            files.model_path,
+            s.provider,
+            count,
+            threads,
+            f"{name}-v{files.version}",
+            devices,
             s.cudnn_conv_algo_search,
-        )  # fmt: skip
+        )
     except Exception as e:
         raise RepositoryError(
             f"{files.model_path}: onnxruntime cannot load it: {type(e).__name__}: {e}"
@@ -248,9 +253,14 @@ def _run_ranked(inst: Instance, x: np.ndarray, solo: bool = False) -> list[np.nd
 
 
 def _effective_config(
-    name: str, repo: mc.ModelConfig, meta: ModelMeta, outputs: list[str], max_batch: int, delay_s: float,
+    name: str,
+    repo: mc.ModelConfig,
+    meta: ModelMeta,
+    outputs: list[str],
+    max_batch: int,
+    delay_s: float,
     devices: list[int | None],
-) -> mc.ModelConfig:  # fmt: skip
+) -> mc.ModelConfig:
     config = mc.ModelConfig()
     config.CopyFrom(repo)
     config.name = name
@@ -286,9 +296,14 @@ class ServedVersion:
         self._metrics_owner = metrics
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=loaded.max_queue_size)
         self.metrics: VersionMetrics = metrics.version_loaded(
-            name, str(self.version), provider, loaded.meta.arch, loaded.meta.dataset, self.queue.qsize,
+            name,
+            str(self.version),
+            provider,
+            loaded.meta.arch,
+            loaded.meta.dataset,
+            self.queue.qsize,
             lambda: self.inflight,
-        )  # fmt: skip
+        )
         self.batchers = [
             Batcher(
                 self.queue,

@@ -118,9 +118,13 @@ class Supervisor:
         w.ready.clear()
         w.listening, w.stopped = {}, {}
         w.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.worker", spec.to_json(), stdout=asyncio.subprocess.PIPE,
+            sys.executable,
+            "-m",
+            "server.worker",
+            spec.to_json(),
+            stdout=asyncio.subprocess.PIPE,
             env=self.worker_env(),
-        )  # fmt: skip
+        )
         w.started_at = time.monotonic()
         _track(self._readers, self.read_events(w, w.proc))
 
@@ -160,8 +164,14 @@ class Supervisor:
                 return
             pid, lived = w.pid, time.monotonic() - w.started_at
             self.restarts += 1
-            log.error("worker %d (pid %s) exited with %s after %.1fs; restarting it (restart #%d)",
-                      w.index, pid, code, lived, self.restarts)  # fmt: skip
+            log.error(
+                "worker %d (pid %s) exited with %s after %.1fs; restarting it (restart #%d)",
+                w.index,
+                pid,
+                code,
+                lived,
+                self.restarts,
+            )
             event("worker_exited", index=w.index, pid=pid, returncode=code)
             if self.metrics is not None and pid is not None:
                 self.metrics.worker_died(pid)
@@ -289,9 +299,16 @@ async def serve(cfg: ServerConfig) -> int:
             return 2
         loop.add_signal_handler(signal.SIGHUP, sup.forward, signal.SIGHUP, True)
         first = sup.workers[0].listening
-        event("listening", host=cfg.host, port=sup.port, metrics_port=sup.metrics.port if sup.metrics else None,
-              provider=first.get("provider"), models=first.get("models", []), pid=os.getpid(),
-              workers=[w.pid for w in sup.workers])  # fmt: skip
+        event(
+            "listening",
+            host=cfg.host,
+            port=sup.port,
+            metrics_port=sup.metrics.port if sup.metrics else None,
+            provider=first.get("provider"),
+            models=first.get("models", []),
+            pid=os.getpid(),
+            workers=[w.pid for w in sup.workers],
+        )
         await stop.wait()
         log.info("signal received: every worker drains (grace %.1fs)", cfg.grace_s)
         summary = await sup.stop()

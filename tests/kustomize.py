@@ -26,8 +26,13 @@ def render(folder: Path, use_kubectl: bool | None = None) -> list[dict[str, Any]
     if use_kubectl is None:
         use_kubectl = kubectl() is not None
     if use_kubectl:
-        out = subprocess.run([str(kubectl()), "kustomize", str(folder)], capture_output=True, text=True,
-                             timeout=120, check=False)  # fmt: skip
+        out = subprocess.run(
+            [str(kubectl()), "kustomize", str(folder)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
         assert out.returncode == 0, f"kubectl kustomize {folder}: {out.stderr}"
         return [d for d in yaml.safe_load_all(out.stdout) if d]
     return build(folder)

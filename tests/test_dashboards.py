@@ -64,8 +64,13 @@ def test_dashboard_queries_use_the_server_metrics_and_labels() -> None:
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     subst = {"$__rate_interval": "1m", "$__range": "1h", "$model": ".*"}
-    rules = [{"record": f"dashboard:q{i}", "expr": functools.reduce(lambda e, kv: e.replace(*kv), subst.items(), x)}
-             for i, (x, _) in enumerate(dashboard_queries())]  # fmt: skip
+    rules = [
+        {
+            "record": f"dashboard:q{i}",
+            "expr": functools.reduce(lambda e, kv: e.replace(*kv), subst.items(), x),
+        }
+        for i, (x, _) in enumerate(dashboard_queries())
+    ]
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     run_tool("promtool", "check", "rules", str(tmp_path / "rules.yml"))
 

@@ -355,8 +355,10 @@ def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: 
         == ours["project"]["optional-dependencies"]["serve"]
     )
     scripts = wheel_scripts(server_wheel)
-    assert scripts == {"cnn-serve": ours["project"]["scripts"]["cnn-serve"],
-                       "cnn-loadtest": ours["project"]["scripts"]["cnn-loadtest"]}  # fmt: skip
+    assert scripts == {
+        "cnn-serve": ours["project"]["scripts"]["cnn-serve"],
+        "cnn-loadtest": ours["project"]["scripts"]["cnn-loadtest"],
+    }
     for target in scripts.values():
         assert target.split(":")[0].replace(".", "/") + ".py" in server_wheel.namelist()
     for name, svc in services().items():

@@ -44,10 +44,14 @@ def requirements(rel: str, extra: str) -> list:
 
 def stub_versions() -> tuple[str, str]:
     """(grpcio, protobuf) versions the generated stubs check at import."""
-    grpc_v = {re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", p.read_text()).group(1)  # type: ignore[union-attr]
-              for p in ROOT.glob("protos/**/*_pb2_grpc.py")}  # fmt: skip
-    pb_v = {".".join(re.search(r"Domain.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", p.read_text()).groups())  # type: ignore[union-attr]
-            for p in ROOT.glob("protos/**/*_pb2.py")}  # fmt: skip
+    grpc_v = {
+        re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", p.read_text()).group(1)  # type: ignore[union-attr]
+        for p in ROOT.glob("protos/**/*_pb2_grpc.py")
+    }
+    pb_v = {
+        ".".join(re.search(r"Domain.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+),", p.read_text()).groups())  # type: ignore[union-attr]
+        for p in ROOT.glob("protos/**/*_pb2.py")
+    }
     assert len(grpc_v) == 1 and len(pb_v) == 1, (grpc_v, pb_v)
     return grpc_v.pop(), pb_v.pop()
 
@@ -86,8 +90,13 @@ def test_onnxruntime_is_pinned_to_the_tested_minor() -> None:
 
 def test_grpc_and_protobuf_lower_bounds_are_what_the_stubs_require() -> None:
     grpc_v, pb_v = stub_versions()
-    want = {"grpcio": grpc_v, "grpcio-health-checking": grpc_v, "grpcio-reflection": grpc_v,
-            "grpcio-tools": grpc_v, "protobuf": pb_v}  # fmt: skip
+    want = {
+        "grpcio": grpc_v,
+        "grpcio-health-checking": grpc_v,
+        "grpcio-reflection": grpc_v,
+        "grpcio-tools": grpc_v,
+        "protobuf": pb_v,
+    }
     for rel in PYPROJECTS:
         extras = project(rel)["project"]["optional-dependencies"]
         for extra in extras:
@@ -147,8 +156,13 @@ def test_dockerignore_keeps_the_build_context_to_sources() -> None:
 def sources(dst: Path) -> Path:
     """The checkout's files (tracked or not ignored) copied to ``dst``: building there leaves no
     build/ or egg-info in the checkout."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in listed:
         if (ROOT / rel).is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -201,23 +215,41 @@ def fresh_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     tmp = tmp_path_factory.mktemp("fresh")
     src, wheels, venv = sources(tmp / "src"), tmp / "wheels", tmp / "venv"
     pip = [sys.executable, "-m", "pip"]
-    build = subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
-                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    build = subprocess.run(
+        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = wheels.glob("cnnstack-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         (meta,) = [n for n in zf.namelist() if n.endswith(".dist-info/METADATA")]
-        requires = [v for k, v in (ln.split(": ", 1) for ln in zf.read(meta).decode().splitlines() if ": " in ln)
-                    if k == "Requires-Dist"]  # fmt: skip
+        requires = [
+            v
+            for k, v in (ln.split(": ", 1) for ln in zf.read(meta).decode().splitlines() if ": " in ln)
+            if k == "Requires-Dist"
+        ]
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())  # fmt: skip
+    site = Path(
+        subprocess.run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     link_distributions(closure(requires, "serve"), tmp / "serve-deps")
     (site / "serve-deps.pth").write_text(str(tmp / "serve-deps") + "\n")
     # pip resolves [serve] against what is there; --no-index: anything missing fails the install.
-    install = subprocess.run([*pip, "--python", str(py), "install", "-q", "--no-index", f"{wheel}[serve]"],
-                             capture_output=True, text=True, timeout=600, cwd=tmp)  # fmt: skip
+    install = subprocess.run(
+        [*pip, "--python", str(py), "install", "-q", "--no-index", f"{wheel}[serve]"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp,
+    )
     assert install.returncode == 0, install.stdout + install.stderr
     yield venv
 
@@ -236,15 +268,36 @@ def test_the_wheel_with_serve_alone_installs_and_serves(fresh_venv: Path, tmp_pa
 
     py, bin_ = fresh_venv / "bin" / "python", fresh_venv / "bin"
     absent = subprocess.run(
-        [str(py), "-c", f"import importlib.util as u; print([m for m in {list(NOT_IN_SERVE)!r} if u.find_spec(m)])"],
-        capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=60,
-    )  # fmt: skip
+        [
+            str(py),
+            "-c",
+            f"import importlib.util as u; print([m for m in {list(NOT_IN_SERVE)!r} if u.find_spec(m)])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=fresh_env(),
+        timeout=60,
+    )
     assert absent.stdout.strip() == "[]", absent.stdout + absent.stderr
     root = tmp_path / "repo"
     data, tm = tiny_model()
     publish(root, "tiny", 1, data, tm.meta)
-    cmd = [str(bin_ / "cnn-serve"), "--repository", str(root), "--host", "127.0.0.1", "--port", "0",
-           "--metrics-port", "0", "--workers", "2", "--poll-interval-s", "0"]  # fmt: skip
+    cmd = [
+        str(bin_ / "cnn-serve"),
+        "--repository",
+        str(root),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--workers",
+        "2",
+        "--poll-interval-s",
+        "0",
+    ]
     log = tmp_path / "serve.log"
     with log.open("w") as err:
         proc = subprocess.Popen(
@@ -263,6 +316,12 @@ def test_the_wheel_with_serve_alone_installs_and_serves(fresh_venv: Path, tmp_pa
         proc.terminate()
         code = proc.wait(60)
     assert code == 0, log.read_text()[-3000:]
-    plot = subprocess.run([str(bin_ / "cnn-loadtest"), "--target", "127.0.0.1:1", "--model", "m", "--plot", "p.png"],
-                          capture_output=True, text=True, cwd=tmp_path, env=fresh_env(), timeout=60)  # fmt: skip
+    plot = subprocess.run(
+        [str(bin_ / "cnn-loadtest"), "--target", "127.0.0.1:1", "--model", "m", "--plot", "p.png"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=fresh_env(),
+        timeout=60,
+    )
     assert plot.returncode == 2 and "cnnstack[plot]" in plot.stderr

@@ -61,9 +61,16 @@ def _step_seconds(
 
 
 def probe_cpu_speed(
-    model: nn.Module, input_shape: tuple[int, ...], num_classes: int, batch_size: int, channels_last: bool,
-    rounds: int = 3, steps: int = 3, min_seconds: float = 1.5, max_rounds: int = 20,
-) -> dict[str, float]:  # fmt: skip
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    batch_size: int,
+    channels_last: bool,
+    rounds: int = 3,
+    steps: int = 3,
+    min_seconds: float = 1.5,
+    max_rounds: int = 20,
+) -> dict[str, float]:
     """Median seconds per training step of ``model`` (a copy) in fp32 and bf16, interleaved round by
     round so that a CPU whose speed drifts slows both alike; the first step of each round is warm-up.
     At least ``rounds`` rounds, more (up to ``max_rounds``) until ``min_seconds`` have been timed: a

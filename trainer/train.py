@@ -234,7 +234,17 @@ def setup(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     optimizer = build_optimizer(model, cfg)
     run = Run(
-        cfg, out, device, dist_info, info, train, test, batch_size, model, model_args, precision,
+        cfg,
+        out,
+        device,
+        dist_info,
+        info,
+        train,
+        test,
+        batch_size,
+        model,
+        model_args,
+        precision,
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
         ema=ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
@@ -242,7 +252,7 @@ def setup(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo
         criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
         malloc_tuned=malloc_tuned,
         train_model=model,
-    )  # fmt: skip
+    )
     if ckpt is not None:
         run.start_epoch, run.history = restore(
             ckpt, model, optimizer, run.scheduler, run.ema, run.scaler, device
@@ -274,16 +284,26 @@ def load_data_announced(
 
 
 def choose_precision(
-    cfg: TrainConfig, device: torch.device, model: nn.Module, info: DatasetInfo, batch_size: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    model: nn.Module,
+    info: DatasetInfo,
+    batch_size: int,
     dist_info: DistInfo,
-) -> str:  # fmt: skip
+) -> str:
     """The precision to train in (``auto`` may time fp32 against bf16 first), said in one line."""
     if cfg.precision == "auto" and device.type == "cpu" and cpu_supports_bf16():
         log("precision auto: checking whether this CPU trains this model faster in bf16", dist_info)
     choice = resolve_precision(
-        cfg.precision, device, model, input_shape=info.input_shape, num_classes=info.num_classes,
-        batch_size=batch_size, channels_last=cfg.channels_last, dist_info=dist_info,
-    )  # fmt: skip
+        cfg.precision,
+        device,
+        model,
+        input_shape=info.input_shape,
+        num_classes=info.num_classes,
+        batch_size=batch_size,
+        channels_last=cfg.channels_last,
+        dist_info=dist_info,
+    )
     log(choice.describe(cfg.precision), dist_info)
     return choice.precision
 
@@ -311,15 +331,34 @@ def run_epoch(run: Run, epoch: int, progress: str) -> EvalResult:
     cfg = run.cfg
     lr = run.optimizer.param_groups[0]["lr"]
     stats = train_one_epoch(
-        run.train_model, run.criterion, run.optimizer, run.scheduler, run.train, run.info,
-        epoch=epoch, epochs=cfg.epochs, batch_size=run.batch_size, seed=cfg.seed,
-        aug_info=augmentation(cfg.augment, run.info), precision=run.precision, channels_last=cfg.channels_last,
-        dist_info=run.dist_info, ema=run.ema, scaler=run.scaler, progress=progress,
-    )  # fmt: skip
+        run.train_model,
+        run.criterion,
+        run.optimizer,
+        run.scheduler,
+        run.train,
+        run.info,
+        epoch=epoch,
+        epochs=cfg.epochs,
+        batch_size=run.batch_size,
+        seed=cfg.seed,
+        aug_info=augmentation(cfg.augment, run.info),
+        precision=run.precision,
+        channels_last=cfg.channels_last,
+        dist_info=run.dist_info,
+        ema=run.ema,
+        scaler=run.scaler,
+        progress=progress,
+    )
     result = evaluate(
-        run.eval_model, run.test, run.info, batch_size=cfg.eval_batch_size, precision=run.precision,
-        channels_last=cfg.channels_last, dist_info=run.dist_info, tta_flip=run.tta_flip and epoch == cfg.epochs,
-    )  # fmt: skip
+        run.eval_model,
+        run.test,
+        run.info,
+        batch_size=cfg.eval_batch_size,
+        precision=run.precision,
+        channels_last=cfg.channels_last,
+        dist_info=run.dist_info,
+        tta_flip=run.tta_flip and epoch == cfg.epochs,
+    )
     record: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": stats.loss,

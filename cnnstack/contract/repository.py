@@ -122,8 +122,10 @@ def scan_model(model_dir: Path) -> RepoModel:
     if config.name and config.name != name:
         log.warning(
             "%s: name %r differs from the directory name; serving it as %r",
-            model_dir / CONFIG_FILE, config.name, name,
-        )  # fmt: skip
+            model_dir / CONFIG_FILE,
+            config.name,
+            name,
+        )
     model_file = config.default_model_filename or MODEL_FILE
     try:
         entries = list(os.scandir(model_dir))

@@ -22,8 +22,11 @@ def test_the_script_parses_and_its_dry_run_prints_every_command(tmp_path) -> Non
     assert subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True).returncode == 0
     out = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run", "--out", str(tmp_path / "o"), "--data-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if line.startswith("+ ")]
     expected = [
@@ -54,14 +57,31 @@ def gpu_run(out: Path, acc: float = 0.953, best_ips: float = 25_000.0, conv_on_c
     (out / "train-compile").mkdir()
     (out / "repo").mkdir()
     (out / "nvidia-smi.csv").write_text("NVIDIA H200, 580.00, 143771 MiB\n")
-    env = {"missing_modules": [], "protos": "ok", "onnxruntime": {"version": "1.31.1", "cuda_probe": "ok"},
-           "torch": {"version": "2.13.0+cu130", "cuda": "13.0", "cudnn": 91000, "device": "NVIDIA H200", "bf16": True}}  # fmt: skip
+    env = {
+        "missing_modules": [],
+        "protos": "ok",
+        "onnxruntime": {"version": "1.31.1", "cuda_probe": "ok"},
+        "torch": {
+            "version": "2.13.0+cu130",
+            "cuda": "13.0",
+            "cudnn": 91000,
+            "device": "NVIDIA H200",
+            "bf16": True,
+        },
+    }
     (out / "env.json").write_text(json.dumps(env))
     (out / "pytest.xml").write_text(
         '<testsuites><testsuite tests="7" failures="0" errors="0" skipped="0"/></testsuites>'
     )
-    summary = {"epochs": 15, "train_time_s": 40.0, "wall_time_s": 52.0, "precision": "bf16", "test_acc": acc,
-               "test_acc_tta": acc + 0.002, "compile_s": 31.5}  # fmt: skip
+    summary = {
+        "epochs": 15,
+        "train_time_s": 40.0,
+        "wall_time_s": 52.0,
+        "precision": "bf16",
+        "test_acc": acc,
+        "test_acc_tta": acc + 0.002,
+        "compile_s": 31.5,
+    }
     (out / "train" / "summary.json").write_text(json.dumps(summary))
     (out / "train-compile" / "summary.json").write_text(json.dumps(summary))
     for run, ips in (("train", 20_000.0), ("train-compile", 26_000.0)):

@@ -34,8 +34,10 @@ def test_parse_log_reads_start_status_latency() -> None:
 def test_h2load_drives_the_echo_server() -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.echo_server", "--port", "0", "--input-shape", "1,28,28"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
         assert proc.stdout is not None
         m = re.search(r"listening on (\S+)", proc.stdout.readline())
@@ -43,8 +45,9 @@ def test_h2load_drives_the_echo_server() -> None:
         message = build_payloads("classify", load_images("synthetic", (1, 28, 28), 1, seed=0), 1, "lenet", 0)[
             0
         ]
-        r = h2load_client.run_h2load(m.group(1), CLASSIFY_METHOD, message, concurrency=4, duration_s=1.0,
-                                     warmup_s=0.2, timeout_s=30)  # fmt: skip
+        r = h2load_client.run_h2load(
+            m.group(1), CLASSIFY_METHOD, message, concurrency=4, duration_s=1.0, warmup_s=0.2, timeout_s=30
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=10)
@@ -74,11 +77,25 @@ def test_h2load_http1_posts_kserve_rest_requests_and_reads_their_status(tmp_path
         images = load_images("synthetic", (1, 8, 8), 1, seed=0)  # (1, C, H, W)
         payload = build_payloads("kserve", images, 1, "tiny", 0, encoding="binary", protocol="http")[0]
         base = f"http://127.0.0.1:{server.handle.http_port}"
-        r = h2load_client.run_h2load_http1(base + infer_path("tiny", 0), payload.body, payload.headers,
-                                           concurrency=4, duration_s=1.0, warmup_s=0.2, timeout_s=30)  # fmt: skip
+        r = h2load_client.run_h2load_http1(
+            base + infer_path("tiny", 0),
+            payload.body,
+            payload.headers,
+            concurrency=4,
+            duration_s=1.0,
+            warmup_s=0.2,
+            timeout_s=30,
+        )
         with pytest.raises(RuntimeError, match="no HTTP 200"):
-            h2load_client.run_h2load_http1(base + infer_path("nope", 0), payload.body, payload.headers,
-                                           concurrency=2, duration_s=0.3, warmup_s=0.1, timeout_s=30)  # fmt: skip
+            h2load_client.run_h2load_http1(
+                base + infer_path("nope", 0),
+                payload.body,
+                payload.headers,
+                concurrency=2,
+                duration_s=0.3,
+                warmup_s=0.1,
+                timeout_s=30,
+            )
     finally:
         server.stop(1.0)
     assert r.failed == 0 and r.requests > 50

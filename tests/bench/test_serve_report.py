@@ -6,8 +6,12 @@ from bench.serve_report import merge_repeats, ratio_table, ratios, table
 
 
 def step(req_s: float, p50: float, k: int = 1) -> dict:
-    return {"requests_per_s": req_s, "images_per_s": req_s * k, "latency_ms": {"p50_ms": p50, "p99_ms": 2 * p50},
-            "server_cpu_us_per_request": 100.0}  # fmt: skip
+    return {
+        "requests_per_s": req_s,
+        "images_per_s": req_s * k,
+        "latency_ms": {"p50_ms": p50, "p99_ms": 2 * p50},
+        "server_cpu_us_per_request": 100.0,
+    }
 
 
 def lenet_run(scale: float = 1.0) -> dict:

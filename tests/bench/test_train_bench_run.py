@@ -15,8 +15,20 @@ def test_the_two_sides_take_turns_epoch_by_epoch(tmp_path: Path) -> None:
     # Each side must train (and evaluate) alone on the CPU: turns alternate, baseline first, and
     # never overlap. The baseline has one turn per epoch plus its evaluation; ours has one for its
     # precision choice (a timed probe where bf16 is native), then one per epoch, evaluating within it.
-    argv = ["--dataset", "synthetic", "--epochs", "2", "--workers", "0", "--baseline-data", "tensor",
-            "--batch-size", "128", "--max-train", "512"]  # fmt: skip
+    argv = [
+        "--dataset",
+        "synthetic",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--baseline-data",
+        "tensor",
+        "--batch-size",
+        "128",
+        "--max-train",
+        "512",
+    ]
     pair = train_bench.pair_in_lockstep(argv, tmp_path)
     assert len(pair["baseline"]["turns"]) == 3 and len(pair["ours"]["turns"]) == 3
     turns = sorted((t[0], t[1], side) for side in pair for t in pair[side]["turns"])
@@ -27,8 +39,22 @@ def test_the_two_sides_take_turns_epoch_by_epoch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_pairs_run_in_subprocesses_and_report_the_median(capsys: pytest.CaptureFixture[str]) -> None:
-    rc = train_bench.main(["--dataset", "synthetic", "--epochs", "1", "--workers", "0", "--repeat", "2",
-                           "--baseline-data", "tensor", "--batch-size", "128"])  # fmt: skip
+    rc = train_bench.main(
+        [
+            "--dataset",
+            "synthetic",
+            "--epochs",
+            "1",
+            "--workers",
+            "0",
+            "--repeat",
+            "2",
+            "--baseline-data",
+            "tensor",
+            "--batch-size",
+            "128",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc in (0, 1)  # 1 = accuracies more than 0.5 points apart, possible after one synthetic epoch
     for rep in ("[1/2]", "[2/2]"):

@@ -75,9 +75,14 @@ def test_export_report_leaves_out_the_stages_not_reached() -> None:
     doc = report.to_dict()
     assert "data" not in doc and "precisions" not in doc and "version" not in doc
     assert doc["model"] == {
-        "arch": "lenet5", "input_shape": [1, 28, 28], "num_classes": 2, "dataset": "fashion-mnist",
-        "class_names": ["T-shirt/top", "Trouser"], "model_args": {"in_channels": 1}, "params": 61706,
-    }  # fmt: skip
+        "arch": "lenet5",
+        "input_shape": [1, 28, 28],
+        "num_classes": 2,
+        "dataset": "fashion-mnist",
+        "class_names": ["T-shirt/top", "Trouser"],
+        "model_args": {"in_channels": 1},
+        "params": 61706,
+    }
     report.checks.append(CheckResult("parity", True, {"max_abs_diff": 1e-6}, "ok"))
     report.data = DataInfo("noise", False)
     doc = json.loads(json.dumps(report.to_dict()))

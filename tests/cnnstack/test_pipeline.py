@@ -62,9 +62,26 @@ def test_a_failing_stage_names_itself_and_its_log(tmp_path: Path, capsys: pytest
 @pytest.mark.integration
 def test_pipeline_end_to_end_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
-    cmd = [sys.executable, "-m", "cnnstack.pipeline", "--out", str(out), "--data-dir", str(fashion_mnist_dir),
-           "--epochs", "1", "--max-train", "15000", "--parity-samples", "512", "--concurrency", "1,8",
-           "--loadtest-duration", "2", "--quiet"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "cnnstack.pipeline",
+        "--out",
+        str(out),
+        "--data-dir",
+        str(fashion_mnist_dir),
+        "--epochs",
+        "1",
+        "--max-train",
+        "15000",
+        "--parity-samples",
+        "512",
+        "--concurrency",
+        "1,8",
+        "--loadtest-duration",
+        "2",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 

@@ -46,9 +46,18 @@ ACCURATE = [
 def test_fp16_and_int8_are_published_with_deltas(trained_lenet: Path, tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     code = run_export(
-        trained_lenet, "-r", repo, "--name", "lenet", "--fp16", "--int8", "--calibration-samples", "128",
-        "--no-progress", *ACCURATE,
-    )  # fmt: skip
+        trained_lenet,
+        "-r",
+        repo,
+        "--name",
+        "lenet",
+        "--fp16",
+        "--int8",
+        "--calibration-samples",
+        "128",
+        "--no-progress",
+        *ACCURATE,
+    )
     assert code == 0
     assert list_model_names(repo) == ["lenet", "lenet-fp16", "lenet-int8"]
     fp32_report = json.loads((repo / "lenet" / "1" / REPORT_FILE).read_text())

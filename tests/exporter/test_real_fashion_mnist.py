@@ -30,9 +30,17 @@ def test_trained_lenet_on_real_fashion_mnist(fashion_mnist_dir: Path, tmp_path: 
 
     repo = tmp_path / "repo"
     code = run_export(
-        ckpt, "-r", repo, "--fp16", "--int8", "--data-dir", fashion_mnist_dir, "--bench-seconds", "0.2",
+        ckpt,
+        "-r",
+        repo,
+        "--fp16",
+        "--int8",
+        "--data-dir",
+        fashion_mnist_dir,
+        "--bench-seconds",
+        "0.2",
         "--no-progress",
-    )  # fmt: skip
+    )
     assert code == 0
     assert list_model_names(repo) == [
         "lenet5-fashion-mnist",

@@ -216,8 +216,13 @@ async def _serve_stdio() -> None:
                 print(json.dumps({"ok": True}), flush=True)
             elif "stop" in cmd:
                 b = behaviour
-                state = {"received": b.received, "answered": dict(b.answered), "arrivals": b.arrivals,
-                         "max_inflight": b.max_inflight, "stall_until": b.stall_until}  # fmt: skip
+                state = {
+                    "received": b.received,
+                    "answered": dict(b.answered),
+                    "arrivals": b.arrivals,
+                    "max_inflight": b.max_inflight,
+                    "stall_until": b.stall_until,
+                }
                 print(json.dumps(state), flush=True)
                 break
     finally:

@@ -18,9 +18,25 @@ FAST = ["--warmup", "0.1", "--window", "0.3", "--duration", "0.9", "--quiet"]
 def test_cli_writes_json_csv_and_plot(fake_server: FakeServer, tmp_path: Path) -> None:
     fake_server.behaviour.delay_s = 0.002
     out, table, plot = tmp_path / "r.json", tmp_path / "r.csv", tmp_path / "r.png"
-    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "1,4",
-            "--request-rate", "100", "--images-per-request", "2", "--out", str(out), "--csv", str(table),
-            "--plot", str(plot), *FAST]  # fmt: skip
+    argv = [
+        "--target",
+        fake_server.target,
+        "--model",
+        FAKE_MODEL,
+        "--concurrency",
+        "1,4",
+        "--request-rate",
+        "100",
+        "--images-per-request",
+        "2",
+        "--out",
+        str(out),
+        "--csv",
+        str(table),
+        "--plot",
+        str(plot),
+        *FAST,
+    ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["input_shape"] == [1, 8, 8] and doc["images_per_request"] == 2
@@ -52,9 +68,27 @@ def test_cli_prints_a_table(fake_server: FakeServer, capsys: pytest.CaptureFixtu
 def test_two_client_processes_share_the_load(fake_server: FakeServer, tmp_path: Path) -> None:
     fake_server.behaviour.delay_s = 0.01
     out = tmp_path / "r.json"
-    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "4", "--processes", "2",
-            "--max-requests", "60", "--duration", "10", "--window", "0.5", "--warmup", "0", "--quiet",
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "--target",
+        fake_server.target,
+        "--model",
+        FAKE_MODEL,
+        "--concurrency",
+        "4",
+        "--processes",
+        "2",
+        "--max-requests",
+        "60",
+        "--duration",
+        "10",
+        "--window",
+        "0.5",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     (step,) = json.loads(out.read_text())["steps"]
     assert step["processes"] == 2
@@ -67,9 +101,29 @@ def test_connections_spread_requests_round_robin_over_that_many_connections(
     fake_server: FakeServer, tmp_path: Path, processes: int
 ) -> None:
     out = tmp_path / "r.json"
-    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "8", "--connections", "3",
-            "--processes", str(processes), "--max-requests", "90", "--duration", "10", "--window", "0.5",
-            "--warmup", "0", "--quiet", "--out", str(out)]  # fmt: skip
+    argv = [
+        "--target",
+        fake_server.target,
+        "--model",
+        FAKE_MODEL,
+        "--concurrency",
+        "8",
+        "--connections",
+        "3",
+        "--processes",
+        str(processes),
+        "--max-requests",
+        "90",
+        "--duration",
+        "10",
+        "--window",
+        "0.5",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert json.loads(out.read_text())["connections"] == 3
     peers = fake_server.behaviour.peers
@@ -162,8 +216,23 @@ def test_dataset_input_is_sent_as_png_of_the_models_size(fake_server: FakeServer
     raw = np.arange(5 * 12 * 12, dtype=np.uint8).reshape(5, 12, 12)
     idx = tmp_path / "t10k-images-idx3-ubyte.gz"
     idx.write_bytes(gzip.compress(struct.pack(">IIII", 0x803, 5, 12, 12) + raw.tobytes()))
-    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "1", "--input", str(idx),
-            "--encoding", "png", "--images-per-request", "3", "--max-requests", "4", *FAST]  # fmt: skip
+    argv = [
+        "--target",
+        fake_server.target,
+        "--model",
+        FAKE_MODEL,
+        "--concurrency",
+        "1",
+        "--input",
+        str(idx),
+        "--encoding",
+        "png",
+        "--images-per-request",
+        "3",
+        "--max-requests",
+        "4",
+        *FAST,
+    ]
     assert main(argv) == 0
     req = fake_server.behaviour.last_request
     assert req is not None and len(req.images) == 3

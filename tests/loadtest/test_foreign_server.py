@@ -79,8 +79,21 @@ def test_metadata_without_inputs_and_no_shape_is_one_line_naming_the_flag(foreig
 
 def test_the_flags_complete_the_metadata_and_the_load_runs(foreign, capsys) -> None:
     target, servicer = foreign
-    argv = ["--target", target, "--model", MODEL, "--api", "kserve", "--shape", "1,8,8",
-            "--input-name", "x", "--datatype", "FP16", *FAST]  # fmt: skip
+    argv = [
+        "--target",
+        target,
+        "--model",
+        MODEL,
+        "--api",
+        "kserve",
+        "--shape",
+        "1,8,8",
+        "--input-name",
+        "x",
+        "--datatype",
+        "FP16",
+        *FAST,
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     assert len(servicer.requests) > 2  # the pre-flight request, then the step's
     # No 'probabilities' output in a foreign model: the client asks for all outputs.
@@ -116,7 +129,7 @@ class ForeignRest:
                 "outputs": [
                     {"name": "scores", "datatype": "FP32", "shape": [batch, 3], "data": [0.0] * (3 * batch)}
                 ],
-            }  # fmt: skip
+            }
         )
 
 
@@ -160,8 +173,26 @@ def test_over_http_the_flags_complete_the_metadata_and_503s_are_counted(
 ) -> None:
     target, servicer = foreign_rest
     out = tmp_path / "report.json"
-    argv = ["--target", target, "--model", MODEL, "--api", "kserve", "--protocol", "http", *encoding,
-            "--shape", "1,8,8", "--input-name", "x", "--datatype", "FP16", "--out", str(out), *FAST]  # fmt: skip
+    argv = [
+        "--target",
+        target,
+        "--model",
+        MODEL,
+        "--api",
+        "kserve",
+        "--protocol",
+        "http",
+        *encoding,
+        "--shape",
+        "1,8,8",
+        "--input-name",
+        "x",
+        "--datatype",
+        "FP16",
+        "--out",
+        str(out),
+        *FAST,
+    ]
     assert main(argv) == 0
     tensor = servicer.headers[0]["inputs"][0]
     assert tensor["name"] == "x" and tensor["datatype"] == "FP16" and tensor["shape"] == [1, 1, 8, 8]

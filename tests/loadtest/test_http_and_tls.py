@@ -17,8 +17,21 @@ from tests.server.helpers import RunningServer, publish, server_config, tiny_mod
 pytestmark = pytest.mark.integration
 
 SHAPE = (1, 8, 8)
-STEPS = ["--concurrency", "1,8", "--max-requests", "120", "--duration", "3", "--window", "0.5",
-         "--warmup", "0.1", "--stability-windows", "100", "--quiet"]  # fmt: skip
+STEPS = [
+    "--concurrency",
+    "1,8",
+    "--max-requests",
+    "120",
+    "--duration",
+    "3",
+    "--window",
+    "0.5",
+    "--warmup",
+    "0.1",
+    "--stability-windows",
+    "100",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +72,31 @@ def _http_target(s: RunningServer) -> str:
 
 def _ok_by_protocol(s: RunningServer) -> dict[str, float]:
     text = fetch(f"http://127.0.0.1:{s.handle.metrics_port}/metrics")
-    return {p: parse(text, {"model": "tiny", "protocol": p, "rpc": "ModelInfer"}).get(f"{REQUESTS}:OK", 0.0)
-            for p in ("grpc", "http")}  # fmt: skip
+    return {
+        p: parse(text, {"model": "tiny", "protocol": p, "rpc": "ModelInfer"}).get(f"{REQUESTS}:OK", 0.0)
+        for p in ("grpc", "http")
+    }
 
 
 @pytest.mark.parametrize("encoding", [[], ["--json"]], ids=["binary", "json"])
 def test_http_load_counts_match_the_servers_http_counter(plain, tmp_path, encoding) -> None:
     out = tmp_path / "report.json"
-    argv = ["--target", _http_target(plain), "--model", "tiny", "--api", "kserve", "--protocol", "http",
-            *encoding, "--images-per-request", "2", *STEPS, "--out", str(out)]  # fmt: skip
+    argv = [
+        "--target",
+        _http_target(plain),
+        "--model",
+        "tiny",
+        "--api",
+        "kserve",
+        "--protocol",
+        "http",
+        *encoding,
+        "--images-per-request",
+        "2",
+        *STEPS,
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["wire"] == ("http json" if encoding else "http binary")
@@ -99,9 +128,25 @@ def test_an_unknown_model_over_http_is_one_line_naming_the_404(plain, capsys) ->
 def test_load_over_mutual_tls_with_a_client_certificate(mutual, pki, tmp_path, protocol) -> None:
     target = mutual.target if protocol == "grpc" else _http_target(mutual)
     out = tmp_path / "report.json"
-    argv = ["--target", target, "--model", "tiny", "--api", "kserve", "--protocol", protocol,
-            "--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client_cert"]), "--tls-key", str(pki["client_key"]),
-            *STEPS, "--out", str(out)]  # fmt: skip
+    argv = [
+        "--target",
+        target,
+        "--model",
+        "tiny",
+        "--api",
+        "kserve",
+        "--protocol",
+        protocol,
+        "--tls-ca",
+        str(pki["ca"]),
+        "--tls-cert",
+        str(pki["client_cert"]),
+        "--tls-key",
+        str(pki["client_key"]),
+        *STEPS,
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["wire"].endswith("+ TLS")
@@ -112,8 +157,21 @@ def test_load_over_mutual_tls_with_a_client_certificate(mutual, pki, tmp_path, p
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_a_client_without_a_certificate_is_refused_in_one_line(mutual, pki, capsys, protocol) -> None:
     target = mutual.target if protocol == "grpc" else _http_target(mutual)
-    argv = ["--target", target, "--model", "tiny", "--api", "kserve", "--protocol", protocol,
-            "--tls-ca", str(pki["ca"]), "--timeout", "3", *STEPS]  # fmt: skip
+    argv = [
+        "--target",
+        target,
+        "--model",
+        "tiny",
+        "--api",
+        "kserve",
+        "--protocol",
+        protocol,
+        "--tls-ca",
+        str(pki["ca"]),
+        "--timeout",
+        "3",
+        *STEPS,
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0]
@@ -126,8 +184,21 @@ def test_classify_over_tls_across_client_processes(repo, pki, tmp_path) -> None:
     server = next(gen)
     try:
         out = tmp_path / "report.json"
-        argv = ["--target", server.target, "--model", "tiny", "--tls-ca", str(pki["ca"]), "--processes", "2",
-                *STEPS[:1], "2,8", *STEPS[2:], "--out", str(out)]  # fmt: skip
+        argv = [
+            "--target",
+            server.target,
+            "--model",
+            "tiny",
+            "--tls-ca",
+            str(pki["ca"]),
+            "--processes",
+            "2",
+            *STEPS[:1],
+            "2,8",
+            *STEPS[2:],
+            "--out",
+            str(out),
+        ]
         assert main(argv) == 0
         assert all(s["sent"] == s["ok"] == 2 * 120 for s in json.loads(out.read_text())["steps"])
     finally:

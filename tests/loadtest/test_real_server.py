@@ -38,9 +38,33 @@ def real_server(tmp_path: Path) -> Iterator[RealServer]:
 
 def test_bounded_load_test_counts_match_the_servers_counter(real_server: RealServer, tmp_path: Path) -> None:
     out = tmp_path / "report.json"
-    argv = ["--target", real_server.target, "--model", "tiny", "--concurrency", "1,8", "--request-rate", "150",
-            "--max-requests", "300", "--duration", "3", "--window", "0.5", "--warmup", "0.2",
-            "--images-per-request", "2", "--stability-windows", "100", "--metrics-url", real_server.metrics_url, "--out", str(out), "--quiet"]  # fmt: skip
+    argv = [
+        "--target",
+        real_server.target,
+        "--model",
+        "tiny",
+        "--concurrency",
+        "1,8",
+        "--request-rate",
+        "150",
+        "--max-requests",
+        "300",
+        "--duration",
+        "3",
+        "--window",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--images-per-request",
+        "2",
+        "--stability-windows",
+        "100",
+        "--metrics-url",
+        real_server.metrics_url,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
     assert doc["input_shape"] == list(SHAPE)  # discovered through ListModels
@@ -61,9 +85,31 @@ def test_bounded_load_test_counts_match_the_servers_counter(real_server: RealSer
 
 def test_kserve_api_against_the_real_server(real_server: RealServer, tmp_path: Path) -> None:
     out = tmp_path / "kserve.json"
-    argv = ["--target", real_server.target, "--model", "tiny", "--api", "kserve", "--concurrency", "4",
-            "--max-requests", "100", "--duration", "5", "--window", "0.5", "--warmup", "0",
-            "--stability-windows", "100", "--metrics-url", real_server.metrics_url, "--out", str(out), "--quiet"]  # fmt: skip
+    argv = [
+        "--target",
+        real_server.target,
+        "--model",
+        "tiny",
+        "--api",
+        "kserve",
+        "--concurrency",
+        "4",
+        "--max-requests",
+        "100",
+        "--duration",
+        "5",
+        "--window",
+        "0.5",
+        "--warmup",
+        "0",
+        "--stability-windows",
+        "100",
+        "--metrics-url",
+        real_server.metrics_url,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     assert main(argv) == 0
     (step,) = json.loads(out.read_text())["steps"]
     assert step["sent"] == step["ok"] == 100 and step["errors_total"] == {}

@@ -124,9 +124,13 @@ def tiny_model(
 
 
 def config_pbtxt(
-    name: str, input_shape: tuple[int, int, int], num_classes: int, max_batch_size: int = 64,
-    max_queue_delay_us: int = 2000, num_versions: int = 1,
-) -> str:  # fmt: skip
+    name: str,
+    input_shape: tuple[int, int, int],
+    num_classes: int,
+    max_batch_size: int = 64,
+    max_queue_delay_us: int = 2000,
+    num_versions: int = 1,
+) -> str:
     """The config cnn-export writes, without its labels file."""
     config = model_config(
         name, input_shape, num_classes, max_batch_size, max_queue_delay_us, num_versions, label_filename=None
@@ -135,9 +139,15 @@ def config_pbtxt(
 
 
 def publish(
-    repo: Path, name: str, version: int, model_bytes: bytes, meta: ModelMeta, *, passed: bool = True,
+    repo: Path,
+    name: str,
+    version: int,
+    model_bytes: bytes,
+    meta: ModelMeta,
+    *,
+    passed: bool = True,
     config: str | None = None,
-) -> Path:  # fmt: skip
+) -> Path:
     """Atomic publish like the exporter: build in REPO/.tmp-*, write config, rename into place."""
     repo.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=repo))
@@ -187,9 +197,16 @@ class RunningServer:
 
 def server_config(repository: Path, **overrides) -> ServerConfig:
     base = ServerConfig(
-        repository=repository, host="127.0.0.1", port=0, http_port=0, metrics_port=0, device="cpu",
-        poll_interval_s=0, grace_s=5.0, intra_op_threads=1,
-    )  # fmt: skip
+        repository=repository,
+        host="127.0.0.1",
+        port=0,
+        http_port=0,
+        metrics_port=0,
+        device="cpu",
+        poll_interval_s=0,
+        grace_s=5.0,
+        intra_op_threads=1,
+    )
     return replace(base, **overrides)
 
 
@@ -205,8 +222,13 @@ def write_pki(d: Path) -> dict[str, Path]:
 
     ca = trustme.CA()
     server, client = ca.issue_cert("127.0.0.1", "localhost"), ca.issue_cert("load-tester@example.test")
-    files = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
-             "client_cert": d / "client.pem", "client_key": d / "client.key"}  # fmt: skip
+    files = {
+        "ca": d / "ca.pem",
+        "cert": d / "server.pem",
+        "key": d / "server.key",
+        "client_cert": d / "client.pem",
+        "client_key": d / "client.key",
+    }
     ca.cert_pem.write_to_path(str(files["ca"]))
     server.cert_chain_pems[0].write_to_path(str(files["cert"]))
     server.private_key_pem.write_to_path(str(files["key"]))

@@ -33,9 +33,13 @@ class Reply:
 
 
 def request(
-    url: str, body: bytes | None = None, headers: dict[str, str] | None = None, method: str | None = None,
-    context: ssl.SSLContext | None = None, timeout: float = 10.0,
-) -> Reply:  # fmt: skip
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    method: str | None = None,
+    context: ssl.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> Reply:
     req = urllib.request.Request(url, data=body, headers=headers or {}, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout, context=context) as r:

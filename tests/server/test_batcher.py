@@ -180,8 +180,13 @@ def test_nan_or_inf_images_fail_their_own_request_before_the_model_sees_them() -
         inf = image(4)
         inf[0, 0, 0, 1] = np.inf
         huge = image(5e37, n=4)  # finite, but their sum (8e38) would overflow in float32
-        futs = [submit(q, image(1)), submit(q, bad, what="image"), submit(q, image(3)),
-                submit(q, inf, what="input 'input'"), submit(q, huge)]  # fmt: skip
+        futs = [
+            submit(q, image(1)),
+            submit(q, bad, what="image"),
+            submit(q, image(3)),
+            submit(q, inf, what="input 'input'"),
+            submit(q, huge),
+        ]
         b, task, ex = await start(model, q, max_batch_size=16)
         results = await asyncio.gather(*futs, return_exceptions=True)
         await stop(q, task, ex)
@@ -274,8 +279,9 @@ def test_inline_runs_use_their_own_batch_function() -> None:
     async def main():
         q: asyncio.Queue = asyncio.Queue()
         threaded, solo = FakeModel(), FakeModel()
-        b, task, ex = await start(threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1,
-                                  run_inline=solo)  # fmt: skip
+        b, task, ex = await start(
+            threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1, run_inline=solo
+        )
         inline = await submit(q, image(4))  # idle and small: inline
         queued = await submit(q, image(5, n=2))  # over the inline limit: the thread
         await stop(q, task, ex)

@@ -15,16 +15,34 @@ from tests.server.helpers import config_pbtxt, publish, server_config, tiny_mode
 
 def test_every_flag_has_an_env_variable_and_the_command_line_wins() -> None:
     env = {
-        "CNN_SERVE_REPOSITORY": "/models", "CNN_SERVE_HOST": "0.0.0.0", "CNN_SERVE_PORT": "9001",
-        "CNN_SERVE_METRICS_PORT": "9002", "CNN_SERVE_DEVICE": "cpu", "CNN_SERVE_MAX_BATCH_SIZE": "32",
-        "CNN_SERVE_MAX_QUEUE_DELAY_MS": "0.5", "CNN_SERVE_MAX_QUEUE_SIZE": "100", "CNN_SERVE_INSTANCES": "2",
-        "CNN_SERVE_POLL_INTERVAL_S": "3", "CNN_SERVE_GRACE_S": "7", "CNN_SERVE_HTTP_PORT": "9000",
-    }  # fmt: skip
+        "CNN_SERVE_REPOSITORY": "/models",
+        "CNN_SERVE_HOST": "0.0.0.0",
+        "CNN_SERVE_PORT": "9001",
+        "CNN_SERVE_METRICS_PORT": "9002",
+        "CNN_SERVE_DEVICE": "cpu",
+        "CNN_SERVE_MAX_BATCH_SIZE": "32",
+        "CNN_SERVE_MAX_QUEUE_DELAY_MS": "0.5",
+        "CNN_SERVE_MAX_QUEUE_SIZE": "100",
+        "CNN_SERVE_INSTANCES": "2",
+        "CNN_SERVE_POLL_INTERVAL_S": "3",
+        "CNN_SERVE_GRACE_S": "7",
+        "CNN_SERVE_HTTP_PORT": "9000",
+    }
     cfg = ServerConfig.from_args([], env)
     assert cfg == ServerConfig(
-        repository=Path("/models"), host="0.0.0.0", port=9001, metrics_port=9002, device="cpu", max_batch_size=32,
-        max_queue_delay_ms=0.5, max_queue_size=100, instances=2, poll_interval_s=3.0, grace_s=7.0, http_port=9000,
-    )  # fmt: skip
+        repository=Path("/models"),
+        host="0.0.0.0",
+        port=9001,
+        metrics_port=9002,
+        device="cpu",
+        max_batch_size=32,
+        max_queue_delay_ms=0.5,
+        max_queue_size=100,
+        instances=2,
+        poll_interval_s=3.0,
+        grace_s=7.0,
+        http_port=9000,
+    )
     assert ServerConfig.from_args(["--max-batch-size", "8", "--port", "0"], env).max_batch_size == 8
 
 

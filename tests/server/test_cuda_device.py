@@ -173,8 +173,15 @@ def test_cuda_sessions_never_fall_back_to_cpu_at_run_time(tmp_path) -> None:
 
 
 def settings(**kw) -> ServingSettings:
-    base = dict(provider=CPU, max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=16, instances=1,
-                intra_op_threads=1, drain_timeout_s=1.0)  # fmt: skip
+    base = dict(
+        provider=CPU,
+        max_batch_size=8,
+        max_queue_delay_s=0.001,
+        max_queue_size=16,
+        instances=1,
+        intra_op_threads=1,
+        drain_timeout_s=1.0,
+    )
     return ServingSettings(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -66,8 +66,10 @@ def test_tritonclient_http_infer(tiny_server, binary: bool) -> None:
     server, tm = tiny_server
     client = http_client(server)
     x = np.random.default_rng(3).random((5, 1, 28, 28), dtype=np.float32)
-    outputs = [tch.InferRequestedOutput("logits", binary_data=binary),
-               tch.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]  # fmt: skip
+    outputs = [
+        tch.InferRequestedOutput("logits", binary_data=binary),
+        tch.InferRequestedOutput("probabilities", binary_data=binary, class_count=3),
+    ]
     result = client.infer("tiny", [infer_input(x, binary)], outputs=outputs, request_id="r-7")
     response = result.get_response()
     assert response["model_version"] == "1" and response["id"] == "r-7"
@@ -118,8 +120,11 @@ def test_curl_health_metadata_and_v2_infer_with_json_tensors(tiny_server) -> Non
     status, meta = curl_json(f"{url}/v2/models/tiny")
     assert status == 200 and meta["inputs"][0]["shape"] == [-1, 1, 28, 28]  # type: ignore[index]
     x = np.random.default_rng(5).random((1, 1, 28, 28), dtype=np.float32)
-    doc = {"id": "c1", "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x.tolist()}],
-           "outputs": [{"name": "probabilities"}]}  # fmt: skip
+    doc = {
+        "id": "c1",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28], "data": x.tolist()}],
+        "outputs": [{"name": "probabilities"}],
+    }
     status, reply = curl_json(
         "-H", "Content-Type: application/json", "-d", json.dumps(doc), url + infer_path("tiny")
     )
@@ -142,8 +147,13 @@ def test_curl_classify_a_png_file_like_grpc_classify(tiny_server, tmp_path) -> N
     server, _ = tiny_server
     png = png_of(np.random.default_rng(2).integers(0, 256, (40, 30), dtype=np.uint8))  # resized by the server
     (tmp_path / "shoe.png").write_bytes(png)
-    status, reply = curl_json("--data-binary", f"@{tmp_path / 'shoe.png'}", "-H", "Content-Type: image/png",
-                              server.http_url + classify_path("tiny") + "?top_k=3")  # fmt: skip
+    status, reply = curl_json(
+        "--data-binary",
+        f"@{tmp_path / 'shoe.png'}",
+        "-H",
+        "Content-Type: image/png",
+        server.http_url + classify_path("tiny") + "?top_k=3",
+    )
     assert status == 200 and reply["model"] == "tiny" and reply["version"] == 1  # type: ignore[index]
     with grpc.insecure_channel(server.target) as ch:
         want = pb_grpc.ClassifierStub(ch).Classify(
@@ -159,8 +169,11 @@ def test_curl_classify_a_png_file_like_grpc_classify(tiny_server, tmp_path) -> N
 def test_classify_json_tensors_and_encoded_images(tiny_server) -> None:
     server, tm = tiny_server
     x = np.random.default_rng(4).random((2, 1, 28, 28), dtype=np.float32)
-    images = [{"shape": [1, 28, 28], "data": x[0].tolist()}, {"shape": [1, 28, 28], "data": x[1].ravel().tolist()},
-              {"b64": base64.b64encode(png_of(np.zeros((28, 28), np.uint8))).decode()}]  # fmt: skip
+    images = [
+        {"shape": [1, 28, 28], "data": x[0].tolist()},
+        {"shape": [1, 28, 28], "data": x[1].ravel().tolist()},
+        {"b64": base64.b64encode(png_of(np.zeros((28, 28), np.uint8))).decode()},
+    ]
     body = json.dumps({"top_k": 2, "images": images}).encode()
     reply = request(server.http_url + classify_path("tiny", 1), body, {"Content-Type": "application/json"})
     assert reply.status == 200

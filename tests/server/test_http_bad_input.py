@@ -115,7 +115,7 @@ FORMAT_CASES = {
         ).encode(),
         {},
         "classification must be an integer",
-    ),  # fmt: skip
+    ),
     "classification too large": (
         json.dumps(
             {
@@ -125,7 +125,7 @@ FORMAT_CASES = {
         ).encode(),
         {},
         "classification must be between 1 and 10",
-    ),  # fmt: skip
+    ),
     "nested data of the wrong size": (
         json.dumps({"inputs": [{**_good_input(), "data": [[0.5] * 28] * 27}]}).encode(),
         {},
@@ -163,8 +163,13 @@ def test_rest_rejections_are_counted_under_http(server) -> None:
     registry = server.handle.metrics.registry
 
     def count(model: str, code: grpc.StatusCode) -> float:
-        labels = {"rpc": "ModelInfer", "protocol": "http", "model": model,
-                  "version": "1" if model else "", "code": code.name}  # fmt: skip
+        labels = {
+            "rpc": "ModelInfer",
+            "protocol": "http",
+            "model": model,
+            "version": "1" if model else "",
+            "code": code.name,
+        }
         return registry.get_sample_value("cnn_requests_total", labels) or 0.0
 
     codes = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK)

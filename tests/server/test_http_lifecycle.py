@@ -28,9 +28,17 @@ QUEUE = 4
 
 def infer_body(n: int = 1) -> tuple[bytes, dict[str, str]]:
     x = np.random.default_rng(0).random((n, 1, 28, 28), dtype=np.float32)
-    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                          "parameters": {"binary_data_size": x.nbytes}}],
-              "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}]}  # fmt: skip
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
+    }
     return binary_body(header, [x.tobytes()])
 
 
@@ -100,8 +108,10 @@ def test_http_readiness_follows_grpc_health_on_shutdown(tmp_path, start_server) 
     assert grpc_health(server.target) == health_pb2.HealthCheckResponse.SERVING
     body, headers = infer_body(64)  # one full batch: in flight while the shutdown begins
     in_flight: Future = Future()
-    threading.Thread(target=lambda: in_flight.set_result(request(url + infer_path("slow"), body, headers, timeout=60)),
-                     daemon=True).start()  # fmt: skip
+    threading.Thread(
+        target=lambda: in_flight.set_result(request(url + infer_path("slow"), body, headers, timeout=60)),
+        daemon=True,
+    ).start()
     end = time.monotonic() + 10
     while server.handle.state.active == 0 and time.monotonic() < end:
         time.sleep(0.001)

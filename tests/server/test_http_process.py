@@ -24,8 +24,16 @@ CLIENTS = 8
 
 def infer_request() -> tuple[bytes, dict[str, str]]:
     x = np.random.default_rng(0).random((1, 1, 28, 28), dtype=np.float32)
-    header = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1, 28, 28],
-                          "parameters": {"binary_data_size": x.nbytes}}]}  # fmt: skip
+    header = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [1, 1, 28, 28],
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ]
+    }
     return binary_body(header, [x.tobytes()])
 
 
@@ -59,8 +67,19 @@ def test_sigterm_under_http_load_finishes_every_admitted_request_and_exits_0(tmp
     root = tmp_path / "repo"
     data, tm = tiny_model(hidden=100, width=1024)  # a few ms per batch: work is queued at SIGTERM
     publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--metrics-port", "-1", "--device", "cpu", "--max-batch-size", "4", "--poll-interval-s", "0",
-                   "--grace-s", "20", repository=root)  # fmt: skip
+    server = spawn(
+        "--metrics-port",
+        "-1",
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--poll-interval-s",
+        "0",
+        "--grace-s",
+        "20",
+        repository=root,
+    )
     port = server.wait_listening()["http_port"]
     results: Counter = Counter()
     lock = threading.Lock()

@@ -37,8 +37,19 @@ def test_sigterm_under_load_finishes_every_admitted_call_and_exits_0(tmp_path, s
     root = tmp_path / "repo"
     data, tm = tiny_model(hidden=100, width=1024)  # a few ms per batch: work is queued at SIGTERM
     publish(root, "tiny", 1, data, tm.meta)
-    server = spawn("--metrics-port", "0", "--device", "cpu", "--max-batch-size", "4", "--poll-interval-s", "0",
-                   "--grace-s", "20", repository=root)  # fmt: skip
+    server = spawn(
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+        "--max-batch-size",
+        "4",
+        "--poll-interval-s",
+        "0",
+        "--grace-s",
+        "20",
+        repository=root,
+    )
     listening = server.wait_listening()
     target = f"127.0.0.1:{listening['port']}"
     results: Counter = Counter()
@@ -90,8 +101,15 @@ def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
     root = tmp_path / "repo"
     v1, tm1 = tiny_model(seed=1)
     publish(root, "tiny", 1, v1, tm1.meta)
-    server = spawn(env={"CNN_SERVE_REPOSITORY": str(root), "CNN_SERVE_PORT": "0", "CNN_SERVE_METRICS_PORT": "-1",
-                        "CNN_SERVE_DEVICE": "cpu", "CNN_SERVE_POLL_INTERVAL_S": "0"})  # fmt: skip
+    server = spawn(
+        env={
+            "CNN_SERVE_REPOSITORY": str(root),
+            "CNN_SERVE_PORT": "0",
+            "CNN_SERVE_METRICS_PORT": "-1",
+            "CNN_SERVE_DEVICE": "cpu",
+            "CNN_SERVE_POLL_INTERVAL_S": "0",
+        }
+    )
     listening = server.wait_listening()
     assert listening["models"] == [{"name": "tiny", "versions": [1], "provider": "CPUExecutionProvider"}]
     assert listening["metrics_port"] is None
@@ -108,15 +126,21 @@ def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
             time.sleep(0.05)
     health = subprocess.run(
         [sys.executable, "-m", "server.healthcheck", "--port", str(listening["port"])],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (health.returncode, health.stdout.strip()) == (0, "SERVING")  # the docker-compose healthcheck
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(30) == 0
     after = subprocess.run(
         [sys.executable, "-m", "server.healthcheck", "--port", str(listening["port"]), "--timeout-s", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert after.returncode == 1 and "unhealthy: UNAVAILABLE" in after.stderr
 
 

@@ -137,10 +137,16 @@ def test_real_prometheus_scrape_matches_the_requests_sent(tiny_server, tmp_path)
         f"      - targets: ['127.0.0.1:{server.handle.metrics_port}']\n"
     )
     prom = subprocess.Popen(
-        ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         x = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
         img = pb.Image(tensor=pb.Tensor(shape=[1, 28, 28], data=x.tobytes()))

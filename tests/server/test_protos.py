@@ -66,6 +66,14 @@ def test_kserve_messages_match_tritonclient_on_the_wire() -> None:
             ref.input_type.full_name,
             ref.output_type.full_name,
         )
-    for required in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-                     "ModelConfig", "ModelStatistics"):  # fmt: skip
+    for required in (
+        "ServerLive",
+        "ServerReady",
+        "ModelReady",
+        "ServerMetadata",
+        "ModelMetadata",
+        "ModelInfer",
+        "ModelConfig",
+        "ModelStatistics",
+    ):
         assert required in ours_service.methods_by_name

@@ -27,12 +27,23 @@ def test_serves_a_lenet5_exported_by_cnn_export(tmp_path, start_server) -> None:
     torch.manual_seed(0)
     model = get_model("lenet5", in_channels=1, num_classes=10, image_size=28).eval()
     ckpt = tmp_path / "lenet.pt"
-    save_checkpoint(ckpt, {
-        "schema_version": SCHEMA_VERSION, "arch": "lenet5",
-        "model_args": {"in_channels": 1, "num_classes": 10, "image_size": 28}, "meta": meta.to_dict(),
-        "state_dict": model.state_dict(), "optimizer": None, "scheduler": None, "epoch": 1,
-        "metrics": {"test_acc": 0.1}, "config": {}, "torch_version": str(torch.__version__), "git_commit": None,
-    })  # fmt: skip
+    save_checkpoint(
+        ckpt,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "arch": "lenet5",
+            "model_args": {"in_channels": 1, "num_classes": 10, "image_size": 28},
+            "meta": meta.to_dict(),
+            "state_dict": model.state_dict(),
+            "optimizer": None,
+            "scheduler": None,
+            "epoch": 1,
+            "metrics": {"test_acc": 0.1},
+            "config": {},
+            "torch_version": str(torch.__version__),
+            "git_commit": None,
+        },
+    )
     repo = tmp_path / "repo"
     fast = [
         "--parity-samples",

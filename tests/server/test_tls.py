@@ -78,8 +78,11 @@ def test_mutual_tls_serves_a_certified_client_and_refuses_one_without(repo, star
     s = start_server(cfg)
     shape = tuple(tm.meta.input_shape)
     assert _grpc_infer(s.target, pki, shape)  # gRPC with a client certificate: answered
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, *shape],
-                        "data": [0.0] * int(np.prod(shape))}]}  # fmt: skip
+    body = {
+        "inputs": [
+            {"name": "input", "datatype": "FP32", "shape": [1, *shape], "data": [0.0] * int(np.prod(shape))}
+        ]
+    }
     reply = _https(f"{s.http_url}/v2/models/tiny/infer", pki, with_client_cert=True, body=body)
     assert {o["name"] for o in reply["outputs"]} >= {"probabilities"}
     with pytest.raises(grpc.RpcError):  # no client certificate: the handshake fails

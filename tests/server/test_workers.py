@@ -115,9 +115,11 @@ def test_metrics_totals_equal_the_requests_sent_across_both_workers(two_workers)
 
 
 def load(
-    channels: dict[int, list[grpc.Channel]], stop: threading.Event, seconds: float = 60.0,
+    channels: dict[int, list[grpc.Channel]],
+    stop: threading.Event,
+    seconds: float = 60.0,
     wait_for_ready: bool = False,
-):  # fmt: skip
+):
     """One thread per channel, one call in flight each; returns (threads, results by (pid, code),
     failures as (pid, time.monotonic() of the failure))."""
     results: Counter = Counter()
@@ -283,9 +285,27 @@ def test_loadtest_connections_reach_both_workers(two_workers, tmp_path: Path) ->
     try:
         before = count()
         # 16 connections: the kernel puts all of them on one worker with probability 2 ** -15.
-        argv = ["--target", server.target, "--model", "tiny", "--concurrency", "16", "--connections", "16",
-                "--max-requests", "320", "--duration", "30", "--window", "1", "--warmup", "0", "--quiet",
-                "--out", str(tmp_path / "r.json")]  # fmt: skip
+        argv = [
+            "--target",
+            server.target,
+            "--model",
+            "tiny",
+            "--concurrency",
+            "16",
+            "--connections",
+            "16",
+            "--max-requests",
+            "320",
+            "--duration",
+            "30",
+            "--window",
+            "1",
+            "--warmup",
+            "0",
+            "--quiet",
+            "--out",
+            str(tmp_path / "r.json"),
+        ]
         assert loadtest(argv) == 0
         after = count()
     finally:

@@ -36,9 +36,22 @@ def epoch(criterion: nn.Module, scaler: torch.amp.GradScaler | None) -> tuple[en
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     stats = train_one_epoch(
-        model, criterion, optimizer, scheduler, train, info, epoch=1, epochs=1, batch_size=32, seed=0,
-        aug_info=None, precision="fp32", channels_last=False, dist_info=DistInfo(), scaler=scaler,
-    )  # fmt: skip
+        model,
+        criterion,
+        optimizer,
+        scheduler,
+        train,
+        info,
+        epoch=1,
+        epochs=1,
+        batch_size=32,
+        seed=0,
+        aug_info=None,
+        precision="fp32",
+        channels_last=False,
+        dist_info=DistInfo(),
+        scaler=scaler,
+    )
     return stats, model
 
 

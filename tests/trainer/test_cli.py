@@ -17,9 +17,27 @@ from trainer.models import get_model, list_models
 from trainer.presets import list_presets
 
 TINY = [
-    "--dataset", "synthetic", "--arch", "lenet5", "--activation", "relu", "--pool", "max", "--batchnorm",
-    "--max-train", "512", "--batch-size", "64", "--lr", "0.05", "--precision", "fp32", "--quiet", "--threads", "2",
-]  # fmt: skip
+    "--dataset",
+    "synthetic",
+    "--arch",
+    "lenet5",
+    "--activation",
+    "relu",
+    "--pool",
+    "max",
+    "--batchnorm",
+    "--max-train",
+    "512",
+    "--batch-size",
+    "64",
+    "--lr",
+    "0.05",
+    "--precision",
+    "fp32",
+    "--quiet",
+    "--threads",
+    "2",
+]
 
 
 def config_of(argv: list[str]):  # type: ignore[no-untyped-def]

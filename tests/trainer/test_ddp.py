@@ -19,11 +19,37 @@ pytestmark = pytest.mark.numerics  # CPU-kernel-dependent results: .ci/run rerun
 def test_torchrun_two_processes_train_and_only_rank0_writes(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "trainer", "--dataset", "synthetic", "--arch", "lenet5", "--activation", "relu", "--pool", "max",
-        "--batchnorm", "--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--max-train", "1024",
-        "--precision", "fp32", "--quiet", "--out", str(out),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "trainer",
+        "--dataset",
+        "synthetic",
+        "--arch",
+        "lenet5",
+        "--activation",
+        "relu",
+        "--pool",
+        "max",
+        "--batchnorm",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "64",
+        "--lr",
+        "0.05",
+        "--max-train",
+        "1024",
+        "--precision",
+        "fp32",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

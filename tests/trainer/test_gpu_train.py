@@ -50,10 +50,22 @@ def test_a_small_cnn_learns_on_cuda_channels_last(precision: str) -> None:
     losses = []
     for e in (1, 2, 3):
         stats = train_one_epoch(
-            model, nn.CrossEntropyLoss(), optimizer, scheduler, train_split, info, epoch=e, epochs=3,
-            batch_size=64, seed=0, aug_info=None, precision=precision, channels_last=True,
-            dist_info=DistInfo(), scaler=scaler,
-        )  # fmt: skip
+            model,
+            nn.CrossEntropyLoss(),
+            optimizer,
+            scheduler,
+            train_split,
+            info,
+            epoch=e,
+            epochs=3,
+            batch_size=64,
+            seed=0,
+            aug_info=None,
+            precision=precision,
+            channels_last=True,
+            dist_info=DistInfo(),
+            scaler=scaler,
+        )
         losses.append(stats.loss)
     handle.remove()
     assert losses[-1] < 0.7 * losses[0], losses
@@ -78,9 +90,19 @@ def test_the_trainer_sets_cudnn_benchmark_and_tf32_and_trains_a_run(tmp_path) ->
     assert torch.get_float32_matmul_precision() == "high"
     assert "cudnn.benchmark on" in line and f"cuDNN {torch.backends.cudnn.version()}" in line
     cfg = TrainConfig(
-        arch="lenet5", dataset="synthetic", activation="relu", pool="max", batchnorm=True, epochs=2, batch_size=64,
-        device="cuda", precision="fp16", channels_last=True, out=str(tmp_path / "run"), quiet=True,
-    )  # fmt: skip
+        arch="lenet5",
+        dataset="synthetic",
+        activation="relu",
+        pool="max",
+        batchnorm=True,
+        epochs=2,
+        batch_size=64,
+        device="cuda",
+        precision="fp16",
+        channels_last=True,
+        out=str(tmp_path / "run"),
+        quiet=True,
+    )
     summary = train.main(cfg)
     assert summary["device"] == "cuda:0" and summary["precision"] == "fp16"
     history = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -31,8 +31,14 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / 20)
 
 
 def faults_per_step(mode: str, env: dict[str, str] | None = None) -> tuple[bool, float]:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode], capture_output=True, text=True, check=True,
-                          timeout=120, env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
     applied, faults = proc.stdout.split()
     return applied == "True", float(faults)
 
