@@ -27,17 +27,17 @@ from aiohttp import web
 from cnnstack.contract import RepositoryError
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc
 from protos.inference import grpc_service_pb2_grpc
-from server.classifier_service import ClassifierService
-from server.common import Inference, ServerState
+from server.api.classifier.grpc import ClassifierService
+from server.api.dataplane import Inference, ServerState
+from server.api.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
+from server.api.http import HttpApi, start_http
+from server.api.kserve.grpc import KServeService
 from server.config import ServerConfig
-from server.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
-from server.http_app import HttpApi, start_http
-from server.kserve_service import KServeService
 from server.metrics import LIVE_GAUGE_PERIOD_S, ServerMetrics, start_metrics_http
-from server.models import ModelManager
-from server.runtime import CUDA, DeviceError, resolve_device
-from server.served import ServingSettings
-from server.share import usable_cpus, worker_gpus
+from server.runtime.cuda import CUDA, DeviceError, resolve_device
+from server.runtime.loader import ServingSettings
+from server.runtime.manager import ModelManager
+from server.runtime.share import usable_cpus, worker_gpus
 from server.tls import TlsFiles, grpc_server_credentials, server_ssl_context
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ def grpc_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str,
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         # A second server on the same port must fail, not share it; the workers of one supervisor
-        # (server.supervisor) share it on purpose and the kernel spreads connections over them.
+        # (server.scaleout.supervisor) share it on purpose and the kernel spreads connections over them.
         # Any other listener a worker opens on a fixed port (an HTTP one) needs reuse_port as well.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]

@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEVICES = ("auto", "cpu", "cuda")
-ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # onnxruntime's cudnn_conv_algo_search values
+from server.runtime.devices import ALGO_SEARCHES, DEVICES
+
 ENV_PREFIX = "CNN_SERVE_"
 
 
@@ -51,7 +51,7 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
     log_level: str = "INFO"
-    # Scale-out on one host (server.supervisor): N processes serving the same ports; "auto": one
+    # Scale-out on one host (server.scaleout.supervisor): N processes serving the same ports; "auto": one
     # per usable core. Stays "1" (no supervisor, one process) unless asked for.
     workers: str = "1"
     # HTTP/REST and TLS (server/http_app.py, server/tls.py).
@@ -250,7 +250,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def parse_workers(text: str) -> int:
     """``--workers``: "auto" (one per usable core) or an integer >= 1."""
-    from server.share import machine_cpus
+    from server.runtime.share import machine_cpus
 
     if text.strip().lower() == "auto":
         return machine_cpus()

@@ -10,7 +10,7 @@ missing series. The hot path talks to pre-resolved children (``VersionMetrics``)
 
 Under ``cnn-serve --workers N`` every worker writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen by that variable at
-import) and the supervisor serves one ``/metrics`` over all of them (server.supervisor):
+import) and the supervisor serves one ``/metrics`` over all of them (server.scaleout.supervisor):
 counters and histograms are summed over the workers, dead ones included, so totals never go back;
 each gauge says how it combines (``multiprocess_mode``) and counts live workers only. The two
 gauges read through callables are written to the files by ``refresh_live_gauges``, which the

@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
-from server.batcher import STOP, Batcher, submit
 from server.errors import ServeError
+from server.runtime.batcher import STOP, Batcher, submit
 
 
 class FakeModel:
@@ -293,7 +293,7 @@ def test_inline_runs_use_their_own_batch_function() -> None:
 
 
 def test_inline_limit_from_load_time_measurements() -> None:
-    from server.served import _inline_limit
+    from server.runtime.loader import _inline_limit
 
     lenet = {1: 20e-6, 64: 800e-6}  # ~12.4 us per extra image
     assert _inline_limit(lenet, 64, 100e-6) == 7
@@ -303,7 +303,7 @@ def test_inline_limit_from_load_time_measurements() -> None:
 
 
 def test_top_k_orders_by_probability_on_every_path() -> None:
-    from server.postprocess import top_k
+    from server.runtime.postprocess import top_k
 
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
     assert top_k(probs[:1], 1) == ([[1]], [[pytest.approx(0.6)]])

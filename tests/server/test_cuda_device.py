@@ -17,19 +17,20 @@ import pytest
 
 from cnnstack.contract import RepositoryError, scan_repository
 from protos.inference import model_config_pb2 as mc
-from server import cuda
-from server.batcher import STOP, Batcher, batch_sizes, submit
 from server.config import ServerConfig
-from server.devices import instance_devices, instance_groups
-from server.placement import (
+from server.runtime import cuda
+from server.runtime.batcher import STOP, Batcher, batch_sizes, submit
+from server.runtime.cuda import CPU, CUDA, DeviceError
+from server.runtime.devices import instance_devices, instance_groups
+from server.runtime.loader import ServingSettings, load_version, warmup_batch_sizes
+from server.runtime.placement import (
     RECORD_KEY,
     conv_placement_problem,
     describe,
     profiled_placement,
     recorded_placement,
 )
-from server.runtime import CPU, CUDA, DeviceError, create_session, session_options
-from server.served import ServingSettings, load_version, warmup_batch_sizes
+from server.runtime.sessions import create_session, session_options
 from tests.server.gpu_helpers import conv_model
 from tests.server.helpers import publish
 
@@ -125,7 +126,7 @@ def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(tmp_
         DeviceError, match=r"--device cuda: .*GPU 1 .*invalid device ordinal 1.*--device auto"
     ):
         cuda.resolve_device("cuda", (0, 1), ort_module=broken)
-    with caplog.at_level(logging.WARNING, logger="server.cuda"):
+    with caplog.at_level(logging.WARNING, logger="server.runtime.cuda"):
         assert cuda.resolve_device("auto", (0, 1), ort_module=broken) == CPU
     assert "device auto: using CPU, because" in caplog.text and "GPU 1" in caplog.text
     assert cuda.resolve_device("cpu", ort_module=broken) == CPU
@@ -190,12 +191,14 @@ def test_a_cuda_server_refuses_or_reports_a_model_with_a_convolution_on_cpu(
     tmp_path, monkeypatch, caplog, strict: bool
 ) -> None:
     """The rule at load: the sessions are real CPU ones posing as CUDA (no GPU here)."""
-    import server.runtime
-    import server.served
+    import server.runtime.loader
+    import server.runtime.sessions
 
-    real = server.runtime.create_session
-    monkeypatch.setattr(server.runtime, "create_session", lambda path, provider, *a: real(path, CPU, 1))
-    monkeypatch.setattr(server.served, "warmup_batch_sizes", lambda m, p: [1, m])  # CPU-fast warm-up
+    real = server.runtime.sessions.create_session
+    monkeypatch.setattr(
+        server.runtime.sessions, "create_session", lambda path, provider, *a: real(path, CPU, 1)
+    )
+    monkeypatch.setattr(server.runtime.loader, "warmup_batch_sizes", lambda m, p: [1, m])  # CPU-fast warm-up
     model, meta = conv_model()
     publish(tmp_path, "conv", 1, model, meta)
     rm = scan_repository(tmp_path)["conv"]
@@ -206,7 +209,7 @@ def test_a_cuda_server_refuses_or_reports_a_model_with_a_convolution_on_cpu(
         ):
             load_version("conv", rm.config, rm.versions[1], s)
         return
-    with caplog.at_level(logging.INFO, logger="server.served"):
+    with caplog.at_level(logging.INFO, logger="server.runtime.loader"):
         loaded = load_version("conv", rm.config, rm.versions[1], s)
     assert (
         "not on CUDAExecutionProvider" in caplog.text and "serving it anyway (--device auto)" in caplog.text

@@ -147,7 +147,7 @@ def test_sighup_reloads_the_repository(tmp_path, spawn) -> None:
 def test_device_cuda_without_a_working_cuda_provider_fails_start_clearly(tmp_path, spawn) -> None:
     import onnxruntime as ort
 
-    from server.runtime import CUDA, DeviceError, resolve_device
+    from server.runtime.cuda import CUDA, DeviceError, resolve_device
 
     try:
         if resolve_device("auto") == CUDA:

@@ -19,7 +19,7 @@ from cnnstack.serverproc import ServerProcess
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.share import machine_cpus
+from server.runtime.share import machine_cpus
 from tests.server.helpers import publish, tiny_model
 from tests.server.worker_helpers import (
     X,

@@ -28,7 +28,7 @@ def ranked(outputs: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarr
     """One batch's model outputs -> [*outputs, probabilities (B, K), top-1 index (B,), its probability (B,)].
 
     Runs with the batch on the instance's executor thread: numpy's argmax always releases the GIL,
-    and on the event loop each release lets another thread cut in (see server.batcher).
+    and on the event loop each release lets another thread cut in (see server.runtime.batcher).
     """
     if PROBABILITIES_NAME in names:
         probs = outputs[names.index(PROBABILITIES_NAME)]

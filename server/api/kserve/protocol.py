@@ -18,10 +18,10 @@ import numpy as np
 from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from server.errors import invalid, not_found
-from server.models import ModelManager
-from server.postprocess import top_k_of
-from server.preprocess import check_count
-from server.served import ServedVersion
+from server.runtime.manager import ModelManager
+from server.runtime.postprocess import top_k_of
+from server.runtime.preprocess import check_count
+from server.runtime.version import ServedVersion
 
 SERVER_NAME = "cnnstack"
 SERVER_VERSION = "0.1.0"

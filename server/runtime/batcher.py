@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.errors import ServeError, deadline_exceeded, internal, overloaded, unavailable
-from server.preprocess import nonfinite_error
+from server.runtime.preprocess import nonfinite_error
 
 log = logging.getLogger(__name__)
 

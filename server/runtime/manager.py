@@ -24,7 +24,8 @@ from cnnstack.contract import RepoModel, RepositoryError, scan_repository, selec
 from protos.inference import model_config_pb2 as mc
 from server.errors import not_found
 from server.metrics import ServerMetrics
-from server.served import ServedVersion, ServingSettings, load_version
+from server.runtime.loader import ServingSettings, load_version
+from server.runtime.version import ServedVersion
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from server.errors import ServeError, unavailable
 from server.metrics import GRPC, ServerMetrics
-from server.models import ModelManager
-from server.served import Retired, ServedVersion
+from server.runtime.manager import ModelManager
+from server.runtime.version import Retired, ServedVersion
 
 log = logging.getLogger(__name__)
 perf_counter = time.perf_counter

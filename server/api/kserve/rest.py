@@ -5,7 +5,7 @@ JSON tensors (``data`` flat or nested) and the binary tensor data extension that
 ``Inference-Header-Content-Length`` bytes followed by the inputs' raw bytes, each input saying its
 length in ``parameters.binary_data_size``. Outputs come back as binary when the request asks
 (``outputs[].parameters.binary_data``, or ``parameters.binary_data_output`` for every output),
-else as JSON ``data``. Checks of the tensors themselves are ``server.v2``'s, as over gRPC.
+else as JSON ``data``. Checks of the tensors themselves are ``server.api.kserve.protocol``'s, as over gRPC.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
-from server import v2
+from server.api.kserve import protocol as v2
 from server.errors import invalid
-from server.served import ServedVersion
+from server.runtime.version import ServedVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

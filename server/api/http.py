@@ -26,11 +26,13 @@ import grpc
 import numpy as np
 from aiohttp import web
 
-from server import rest_classify, rest_v2, v2
-from server.common import Call, Inference
+from server.api.classifier import rest as rest_classify
+from server.api.dataplane import Call, Inference
+from server.api.kserve import protocol as v2
+from server.api.kserve import rest as rest_v2
 from server.errors import ServeError, http_status
 from server.metrics import HTTP
-from server.preprocess import OFFLOAD_BYTES
+from server.runtime.preprocess import OFFLOAD_BYTES
 
 JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

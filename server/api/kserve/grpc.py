@@ -17,10 +17,10 @@ import numpy as np
 from cnnstack.contract import TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server import v2
-from server.common import Call, Inference, deadline_of, error_code, serve_stream
+from server.api.dataplane import Call, Inference, deadline_of, error_code, serve_stream
+from server.api.kserve import protocol as v2
 from server.errors import invalid, not_found
-from server.served import ServedVersion
+from server.runtime.version import ServedVersion
 
 PID_METADATA = "cnn-server-pid"  # initial metadata of ServerMetadata: the answering process
 

@@ -11,11 +11,11 @@ import grpc
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from server.common import Call, Inference, deadline_of, serve_stream
+from server.api.dataplane import Call, Inference, deadline_of, serve_stream
 from server.errors import invalid
-from server.postprocess import top_k_of
-from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
-from server.served import ServedVersion
+from server.runtime.postprocess import top_k_of
+from server.runtime.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
+from server.runtime.version import ServedVersion
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""``cnn-serve --workers N``: N worker processes (server.worker) serving one port, one supervisor.
+"""``cnn-serve --workers N``: N worker processes (server.scaleout.worker) serving one port, one supervisor.
 
 One server process is one event loop, so it tops out at about one core of RPC handling however
 many the machine has. The supervisor reserves the gRPC port (bound with SO_REUSEPORT, never
@@ -6,7 +6,7 @@ listening, as in gRPC's own multiprocessing example) and starts N workers that e
 SO_REUSEPORT; the kernel then hands every new *connection* to one of the listening workers. It:
 
 * prints one ``listening`` line once every worker listens (with the workers' pids) and serves the
-  one ``/metrics`` over all of them (server.multiproc_metrics);
+  one ``/metrics`` over all of them (server.scaleout.metrics);
 * restarts a worker that dies (logged, counted in ``cnn_worker_restarts_total``, a
   ``worker_exited`` and a ``worker_started`` line), after a back-off when it keeps dying young;
 * forwards SIGTERM/SIGINT (every worker drains as a single server does; ``stopped`` sums their
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.config import ServerConfig
-from server.multiproc_metrics import ENV, SharedMetrics, SupervisorCollector
-from server.worker import WorkerSpec
+from server.scaleout.metrics import ENV, SharedMetrics, SupervisorCollector
+from server.scaleout.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ class Supervisor:
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server.worker",
+            "server.scaleout.worker",
             spec.to_json(),
             stdout=asyncio.subprocess.PIPE,
             env=self.worker_env(),

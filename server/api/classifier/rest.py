@@ -10,7 +10,7 @@ where a tensor image is float32 pixels in [0, 1] of exactly the model's (C, H, W
     {"model": "fmnist", "version": 1, "results": [{"predictions": [
         {"class_index": 7, "class_name": "Sneaker", "probability": 0.93}, ...]}]}
 
-Decoding and resizing are ``server.preprocess``'s, with its messages, as over gRPC.
+Decoding and resizing are ``server.runtime.preprocess``'s, with its messages, as over gRPC.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from server.errors import invalid
-from server.postprocess import top_k_of
-from server.preprocess import check_count, decode_image
-from server.served import ServedVersion
+from server.runtime.postprocess import top_k_of
+from server.runtime.preprocess import check_count, decode_image
+from server.runtime.version import ServedVersion
 
 JSON_TYPES = ("application/json",)
 

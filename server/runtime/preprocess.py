@@ -57,7 +57,7 @@ def nonfinite_error(x: np.ndarray, what: str) -> ServeError:
 
     ``what="image"`` (classifier.v1) names the image and the (c, h, w) of its first bad pixel;
     anything else (``"input 'input'"``, KServe) is followed by the full (n, c, h, w) index.
-    The check itself runs in the batcher, over the whole batch (see server.batcher).
+    The check itself runs in the batcher, over the whole batch (see server.runtime.batcher).
     """
     bad = np.argwhere(~np.isfinite(x))[0].tolist()
     if what == "image":
