@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from cnnstack.cli import parse_config, require
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
 
 ENV_PREFIX = "CNN_SERVE_"
@@ -60,22 +61,19 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
 
+    def __post_init__(self) -> None:
+        require(self.problems())
+
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> ServerConfig:
         environ = os.environ if environ is None else environ
-        parser = build_parser(environ)
-        args = parser.parse_args(argv)
-        if args.repository is None:
-            parser.error(f"--repository is required (or set {ENV_PREFIX}REPOSITORY)")
-        cfg = cls(**{k: v for k, v in vars(args).items()})
-        problems = cfg.problems()
-        if problems:
-            parser.error("; ".join(problems))
-        return cfg
+        return parse_config(cls, build_parser(environ), argv)
 
     def problems(self) -> list[str]:
+        if self.repository is None:
+            return [f"--repository is required (or set {ENV_PREFIX}REPOSITORY)"]
         out = []
         if self.device not in DEVICES:
             out.append(f"--device must be one of {DEVICES}, got {self.device!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from urllib.parse import urlparse
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
+
+from server.net import bind, bound_port
 
 # 100 us .. 10 s: from a small model's batch of 1 to a large model's batch behind a full queue.
 LATENCY_BUCKETS = (
@@ -260,21 +261,28 @@ class ServerMetrics:
         self.server_info.labels(device, provider).set(1)
 
 
-def start_metrics_http(metrics: ServerMetrics, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
-    """Serve ``/metrics`` (and nothing else: 404) from a daemon thread; returns (server, bound port).
+class MetricsEndpoint:
+    """``/metrics`` (and nothing else: 404) for ``registry``, served from a daemon thread.
 
-    A thread, not the event loop: a scrape is answered even while the loop is saturated, which
-    is when the numbers matter. Only one path, so an HTTP probe pointed at the wrong port fails
-    instead of passing on the metrics page.
+    A thread, not the event loop: a scrape is answered even while the loop is saturated, which is
+    when the numbers matter. Only one path, so an HTTP probe pointed at the wrong port fails instead
+    of passing on the metrics page. The single server and the supervisor (its registry reads the
+    workers' files) both serve through this.
     """
-    handler = type("MetricsOnlyHandler", (_MetricsOnly,), {"registry": metrics.registry})
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    server_class = type(
-        "MetricsServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
-    )
-    httpd = server_class((host, port), handler)
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
-    return httpd, int(httpd.server_address[1])
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        handler = type("MetricsOnlyHandler", (_MetricsOnly,), {"registry": registry})
+        sock = bind(host, port)
+        self._httpd = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self._httpd.socket.close()
+        self._httpd.socket = sock  # bound and listening already, as every port of the server
+        self._httpd.daemon_threads = True
+        self.port = bound_port(sock)
+        threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
 
 class _MetricsOnly(MetricsHandler):

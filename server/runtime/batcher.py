@@ -154,14 +154,9 @@ class Batcher:
         n = first.n
         # 1. Everything already waiting, up to a full batch.
         while n < max_n and not q.empty():
-            item = q.get_nowait()
-            if item is STOP:
-                return self._done(batch), True
-            if n + item.n > max_n:
-                self._carry = item
-                return self._done(batch), False
-            batch.append(item)
-            n += item.n
+            stop, n = self._add(batch, n, q.get_nowait())
+            if stop or self._carry is not None:
+                return self._done(batch), stop
         # 2. Idle fast path: a lone request after a lone request runs now.
         idle = len(batch) == 1 and self._last_batch_requests == 1
         if n >= max_n or self.max_delay_s <= 0 or idle:
@@ -170,22 +165,28 @@ class Batcher:
         # 3. Under load: wait for more until the oldest request has waited max_delay_s.
         loop = asyncio.get_running_loop()
         fill_deadline = first.enqueued + self.max_delay_s
-        while n < max_n:
-            if loop.time() >= fill_deadline:
-                break
+        while n < max_n and loop.time() < fill_deadline:
             try:
                 async with asyncio.timeout_at(fill_deadline):
                     item = await q.get()
             except TimeoutError:
                 break
-            if item is STOP:
-                return self._done(batch), True
-            if n + item.n > max_n:
-                self._carry = item
-                break
-            batch.append(item)
-            n += item.n
+            stop, n = self._add(batch, n, item)
+            if stop or self._carry is not None:
+                return self._done(batch), stop
         return self._done(batch), False
+
+    def _add(self, batch: list[WorkItem], n: int, item: WorkItem | object) -> tuple[bool, int]:
+        """Append ``item`` to ``batch`` of ``n`` images; carry it to the next batch instead when it
+        would overflow this one (requests are never split). -> (it was STOP, images now)."""
+        if item is STOP:
+            return True, n
+        assert isinstance(item, WorkItem)
+        if n + item.n > self.max_batch_size:
+            self._carry = item
+            return False, n
+        batch.append(item)
+        return False, n + item.n
 
     def _done(self, batch: list[WorkItem]) -> list[WorkItem]:
         self._last_batch_requests = len(batch)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.config import ServerConfig
+from server.logs import event
+from server.net import bind
 from server.scaleout.metrics import ENV, SharedMetrics, SupervisorCollector
 from server.scaleout.worker import WorkerSpec
 
@@ -44,29 +46,13 @@ class StartError(RuntimeError):
     """The supervisor cannot start serving (port taken, repository missing, a worker failed)."""
 
 
-def event(name: str, **fields: Any) -> None:
-    print(json.dumps({"event": name, **fields}), flush=True)
-
-
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (never listen) ``host:port`` with SO_REUSEPORT: picks the port when it is 0 and keeps
     it ours while workers come and go; their listening sockets share it with this one."""
-    addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    family, sockaddr = addr[0], addr[4]
     if port:
-        # Without SO_REUSEPORT, so that any server already listening there makes this fail.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        # Without SO_REUSEPORT first, so that any server already listening there makes this fail.
+        bind(host, port, listen=False).close()
+    return bind(host, port, reuse_port=True, listen=False)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cnnstack.cli import ConfigError
 from cnnstack.contract import RepositoryError, scan_repository
 from protos.inference import model_config_pb2 as mc
 from server.config import ServerConfig
@@ -292,6 +293,7 @@ def test_gpu_flags_and_their_env_vars() -> None:
     )
     assert env.gpu_ids == (2,) and env.device == "cuda" and env.cudnn_conv_algo_search == "HEURISTIC"
     for bad in ("0,0", "-1", "a", ""):
-        assert ServerConfig(repository=Path("."), gpus=bad).problems(), bad
+        with pytest.raises(ConfigError, match="--gpus"):
+            ServerConfig(repository=Path("."), gpus=bad)
     with pytest.raises(SystemExit):
         ServerConfig.from_args(["--repository", ".", "--cudnn-conv-algo-search", "FAST"], {})

@@ -8,7 +8,6 @@ same verdict whichever protocol carried it.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
+from server.api.dataplane import parse_version
 from server.errors import invalid, not_found
 from server.runtime.manager import ModelManager
 from server.runtime.postprocess import top_k_of
@@ -28,12 +28,9 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
 
 
-def parse_version(text: str) -> int:
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise invalid(f"model_version must be a positive integer or empty (latest), got {text!r}")
-    return int(text)
+def server_metadata() -> dict[str, Any]:
+    """ServerMetadata's fields (gRPC and REST answer the same)."""
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
 
 
 def check_input_count(served: ServedVersion, n_inputs: int) -> None:
@@ -55,28 +52,6 @@ def check_input(served: ServedVersion, name: str, datatype: str, shape: Sequence
         )
     check_count(dims[0], served.max_batch_size)
     return dims
-
-
-def array_from_raw(name: str, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """Little-endian FP32 bytes -> (N, C, H, W), a view (no copy). NaN/Inf are checked in the batcher."""
-    count = math.prod(shape)
-    if len(raw) != 4 * count:
-        raise invalid(
-            f"input {name!r}: raw contents have {len(raw)} bytes, expected {4 * count} (FP32 x {list(shape)})"
-        )
-    return np.frombuffer(raw, dtype="<f4").reshape(shape)
-
-
-def array_from_values(name: str, values: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Numbers (gRPC ``fp32_contents``; REST ``data``, flat or nested) -> (N, C, H, W) float32."""
-    count = math.prod(shape)
-    try:
-        x = np.asarray(values, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise invalid(f"input {name!r}: {what} must be numbers (a flat or evenly nested list)") from None
-    if x.size != count:
-        raise invalid(f"input {name!r}: {x.size} {what}, expected {count} for shape {list(shape)}")
-    return x.reshape(shape)
 
 
 def check_output(served: ServedVersion, name: str, classification: int | None) -> None:

@@ -11,17 +11,23 @@ else as JSON ``data``. Checks of the tensors themselves are ``server.api.kserve.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
+from server.api.dataplane import Call, Inference, parse_version
+from server.api.http import JSON, answer, error_responder, error_response, json_response
 from server.api.kserve import protocol as v2
-from server.errors import invalid
+from server.errors import ServeError, http_status, invalid
+from server.metrics import HTTP
+from server.runtime.preprocess import array_from_bytes, array_from_values
 from server.runtime.version import ServedVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -142,8 +148,8 @@ def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
     for out in request.outputs or ():
         v2.check_output(served, out.name, out.classification)
     if inp.raw is not None:
-        return v2.array_from_raw(inp.name, inp.raw, shape)
-    return v2.array_from_values(inp.name, inp.data, shape, "data values")
+        return array_from_bytes(inp.raw, shape, f"input {inp.name!r}")
+    return array_from_values(inp.data, shape, f"input {inp.name!r}", "data values")
 
 
 def encode_response(
@@ -222,3 +228,101 @@ def _scalar(f: FieldDescriptor, value: Any) -> Any:
     if f.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode()
     return value
+
+
+class KServeRest:
+    """KServe v2 over HTTP: health, server and model metadata, config, statistics, the repository
+    index, infer (JSON tensors or the binary extension)."""
+
+    def __init__(self, inference: Inference) -> None:
+        self.inference = inference
+        self.manager = inference.manager
+        self.state = inference.state
+        self._on_error = error_responder(inference.state)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        get, post = router.add_get, router.add_post
+        get("/v2", self.server_metadata)
+        get("/v2/health/live", self.live)
+        get("/v2/health/ready", self.ready)
+        post("/v2/repository/index", self.repository_index)
+        get("/v2/models/stats", self.statistics)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            get(base, self.model_metadata)
+            get(f"{base}/ready", self.model_ready)
+            get(f"{base}/config", self.model_config)
+            get(f"{base}/stats", self.statistics)
+            post(f"{base}/infer", self.infer)
+
+    # ---- health and metadata ----
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.state.serving:
+            return web.Response(status=200)
+        why = "shutting down" if self.state.stopping else "loading the model repository"
+        return error_response(503, f"server not ready: {why}")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(v2.server_metadata())
+
+    def _resolve(self, request: web.Request) -> ServedVersion:
+        info = request.match_info
+        return self.manager.resolve(info["model"], parse_version(info.get("version", "")))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(v2.model_metadata(self.manager, self._resolve(request))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            served = self._resolve(request)
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        if served.accepting and not self.state.stopping:
+            return web.Response(status=200)
+        return error_response(503, f"model {served.name!r} version {served.version} is not ready")
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(self._resolve(request).config))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        info = request.match_info
+
+        def build() -> dict:
+            versions = v2.versions_for_statistics(
+                self.manager, info.get("model", ""), info.get("version", "")
+            )
+            return {"model_stats": [message_dict(v2.statistics(s)) for s in versions]}
+
+        return answer(build)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            ready = bool(json.loads(body).get("ready", False)) if body.strip() else False
+        except (ValueError, AttributeError):
+            return error_response(400, 'the body must be empty or a JSON object like {"ready": true}')
+        index = v2.repository_index(self.manager, ready)
+        return json_response([message_dict(m) for m in index.models])
+
+    # ---- inference ----
+
+    async def infer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        work = functools.partial(self._infer, request, body)
+        return await self.inference.handle("ModelInfer", work, self._on_error, HTTP)
+
+    async def _infer(self, request: web.Request, body: bytes, call: Call) -> web.Response:
+        model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))
+        header_length = request.headers.get(HEADER_LENGTH)
+        parsed = self.inference.parse(call, model, version, lambda: parse_request(body, header_length))
+        what = f"input {parsed.inputs[0].name!r}" if parsed.inputs else "input"
+        make_input = functools.partial(input_array, parsed)
+        served, outputs = await self.inference.run(call, model, version, make_input, None, what=what)
+        payload, json_length = encode_response(parsed, served, outputs)
+        if json_length is None:
+            return web.Response(body=payload, content_type=JSON)
+        headers = {HEADER_LENGTH: str(json_length)}
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
