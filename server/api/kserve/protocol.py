@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from cnnstack import version
 from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from server.api.dataplane import parse_version
@@ -24,13 +25,12 @@ from server.runtime.preprocess import check_count
 from server.runtime.version import ServedVersion
 
 SERVER_NAME = "cnnstack"
-SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
 
 
 def server_metadata() -> dict[str, Any]:
     """ServerMetadata's fields (gRPC and REST answer the same)."""
-    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+    return {"name": SERVER_NAME, "version": version(), "extensions": EXTENSIONS}
 
 
 def check_input_count(served: ServedVersion, n_inputs: int) -> None:
