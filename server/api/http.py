@@ -14,6 +14,7 @@ grpc.health.v1 and KServe ServerReady report.
 
 from __future__ import annotations
 
+import functools
 import json
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
@@ -23,8 +24,9 @@ import grpc
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from server.api.dataplane import ServerState
+from server.api.dataplane import Call, Inference, ServerState
 from server.errors import ServeError, http_status
+from server.metrics import HTTP
 from server.net import bind, bound_port
 
 JSON = "application/json"
@@ -63,6 +65,19 @@ def error_responder(state: ServerState) -> Callable[[grpc.StatusCode, str], Awai
         return error_response(http_status(status), message, close=state.stopping)
 
     return on_error
+
+
+async def inference_call(
+    inference: Inference,
+    rpc: str,
+    request: web.Request,
+    work: Callable[[web.Request, bytes, Call], Awaitable[web.Response]],
+    on_error: Callable[[grpc.StatusCode, str], Awaitable[web.Response]],
+) -> web.Response:
+    """One HTTP inference request: its body read, then ``work(request, body, call)`` under
+    ``Inference.handle`` (counted as ``protocol="http"``)."""
+    body = await request.read()
+    return await inference.handle(rpc, functools.partial(work, request, body), on_error, HTTP)
 
 
 def build_app(apis: Sequence[Routes], max_body_bytes: int) -> web.Application:

@@ -15,25 +15,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.server.helpers import publish, server_config, tiny_model
-from tests.server.http_helpers import binary_body, infer_path, request
+from tests.server.http_helpers import binary_infer_body, infer_path, request
 
 pytestmark = pytest.mark.integration
 
 
 def infer_body(n: int = 1) -> tuple[bytes, dict[str, str]]:
-    x = np.random.default_rng(0).random((n, 1, 28, 28), dtype=np.float32)
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "parameters": {"binary_data_size": x.nbytes},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    return binary_body(header, [x.tobytes()])
+    return binary_infer_body(
+        np.random.default_rng(0).random((n, 1, 28, 28), dtype=np.float32), binary_outputs=True
+    )
 
 
 def grpc_health(target: str) -> int:

@@ -16,7 +16,7 @@ import pytest
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.server.helpers import publish, server_config, tiny_model
-from tests.server.http_helpers import binary_body, infer_path, request
+from tests.server.http_helpers import binary_infer_body, infer_path, request
 
 pytestmark = pytest.mark.integration
 
@@ -59,18 +59,7 @@ def grpc_burst(server, n: int) -> tuple[list[Outcome], bool]:
 def http_burst(server, n: int) -> tuple[list[Outcome], bool]:
     """``n`` KServe v2 infers at once over HTTP (binary tensors)."""
     url = server.http_url + infer_path("slow")
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(X.shape),
-                "parameters": {"binary_data_size": X.nbytes},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    body, headers = binary_body(header, [X.tobytes()])
+    body, headers = binary_infer_body(X, binary_outputs=True)
     assert request(url, body, headers).status == 200  # model warm
 
     async def burst() -> list[Outcome]:

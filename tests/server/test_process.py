@@ -22,7 +22,7 @@ import pytest
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from tests.server.helpers import publish, tiny_model
-from tests.server.http_helpers import binary_body, infer_path
+from tests.server.http_helpers import binary_infer_body, infer_path
 
 pytestmark = pytest.mark.integration
 
@@ -58,17 +58,7 @@ def grpc_client(port: int, record, loaded: threading.Barrier) -> None:
 
 def http_client(port: int, record, loaded: threading.Barrier) -> None:
     """KServe v2 infers back to back on one keep-alive connection until the first non-200 answer."""
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": [1, 1, 28, 28],
-                "parameters": {"binary_data_size": X.nbytes},
-            }
-        ]
-    }
-    body, headers = binary_body(header, [X.tobytes()])
+    body, headers = binary_infer_body(X[None])
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     waited = False
     try:

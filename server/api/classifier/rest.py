@@ -26,9 +26,8 @@ import numpy as np
 from aiohttp import web
 
 from server.api.dataplane import Call, Inference, parse_version
-from server.api.http import JSON, error_responder
+from server.api.http import JSON, error_responder, inference_call
 from server.errors import invalid
-from server.metrics import HTTP
 from server.runtime.postprocess import check_top_k, top_k_of
 from server.runtime.preprocess import (
     OFFLOAD_BYTES,
@@ -134,9 +133,7 @@ class ClassifyRest:
         router.add_post("/v1/models/{model}/versions/{version}:classify", self.classify)
 
     async def classify(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        work = functools.partial(self._classify, request, body)
-        return await self.inference.handle("Classify", work, self._on_error, HTTP)
+        return await inference_call(self.inference, "Classify", request, self._classify, self._on_error)
 
     async def _classify(self, request: web.Request, body: bytes, call: Call) -> web.Response:
         model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))

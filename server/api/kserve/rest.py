@@ -23,10 +23,9 @@ from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
 from server.api.dataplane import Call, Inference, parse_version
-from server.api.http import JSON, answer, error_responder, error_response, json_response
+from server.api.http import JSON, answer, error_responder, error_response, inference_call, json_response
 from server.api.kserve import protocol as v2
 from server.errors import ServeError, http_status, invalid
-from server.metrics import HTTP
 from server.runtime.preprocess import array_from_bytes, array_from_values
 from server.runtime.version import ServedVersion
 
@@ -310,9 +309,7 @@ class KServeRest:
     # ---- inference ----
 
     async def infer(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        work = functools.partial(self._infer, request, body)
-        return await self.inference.handle("ModelInfer", work, self._on_error, HTTP)
+        return await inference_call(self.inference, "ModelInfer", request, self._infer, self._on_error)
 
     async def _infer(self, request: web.Request, body: bytes, call: Call) -> web.Response:
         model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))
