@@ -30,9 +30,11 @@ from grpc_health.v1.health import aio as health_aio
 from cnnstack.contract import RepositoryError
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc
 from protos.inference import grpc_service_pb2_grpc
+from server.api.auth import AuthInterceptor, http_middleware
 from server.api.classifier.grpc import ClassifierService
 from server.api.classifier.rest import ClassifyRest
 from server.api.dataplane import Inference, ServerState
+from server.api.guard import HttpLimits
 from server.api.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
 from server.api.http import build_app, start_http
 from server.api.kserve.grpc import KServeService
@@ -46,6 +48,7 @@ from server.runtime.loader import ServingSettings
 from server.runtime.manager import ModelManager
 from server.runtime.share import usable_cpus, worker_gpus
 from server.tls import TlsFiles, grpc_server_credentials, server_ssl_context
+from server.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +70,19 @@ class ServerHandle:
     grace_s: float
     http_port: int | None = None
     tls: bool = False
+    tokens: Tokens | None = None
     _http: web.AppRunner | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
     _decode_executor: ThreadPoolExecutor | None = None
     _metrics_endpoint: MetricsEndpoint | None = None
     _stopped: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: bool = False
+
+    def reload(self) -> None:
+        """SIGHUP: scan the repository now, read the token files again."""
+        self.manager.request_reload()
+        if self.tokens is not None and self.tokens.enabled:
+            self.tokens.reload()
 
     async def stop(self, grace: float | None = None) -> dict:
         """Returns the admission summary: ``admitted``, ``admitted_ok``, ``admitted_failed``."""
@@ -129,20 +139,48 @@ def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
 
 
 def grpc_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str, int]]:
-    return [
+    def ms(seconds: float) -> int:
+        return int(seconds * 1000)
+
+    options = [
         ("grpc.max_receive_message_length", cfg.max_message_bytes),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
+        # The front door: a connection that never finishes its set-up, never answers a ping, or
+        # pings too often is closed; so is one that stays without calls (clients reconnect).
+        ("grpc.max_allowed_incoming_connections", cfg.max_connections),
+        ("grpc.max_concurrent_streams", cfg.grpc_max_concurrent_streams),
+        ("grpc.server_handshake_timeout_ms", ms(cfg.grpc_handshake_timeout_s)),
+        ("grpc.keepalive_time_ms", ms(cfg.grpc_keepalive_time_s)),
+        ("grpc.keepalive_timeout_ms", ms(cfg.grpc_keepalive_timeout_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", ms(cfg.grpc_min_ping_interval_s)),
+        ("grpc.keepalive_permit_without_calls", 1),  # a client's keepalive while idle is fine...
+        ("grpc.http2.max_ping_strikes", 2),  # ... more often than the interval twice is not
         # A second server on the same port must fail, not share it; the workers of one supervisor
         # (server.scaleout.supervisor) share it on purpose and the kernel spreads connections over
         # them. Any other listener a worker opens on a fixed port (the HTTP one) needs reuse_port too.
         ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
+    if cfg.grpc_max_connection_idle_s > 0:
+        options.append(("grpc.max_connection_idle_ms", ms(cfg.grpc_max_connection_idle_s)))
+    if cfg.grpc_max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", ms(cfg.grpc_max_connection_age_s)))
+        options.append(("grpc.max_connection_age_grace_ms", ms(cfg.grpc_max_connection_age_grace_s)))
+    return options
 
 
 async def refresh_live_gauges(metrics: ServerMetrics) -> None:
     while True:
         metrics.refresh_live_gauges()
         await asyncio.sleep(LIVE_GAUGE_PERIOD_S)
+
+
+def http_limits(cfg: ServerConfig) -> HttpLimits:
+    return HttpLimits(
+        header_timeout_s=cfg.http_header_timeout_s,
+        body_timeout_s=cfg.http_body_timeout_s,
+        max_body_bytes=cfg.body_limit,
+        max_connections=cfg.max_connections,
+    )
 
 
 def tls_files(cfg: ServerConfig) -> TlsFiles | None:
@@ -174,11 +212,19 @@ async def load_models(
 
 
 async def start_grpc(
-    cfg: ServerConfig, inference: Inference, health: health_aio.HealthServicer, reuse_port: bool
+    cfg: ServerConfig,
+    inference: Inference,
+    health: health_aio.HealthServicer,
+    tokens: Tokens,
+    reuse_port: bool,
 ) -> tuple[grpc.aio.Server, int]:
     """Every gRPC service on one port (TLS when configured); returns (server, bound port)."""
+    # No interceptor at all without tokens: calls pay nothing for authentication that is off.
+    interceptors = [AuthInterceptor(tokens, inference.metrics)] if tokens.enabled else []
     server = grpc.aio.server(
-        options=grpc_options(cfg, reuse_port), maximum_concurrent_rpcs=cfg.concurrent_rpc_limit
+        interceptors=interceptors,
+        options=grpc_options(cfg, reuse_port),
+        maximum_concurrent_rpcs=cfg.concurrent_rpc_limit,
     )
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(inference), server)
     grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(inference), server)
@@ -210,6 +256,7 @@ async def create_server(
     # TLS files are checked (the key matches the certificate) before anything loads or binds.
     files = tls_files(cfg)
     ssl_context = server_ssl_context(files) if files is not None else None
+    tokens = Tokens(cfg.auth_token_file, cfg.admin_token_file, cfg.auth_health)  # TokenFileError: OSError
     metrics = metrics if metrics is not None else ServerMetrics()
     manager, health = await load_models(cfg, metrics)
     state = ServerState()
@@ -218,12 +265,21 @@ async def create_server(
     started: list[Callable[[], Awaitable[object]]] = [manager.close]  # closed in reverse if a port fails
     runner, http_port, endpoint = None, None, None
     try:
-        server, port = await start_grpc(cfg, inference, health, reuse_port)
+        server, port = await start_grpc(cfg, inference, health, tokens, reuse_port)
         started.append(functools.partial(server.stop, 0))
         if cfg.http_port >= 0:
-            app = build_app([KServeRest(inference), ClassifyRest(inference)], cfg.max_message_bytes)
+            auth = [http_middleware(tokens, metrics)] if tokens.enabled else []
+            app = build_app([KServeRest(inference), ClassifyRest(inference)], cfg.body_limit, auth)
             runner, http_port = await start_http(
-                app, cfg.host, cfg.http_port, ssl_context, reuse_port=reuse_port, shutdown_timeout=cfg.grace_s
+                app,
+                cfg.host,
+                cfg.http_port,
+                http_limits(cfg),
+                ssl_context,
+                reuse_port,
+                cfg.grace_s,
+                cfg.http_keepalive_timeout_s,
+                metrics,
             )
             started.append(runner.cleanup)
         if cfg.metrics_port >= 0:
@@ -249,6 +305,7 @@ async def create_server(
         grace_s=cfg.grace_s,
         http_port=http_port,
         tls=cfg.tls,
+        tokens=tokens,
         _http=runner,
         _background=background,
         _decode_executor=decode_executor,
@@ -267,7 +324,7 @@ async def serve(cfg: ServerConfig, reuse_port: bool = False) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, handle.manager.request_reload)
+    loop.add_signal_handler(signal.SIGHUP, handle.reload)
     models = [
         {"name": e.name, "versions": sorted(e.versions), "provider": e.latest.provider}
         for e in handle.manager.entries()

@@ -176,6 +176,21 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.connections_closed = Counter(
+            "cnn_connections_closed",
+            "Connections the server closed on a client: a time limit passed (header_timeout, body_timeout, "
+            "idle), a size limit (headers_too_large, body_too_large), or the open-connection cap "
+            "(over_connection_limit: refused at connect).",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "cnn_auth_failures",
+            "Calls refused by token authentication: no token (missing), an unknown one (invalid), or a "
+            "non-admin token on an administrative API (forbidden).",
+            ["protocol", "reason"],
+            registry=r,
+        )
         self.multiprocess = multiprocess_mode()
         self._live: dict[tuple[str, str], tuple[Callable[[], int], Callable[[], int] | None]] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
@@ -25,8 +26,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from server.api.dataplane import Call, Inference, ServerState
-from server.errors import ServeError, http_status
-from server.metrics import HTTP
+from server.api.guard import GuardedSite, HttpLimits
+from server.errors import ServeError, http_status, invalid
+from server.metrics import HTTP, ServerMetrics
 from server.net import bind, bound_port
 
 JSON = "application/json"
@@ -37,6 +39,31 @@ class Routes(Protocol):
     """A REST API: adds its routes to the application."""
 
     def add_routes(self, router: web.UrlDispatcher) -> None: ...
+
+
+MAX_JSON_DEPTH = 32  # a KServe v2 request with a (N, C, H, W) tensor nests 7 deep
+_JSON_NESTING = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')  # strings (skipped whole) and brackets
+
+
+def parse_json(data: bytes, what: str = "the request's JSON") -> Any:
+    """The one JSON reader of both REST APIs: what does not parse, or nests deeper than
+    MAX_JSON_DEPTH, is INVALID_ARGUMENT naming which (never a RecursionError, never a 500)."""
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH:  # else it cannot nest that deep
+        depth = 0
+        for token in _JSON_NESTING.finditer(data):
+            c = token.group()[:1]
+            if c in (b"[", b"{"):
+                depth += 1
+                if depth > MAX_JSON_DEPTH:
+                    raise invalid(f"{what} nests deeper than {MAX_JSON_DEPTH} levels")
+            elif c in (b"]", b"}"):
+                depth -= 1
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise invalid(f"{what} nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"{what} does not parse: {e}") from None
 
 
 def error_response(status: int, message: str, close: bool = False) -> web.Response:
@@ -76,12 +103,20 @@ async def inference_call(
 ) -> web.Response:
     """One HTTP inference request: its body read, then ``work(request, body, call)`` under
     ``Inference.handle`` (counted as ``protocol="http"``)."""
-    body = await request.read()
+    try:
+        body = await request.read()
+    except ConnectionError:  # the client went away, or the guard closed it for a stalled body
+        return error_response(408, "the connection closed before the request body arrived")
     return await inference.handle(rpc, functools.partial(work, request, body), on_error, HTTP)
 
 
-def build_app(apis: Sequence[Routes], max_body_bytes: int) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[_json_errors(max_body_bytes)])
+def build_app(
+    apis: Sequence[Routes], max_body_bytes: int, middlewares: Sequence[Middleware] = ()
+) -> web.Application:
+    """The application: ``middlewares`` first (authentication), then aiohttp's own errors as JSON."""
+    app = web.Application(
+        client_max_size=max_body_bytes, middlewares=[*middlewares, _json_errors(max_body_bytes)]
+    )
     for api in apis:
         api.add_routes(app.router)
     return app
@@ -109,11 +144,15 @@ async def start_http(
     app: web.Application,
     host: str,
     port: int,
+    limits: HttpLimits,
     ssl_context: ssl.SSLContext | None = None,
     reuse_port: bool = False,
     shutdown_timeout: float = 30.0,
+    keepalive_timeout_s: float = 15.0,
+    metrics: ServerMetrics | None = None,
 ) -> tuple[web.AppRunner, int]:
-    """Bind and serve; returns (runner: ``await runner.cleanup()`` stops it, bound port).
+    """Bind and serve behind the connection guard (server.api.guard); returns (runner: ``await
+    runner.cleanup()`` stops it, bound port).
 
     ``reuse_port``: several server processes may then share the port (SO_REUSEPORT); off, a
     second server on the same port fails to start instead.
@@ -122,9 +161,15 @@ async def start_http(
         sock = bind(host, port, reuse_port=reuse_port)
     except OSError as e:
         raise OSError(f"cannot bind HTTP to {host}:{port}: {e}") from e
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=keepalive_timeout_s,
+    )
     await runner.setup()
-    site = web.SockSite(runner, sock, ssl_context=ssl_context)
+    site = GuardedSite(runner, sock, limits, metrics, ssl_context)
     try:
         await site.start()
     except BaseException:

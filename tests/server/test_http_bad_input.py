@@ -81,6 +81,14 @@ FORMAT_CASES = {
         {},
         "classification must be between 1 and 10",
     ),
+    "JSON nested 100000 deep": (b"[" * 100_000 + b"]" * 100_000, {}, "nests deeper than 32 levels"),
+    "data nested 1000 deep": (
+        json.dumps({"inputs": [{**_good_input(), "data": [[[[0.5]]]]}]})
+        .encode()
+        .replace(b"[[[[0.5]]]]", b"[" * 1000 + b"0.5" + b"]" * 1000),
+        {},
+        "nests deeper than 32 levels",
+    ),
     "nested data of the wrong size": (
         json.dumps({"inputs": [{**_good_input(), "data": [[0.5] * 28] * 27}]}).encode(),
         {},

@@ -26,7 +26,7 @@ import numpy as np
 from aiohttp import web
 
 from server.api.dataplane import Call, Inference, parse_version
-from server.api.http import JSON, error_responder, inference_call
+from server.api.http import JSON, error_responder, inference_call, parse_json
 from server.errors import invalid
 from server.runtime.postprocess import check_top_k, top_k_of
 from server.runtime.preprocess import (
@@ -79,10 +79,7 @@ def _image(obj: Any, index: int) -> bytes | tuple[list, Any]:
 def parse_body(body: bytes, content_type: str, query_top_k: str | None) -> ClassifyBody:
     if content_type not in JSON_TYPES:
         return ClassifyBody([body], _top_k(query_top_k) if query_top_k is not None else 1)
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request's JSON does not parse: {e}") from None
+    doc = parse_json(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise invalid('the JSON body needs an "images" list')
     k = query_top_k if query_top_k is not None else doc.get("top_k", 1)

@@ -23,7 +23,15 @@ from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
 from server.api.dataplane import Call, Inference, parse_version
-from server.api.http import JSON, answer, error_responder, error_response, inference_call, json_response
+from server.api.http import (
+    JSON,
+    answer,
+    error_responder,
+    error_response,
+    inference_call,
+    json_response,
+    parse_json,
+)
 from server.api.kserve import protocol as v2
 from server.errors import ServeError, http_status, invalid
 from server.runtime.preprocess import array_from_bytes, array_from_values
@@ -82,10 +90,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
                 f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
             )
         n = int(header_length)
-    try:
-        return json.loads(view[:n].tobytes()), view[n:]
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request's JSON does not parse: {e}") from None
+    return parse_json(view[:n].tobytes()), view[n:]
 
 
 def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestInput, int]:
@@ -298,11 +303,17 @@ class KServeRest:
         return answer(build)
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        body = await request.read()
         try:
-            ready = bool(json.loads(body).get("ready", False)) if body.strip() else False
-        except (ValueError, AttributeError):
+            body = await request.read()
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        try:
+            doc = parse_json(body) if body.strip() else {}
+        except ServeError as e:
+            return error_response(400, e.message)
+        if not isinstance(doc, dict):
             return error_response(400, 'the body must be empty or a JSON object like {"ready": true}')
+        ready = bool(doc.get("ready", False))
         index = v2.repository_index(self.manager, ready)
         return json_response([message_dict(m) for m in index.models])
 
