@@ -111,8 +111,10 @@ def test_under_load_a_batch_waits_for_more_until_the_oldest_waited_max_delay() -
         return model, elapsed
 
     model, elapsed = run(main())
+    # One batch of three, run once the oldest had waited the delay (a batch that waited for ever
+    # would hang the test; a busy machine only makes the wait longer, so only the lower bound).
     assert model.batches == [3]
-    assert 0.28 <= elapsed < 1.5
+    assert elapsed >= 0.28
 
 
 def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
@@ -122,14 +124,14 @@ def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
         loop = asyncio.get_running_loop()
         futs = [submit(q, image(i)) for i in range(4)]
         t0 = loop.time()
-        b, task, ex = await start(model, q, max_batch_size=4, max_delay_s=5.0)
+        b, task, ex = await start(model, q, max_batch_size=4, max_delay_s=120.0)
         await asyncio.gather(*futs)
         elapsed = loop.time() - t0
         await stop(q, task, ex)
         return model, elapsed
 
-    model, elapsed = run(main())
-    assert model.batches == [4] and elapsed < 1.0
+    model, elapsed = run(main(), timeout=100)
+    assert model.batches == [4] and elapsed < 60  # far from the 120 s delay, however busy the machine
 
 
 def test_idle_fast_path_runs_a_lone_request_at_once() -> None:
@@ -209,14 +211,13 @@ def test_full_queue_rejects_at_once_with_resource_exhausted() -> None:
         q: asyncio.Queue = asyncio.Queue(maxsize=2)
         submit(q, image(1))
         submit(q, image(2))
-        t0 = time.perf_counter()
         with pytest.raises(ServeError) as info:
-            submit(q, image(3))
-        return info.value, time.perf_counter() - t0, q.qsize()
+            submit(q, image(3))  # synchronous: the caller learns it without waiting for the queue
+        return info.value, q.qsize()
 
-    err, elapsed, depth = run(main())
+    err, depth = run(main())
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in err.message
-    assert elapsed < 0.05 and depth == 2  # rejected immediately, nothing queued beyond the bound
+    assert depth == 2  # nothing queued beyond the bound
 
 
 def test_expired_and_cancelled_requests_are_dropped_before_inference() -> None:
