@@ -130,7 +130,7 @@ def _json_errors(max_body_bytes: int) -> Middleware:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
             return error_response(
-                413, f"request body over the {max_body_bytes}-byte limit (--max-message-bytes)"
+                413, f"request body over the {max_body_bytes}-byte limit (--max-body-bytes)"
             )
         except web.HTTPException as e:
             if e.status < 400:
