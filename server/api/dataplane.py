@@ -139,10 +139,13 @@ class Inference:
         deadline: float | None,
         offload: bool = False,
         what: str = "input",
+        priority: int = 0,
+        timeout_us: int = 0,
     ) -> tuple[ServedVersion, list[np.ndarray]]:
         """``make_input(served)`` -> (n, C, H, W) for the version ``name``/``version`` resolves to,
         run in its batch: (that version, the request's outputs). ``offload``: build the input on
-        the decode pool (large encoded images)."""
+        the decode pool (large encoded images). ``priority`` and ``timeout_us``: the request's
+        place in the model's queue policy (0: the model's defaults; server.runtime.queue)."""
         if self.state.stopping:
             raise unavailable("server is shutting down; retry on another replica")
         for attempt in (0, 1):
@@ -154,7 +157,7 @@ class Inference:
             else:
                 x = make_input(served)
             try:
-                fut = served.submit(x, deadline, what)
+                fut = served.submit(x, deadline, what, priority, timeout_us)
             except Retired:
                 # A newer version was swapped in while we decoded; a pinned version is gone for good.
                 if version or attempt:

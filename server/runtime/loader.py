@@ -32,6 +32,7 @@ from server.runtime.batcher import batch_sizes
 from server.runtime.cuda import CPU, CUDA, DEFAULT_ALGO_SEARCH
 from server.runtime.devices import instance_devices, instance_groups
 from server.runtime.placement import conv_placement_problem, describe
+from server.runtime.queue import QueuePolicy
 from server.runtime.sessions import (
     Instance,
     create_instances,
@@ -70,7 +71,8 @@ class LoadedModel:
     output_names: list[str]
     max_batch_size: int
     max_delay_s: float
-    max_queue_size: int
+    queue_policy: QueuePolicy
+    preferred_batch_sizes: tuple[int, ...] = ()
     inline_max_images: int = 0
 
 
@@ -129,7 +131,12 @@ def load_version(
         delay_s = s.max_queue_delay_s
         if repo_config.HasField("dynamic_batching"):  # an explicit 0 us means "do not wait"
             delay_s = min(delay_s, batching.max_queue_delay_microseconds / 1e6)
-        max_queue = int(effective_limit(s.max_queue_size, batching.default_queue_policy.max_queue_size))
+        config_path = str(files.model_path.parent.parent / "config.pbtxt")
+        try:
+            policy = QueuePolicy.from_config(batching, s.max_queue_size, config_path)
+        except ValueError as e:
+            raise RepositoryError(str(e)) from None
+        preferred = tuple(sorted({int(b) for b in batching.preferred_batch_size if 0 < b <= max_batch}))
         timings = [
             _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s, s.provider)
             for inst in instances
@@ -146,7 +153,7 @@ def load_version(
             inst.close()
         raise
     config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, devices)
-    return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue, inline_max)
+    return LoadedModel(meta, config, instances, names, max_batch, delay_s, policy, preferred, inline_max)
 
 
 def effective_limit(server_value: float, model_value: float) -> float:

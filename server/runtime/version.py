@@ -18,9 +18,10 @@ import numpy as np
 from cnnstack.contract import VersionFiles
 from server.errors import unavailable
 from server.metrics import ServerMetrics, VersionMetrics
-from server.runtime.batcher import STOP, Batcher, submit
+from server.runtime.batcher import Batcher
 from server.runtime.loader import LoadedModel
 from server.runtime.postprocess import ranked
+from server.runtime.queue import RequestQueue
 from server.runtime.sessions import Instance
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ServedVersion:
         self.loaded_at = time.time()
         self._loaded = loaded
         self._metrics_owner = metrics
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=loaded.max_queue_size)
+        self.queue = RequestQueue(loaded.queue_policy)
         self.metrics: VersionMetrics = metrics.version_loaded(
             name,
             str(self.version),
@@ -90,6 +91,7 @@ class ServedVersion:
                 max_delay_s=loaded.max_delay_s,
                 observe=self._observe_batch,
                 inline_max_images=loaded.inline_max_images,
+                preferred_batch_sizes=loaded.preferred_batch_sizes,
             )
             for inst in loaded.instances
         ]
@@ -106,11 +108,19 @@ class ServedVersion:
         ]
         self.accepting = True
 
-    def submit(self, x: np.ndarray, deadline: float | None, what: str = "input") -> asyncio.Future:
-        """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]."""
+    def submit(
+        self,
+        x: np.ndarray,
+        deadline: float | None,
+        what: str = "input",
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> asyncio.Future:
+        """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]; ``priority`` and
+        ``timeout_us`` are the request's KServe v2 parameters (0: the model's defaults)."""
         if not self.accepting:
             raise Retired(f"{self.name} version {self.version} is no longer accepting requests")
-        return submit(self.queue, x, deadline, what)
+        return self.queue.submit(x, deadline, what, priority, timeout_us)
 
     def _observe_batch(self, images: int, compute_s: float, waits: list[float]) -> None:
         st = self.stats
@@ -142,17 +152,11 @@ class ServedVersion:
     async def drain(self, timeout: float) -> None:
         """Stop accepting; answer every queued request (within ``timeout``), then free the sessions."""
         self.accepting = False
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        try:
-            for _ in self._tasks:
-                await asyncio.wait_for(self.queue.put(STOP), max(0.0, end - loop.time()))
-            if self._tasks:
-                done, pending = await asyncio.wait(self._tasks, timeout=max(0.0, end - loop.time()))
-            else:
-                pending = set()
-        except TimeoutError:
-            pending = {t for t in self._tasks if not t.done()}
+        for _ in self._tasks:
+            self.queue.put_stop()  # taken once everything queued is answered
+        pending: set[asyncio.Task] = set()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=timeout)
         for task in pending:
             task.cancel()
         if pending:
@@ -165,10 +169,8 @@ class ServedVersion:
             )
             await asyncio.gather(*pending, return_exceptions=True)
         # Anything still queued (only after a timeout) is told why instead of hanging.
-        while not self.queue.empty():
-            item = self.queue.get_nowait()
-            if item is not STOP and not item.future.done():
-                item.future.set_exception(unavailable(f"{self.name} version {self.version} was unloaded"))
+        for item in self.queue.leftovers():
+            item.future.set_exception(unavailable(f"{self.name} version {self.version} was unloaded"))
         for inst in self.instances:
             inst.close()
         self._metrics_owner.version_unloaded(self.name, str(self.version))

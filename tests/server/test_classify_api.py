@@ -171,4 +171,6 @@ def test_shutdown_ends_an_open_stream_after_answering_what_it_read(repo, start_s
         stopper.join(130)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in info.value.details()
     # Closed by the server at once, not left to run out the 120 s grace period.
-    assert time.monotonic() - t0 < 60 and server.summary is not None and server.summary["admitted_failed"] == 0
+    assert (
+        time.monotonic() - t0 < 60 and server.summary is not None and server.summary["admitted_failed"] == 0
+    )

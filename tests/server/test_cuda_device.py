@@ -20,7 +20,7 @@ from cnnstack.contract import RepositoryError, scan_repository
 from protos.inference import model_config_pb2 as mc
 from server.config import ServerConfig
 from server.runtime import cuda
-from server.runtime.batcher import STOP, Batcher, batch_sizes, submit
+from server.runtime.batcher import Batcher, batch_sizes
 from server.runtime.cuda import CPU, CUDA, DeviceError
 from server.runtime.devices import instance_devices, instance_groups
 from server.runtime.loader import ServingSettings, load_version, warmup_batch_sizes
@@ -31,6 +31,7 @@ from server.runtime.placement import (
     profiled_placement,
     recorded_placement,
 )
+from server.runtime.queue import QueuePolicy, RequestQueue
 from server.runtime.sessions import create_session, session_options
 from tests.server.gpu_helpers import conv_model
 from tests.server.helpers import publish
@@ -231,7 +232,7 @@ def test_warm_up_covers_every_batch_size_the_batcher_produces() -> None:
         return [x]
 
     async def drive() -> None:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = RequestQueue(QueuePolicy.simple(10_000))
         with ThreadPoolExecutor(1) as ex:
             task = asyncio.create_task(
                 Batcher(queue, run_batch, ex, max_batch_size=max_batch, max_delay_s=0.002).run()
@@ -239,11 +240,11 @@ def test_warm_up_covers_every_batch_size_the_batcher_produces() -> None:
             rng = random.Random(0)
             for _ in range(40):
                 futures = [
-                    submit(queue, np.zeros((rng.randint(1, max_batch), 1, 1, 1), np.float32))
+                    queue.submit(np.zeros((rng.randint(1, max_batch), 1, 1, 1), np.float32))
                     for _ in range(rng.randint(1, 6))
                 ]
                 await asyncio.gather(*futures)
-            await queue.put(STOP)
+            queue.put_stop()
             await task
 
     asyncio.run(drive())

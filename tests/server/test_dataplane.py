@@ -32,7 +32,9 @@ class FakeVersion:
         self.records: list[bool] = []
         self.inputs: list[np.ndarray] = []
 
-    def submit(self, x: np.ndarray, deadline: float | None, what: str = "input") -> asyncio.Future:
+    def submit(
+        self, x: np.ndarray, deadline: float | None, what: str = "input", priority: int = 0, timeout_us: int = 0
+    ) -> asyncio.Future:
         if self.retired:
             raise Retired(f"{self.name} v{self.version} retired")
         self.inputs.append(x)

@@ -42,6 +42,15 @@ def input_array(request: ks.ModelInferRequest, served: ServedVersion) -> np.ndar
     return array_from_values(inp.contents.fp32_contents, shape, f"input {inp.name!r}", "fp32_contents")
 
 
+def _parameter(params, name: str) -> object:
+    """An InferParameter's value, whichever of its fields is set; None when absent."""
+    if name not in params:
+        return None
+    param = params[name]
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind is not None else None
+
+
 def _classification(req_out: ks.ModelInferRequest.InferRequestedOutputTensor) -> int | None:
     if "classification" not in req_out.parameters:
         return None
@@ -148,8 +157,17 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
             return input_array(request, served)
 
         what = f"input {request.inputs[0].name!r}" if request.inputs else "input"
+        params = request.parameters
+        priority, timeout_us = v2.scheduling(_parameter(params, "priority"), _parameter(params, "timeout"))
         served, outputs = await self.inference.run(
-            call, request.model_name, version, make_input, deadline, what=what
+            call,
+            request.model_name,
+            version,
+            make_input,
+            deadline,
+            what=what,
+            priority=priority,
+            timeout_us=timeout_us,
         )
         return build_response(request, served, outputs)
 

@@ -33,6 +33,21 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": version(), "extensions": EXTENSIONS}
 
 
+def scheduling(priority: Any, timeout: Any) -> tuple[int, int]:
+    """A request's ``priority`` and ``timeout`` (microseconds) parameters, Triton's names, as
+    integers >= 0 (absent: 0, the model's defaults); the queue policy judges them
+    (server.runtime.queue)."""
+    out = []
+    for name, value in (("priority", priority), ("timeout", timeout)):
+        if value is None:
+            out.append(0)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise invalid(f"parameter {name!r} must be an integer >= 0, got {value!r}")
+        else:
+            out.append(value)
+    return out[0], out[1]
+
+
 def check_input_count(served: ServedVersion, n_inputs: int) -> None:
     if n_inputs != 1:
         raise invalid(f"model {served.name!r} takes exactly 1 input ({INPUT_NAME!r}), got {n_inputs}")

@@ -62,6 +62,8 @@ class RestRequest:
     inputs: list[RestInput]
     outputs: list[RestOutput] | None  # None: every output
     binary_output: bool  # the default for outputs (``parameters.binary_data_output``)
+    priority: int = 0  # ``parameters.priority`` (0: the model's default level)
+    timeout_us: int = 0  # ``parameters.timeout``: how long it may wait in the queue (0: the model's)
 
 
 def _obj(value: Any, what: str) -> dict:
@@ -126,7 +128,9 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     """Structure only (JSON shape, binary sizes); the tensors are checked against the model later."""
     doc, binary = _split(body, header_length)
     doc = _obj(doc, "the request")
-    binary_output = bool(_params(doc, "the request").get("binary_data_output", False))
+    params = _params(doc, "the request")
+    binary_output = bool(params.get("binary_data_output", False))
+    priority, timeout_us = v2.scheduling(params.get("priority"), params.get("timeout"))
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list):
         raise invalid("the request needs an `inputs` list")
@@ -141,7 +145,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
         raise invalid("`outputs` must be a list")
     wanted = None if not outputs else [_output(o, i, binary_output) for i, o in enumerate(outputs)]
     request_id = doc.get("id")
-    return RestRequest(str(request_id) if request_id is not None else None, inputs, wanted, binary_output)
+    request_id = str(request_id) if request_id is not None else None
+    return RestRequest(request_id, inputs, wanted, binary_output, priority, timeout_us)
 
 
 def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
@@ -328,7 +333,16 @@ class KServeRest:
         parsed = self.inference.parse(call, model, version, lambda: parse_request(body, header_length))
         what = f"input {parsed.inputs[0].name!r}" if parsed.inputs else "input"
         make_input = functools.partial(input_array, parsed)
-        served, outputs = await self.inference.run(call, model, version, make_input, None, what=what)
+        served, outputs = await self.inference.run(
+            call,
+            model,
+            version,
+            make_input,
+            None,
+            what=what,
+            priority=parsed.priority,
+            timeout_us=parsed.timeout_us,
+        )
         payload, json_length = encode_response(parsed, served, outputs)
         if json_length is None:
             return web.Response(body=payload, content_type=JSON)
