@@ -33,7 +33,12 @@ class FakeVersion:
         self.inputs: list[np.ndarray] = []
 
     def submit(
-        self, x: np.ndarray, deadline: float | None, what: str = "input", priority: int = 0, timeout_us: int = 0
+        self,
+        x: np.ndarray,
+        deadline: float | None,
+        what: str = "input",
+        priority: int = 0,
+        timeout_us: int = 0,
     ) -> asyncio.Future:
         if self.retired:
             raise Retired(f"{self.name} v{self.version} retired")
