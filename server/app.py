@@ -33,6 +33,7 @@ from protos.inference import grpc_service_pb2_grpc
 from server.api.auth import AuthInterceptor, http_middleware
 from server.api.classifier.grpc import ClassifierService
 from server.api.classifier.rest import ClassifyRest
+from server.api.control import LocalControl, ModelControl
 from server.api.dataplane import Inference, ServerState
 from server.api.guard import HttpLimits
 from server.api.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health, enable_reflection
@@ -204,7 +205,14 @@ async def load_models(
     async def on_health(name: str, serving: bool) -> None:
         await health.set(name, SERVING if serving else NOT_SERVING)
 
-    manager = ModelManager(cfg.repository, serving_settings(cfg, provider), metrics, on_health)
+    manager = ModelManager(
+        cfg.repository,
+        serving_settings(cfg, provider),
+        metrics,
+        on_health,
+        mode=cfg.model_control_mode,
+        load_models=cfg.load_model,
+    )
     await manager.sync()
     for name in SERVICE_NAMES:
         await health.set(name, SERVING)
@@ -214,6 +222,7 @@ async def load_models(
 async def start_grpc(
     cfg: ServerConfig,
     inference: Inference,
+    control: ModelControl,
     health: health_aio.HealthServicer,
     tokens: Tokens,
     reuse_port: bool,
@@ -227,7 +236,9 @@ async def start_grpc(
         maximum_concurrent_rpcs=cfg.concurrent_rpc_limit,
     )
     classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierService(inference), server)
-    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeService(inference), server)
+    grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        KServeService(inference, control), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection(server)
     address, files = grpc_address(cfg.host, cfg.port), tls_files(cfg)
@@ -243,9 +254,14 @@ async def start_grpc(
 
 
 async def create_server(
-    cfg: ServerConfig, metrics: ServerMetrics | None = None, reuse_port: bool = False
+    cfg: ServerConfig,
+    metrics: ServerMetrics | None = None,
+    reuse_port: bool = False,
+    control: Callable[[ModelManager], ModelControl] = LocalControl,
 ) -> tuple[ServerHandle, int]:
     """Load the repository, start gRPC, HTTP (+ /metrics and polling); returns (handle, bound gRPC port).
+    ``control`` makes the model control the repository API uses (a worker's goes through its
+    supervisor).
 
     Raises DeviceError (``--device cuda`` without a working CUDA provider), RepositoryError
     (repository missing) or OSError (TLS files unusable: ``ssl.SSLError``) before binding anything,
@@ -262,14 +278,15 @@ async def create_server(
     state = ServerState()
     decode_executor = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="decode")
     inference = Inference(manager, metrics, state, decode_executor)
+    models = control(manager)
     started: list[Callable[[], Awaitable[object]]] = [manager.close]  # closed in reverse if a port fails
     runner, http_port, endpoint = None, None, None
     try:
-        server, port = await start_grpc(cfg, inference, health, tokens, reuse_port)
+        server, port = await start_grpc(cfg, inference, models, health, tokens, reuse_port)
         started.append(functools.partial(server.stop, 0))
         if cfg.http_port >= 0:
             auth = [http_middleware(tokens, metrics)] if tokens.enabled else []
-            app = build_app([KServeRest(inference), ClassifyRest(inference)], cfg.body_limit, auth)
+            app = build_app([KServeRest(inference, models), ClassifyRest(inference)], cfg.body_limit, auth)
             runner, http_port = await start_http(
                 app,
                 cfg.host,

@@ -16,6 +16,7 @@ from cnnstack.cli import parse_config, require
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
 
 ENV_PREFIX = "CNN_SERVE_"
+MODEL_CONTROL_MODES = ("poll", "explicit", "none")  # Triton's --model-control-mode
 
 
 def parse_gpus(text: str) -> tuple[int, ...]:
@@ -80,8 +81,12 @@ class ServerConfig:
     auth_token_file: Path | None = None  # tokens that may call the inference and metadata APIs
     admin_token_file: Path | None = None  # tokens that may also call the administrative APIs
     auth_health: bool = False  # health and readiness need a token too
+    # Model control (server/runtime/manager.py): poll the repository, load it once, or explicit.
+    model_control_mode: str = "poll"
+    load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "load_model", tuple(self.load_model or ()))  # argparse/JSON give lists
         require(self.problems())
 
     @classmethod
@@ -140,6 +145,12 @@ class ServerConfig:
             out.append(str(e))
         out += self.http_tls_problems()
         out += self.front_door_problems()
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            out.append(
+                f"--model-control-mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
+            )
+        elif self.load_model and self.model_control_mode != "explicit":
+            out.append("--load-model needs --model-control-mode explicit (the other modes load every model)")
         return out
 
     def front_door_problems(self) -> list[str]:

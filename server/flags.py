@@ -7,7 +7,7 @@ import argparse
 from collections.abc import Mapping
 from pathlib import Path
 
-from server.config import ENV_PREFIX, ServerConfig
+from server.config import ENV_PREFIX, MODEL_CONTROL_MODES, ServerConfig
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
 
 
@@ -110,6 +110,24 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add_http_tls_flags(add, d)
     add_front_door_flags(add, d)
+    add(
+        "--model-control-mode",
+        str,
+        d.model_control_mode,
+        "poll: serve every model of the repository, rescanned every --poll-interval-s and on SIGHUP; "
+        "none: every model, loaded once; explicit: the --load-model names, then the repository API's "
+        "load and unload (as Triton's)",
+        choices=MODEL_CONTROL_MODES,
+    )
+    env = ENV_PREFIX + "LOAD_MODEL"
+    p.add_argument(
+        "--load-model",
+        action=_Names,
+        dest="load_model",
+        metavar="NAME",
+        default=[n for n in environ.get(env, "").split(",") if n],
+        help=f"explicit mode: a model to load at start, repeatable (or comma-separated); * for every model [env {env}]",
+    )
     return p
 
 
@@ -233,6 +251,16 @@ def add_front_door_flags(add, d: ServerConfig) -> None:
         d.auth_health,
         "health and readiness also need a token (open by default, so that probes need no secret)",
     )
+
+
+class _Names(argparse.Action):
+    """A repeatable list flag whose first use on the command line replaces the environment's list."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        current = getattr(namespace, self.dest)
+        names = [] if current is self.default else list(current)
+        names += [n for n in str(values).split(",") if n]
+        setattr(namespace, self.dest, names)
 
 
 def _bool(text: str) -> bool:

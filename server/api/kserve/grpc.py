@@ -19,6 +19,7 @@ import numpy as np
 from cnnstack.contract import TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
+from server.api.control import ModelControl
 from server.api.dataplane import Call, Inference, parse_version
 from server.api.kserve import protocol as v2
 from server.api.rpc import deadline_of, serve_stream
@@ -49,6 +50,14 @@ def _parameter(params, name: str) -> object:
     param = params[name]
     kind = param.WhichOneof("parameter_choice")
     return getattr(param, kind) if kind is not None else None
+
+
+def _repository_parameter(params, name: str) -> object:
+    """A ModelRepositoryParameter's value, whichever of its fields is set; None when absent."""
+    if name not in params:
+        return None
+    kind = params[name].WhichOneof("parameter_choice")
+    return getattr(params[name], kind) if kind is not None else None
 
 
 def _classification(req_out: ks.ModelInferRequest.InferRequestedOutputTensor) -> int | None:
@@ -83,8 +92,9 @@ def build_response(
 
 
 class KServeService(ks_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
         self.inference = inference
+        self.control = control
         self.manager = inference.manager
         self.state = inference.state
 
@@ -137,7 +147,24 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         return await self._answer(context, build)
 
     async def RepositoryIndex(self, request, context) -> ks.RepositoryIndexResponse:
-        return v2.repository_index(self.manager, request.ready)
+        return await v2.repository_index(self.manager, request.ready)
+
+    # ---- model control (the repository extension; an admin token when tokens are on) ----
+
+    async def RepositoryModelLoad(self, request, context) -> ks.RepositoryModelLoadResponse:
+        try:
+            config = v2.config_parameter(_repository_parameter(request.parameters, "config"))
+            await self.control.load(request.model_name, config)
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+        return ks.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context) -> ks.RepositoryModelUnloadResponse:
+        try:
+            await self.control.unload(request.model_name)
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+        return ks.RepositoryModelUnloadResponse()
 
     # ---- inference ----
 

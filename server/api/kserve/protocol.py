@@ -25,7 +25,13 @@ from server.runtime.preprocess import check_count
 from server.runtime.version import ServedVersion
 
 SERVER_NAME = "cnnstack"
-EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+]
 
 
 def server_metadata() -> dict[str, Any]:
@@ -144,12 +150,20 @@ def statistics(served: ServedVersion) -> ks.ModelStatistics:
     )
 
 
-def repository_index(manager: ModelManager, ready_only: bool) -> ks.RepositoryIndexResponse:
+async def repository_index(manager: ModelManager, ready_only: bool) -> ks.RepositoryIndexResponse:
+    """Every version of every model in the repository, with its state (READY, or UNAVAILABLE and
+    why); only the READY ones with ``ready_only``."""
     Index = ks.RepositoryIndexResponse.ModelIndex
-    models = []
-    for entry in manager.entries():
-        models += [Index(name=entry.name, version=str(v), state="READY") for v in sorted(entry.versions)]
-    if not ready_only:
-        for (name, v), reason in sorted(manager.errors.items()):
-            models.append(Index(name=name, version=str(v), state="UNAVAILABLE", reason=reason))
-    return ks.RepositoryIndexResponse(models=models)
+    entries = await manager.index(ready_only)
+    return ks.RepositoryIndexResponse(
+        models=[Index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries]
+    )
+
+
+def config_parameter(value: object) -> str | None:
+    """A repository load's ``config`` parameter: a JSON ModelConfig as a string (None: absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(f"parameter 'config' must be a JSON ModelConfig as a string, got {value!r}")
+    return value

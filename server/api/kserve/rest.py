@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
+from server.api.control import ModelControl
 from server.api.dataplane import Call, Inference, parse_version
 from server.api.http import (
     JSON,
@@ -243,8 +245,9 @@ class KServeRest:
     """KServe v2 over HTTP: health, server and model metadata, config, statistics, the repository
     index, infer (JSON tensors or the binary extension)."""
 
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
         self.inference = inference
+        self.control = control
         self.manager = inference.manager
         self.state = inference.state
         self._on_error = error_responder(inference.state)
@@ -255,6 +258,8 @@ class KServeRest:
         get("/v2/health/live", self.live)
         get("/v2/health/ready", self.ready)
         post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load)
+        post("/v2/repository/models/{model}/unload", self.unload)
         get("/v2/models/stats", self.statistics)
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             get(base, self.model_metadata)
@@ -319,8 +324,34 @@ class KServeRest:
         if not isinstance(doc, dict):
             return error_response(400, 'the body must be empty or a JSON object like {"ready": true}')
         ready = bool(doc.get("ready", False))
-        index = v2.repository_index(self.manager, ready)
+        index = await v2.repository_index(self.manager, ready)
         return json_response([message_dict(m) for m in index.models])
+
+    # ---- model control (the repository extension; an admin token when tokens are on) ----
+
+    async def load(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.load(request.match_info["model"], v2.config_parameter(params.get("config")))
+
+        return await self._control(request, act)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.unload(request.match_info["model"])
+
+        return await self._control(request, act)
+
+    async def _control(self, request: web.Request, act: Callable[[dict], Awaitable[None]]) -> web.Response:
+        """Body: empty, or ``{"parameters": {...}}``; 200 with an empty body once done."""
+        try:
+            body = await request.read()
+            doc = parse_json(body) if body.strip() else {}
+            await act(_params(_obj(doc, "the request"), "the request"))
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        return web.Response(status=200)
 
     # ---- inference ----
 
