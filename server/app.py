@@ -212,6 +212,7 @@ async def load_models(
         on_health,
         mode=cfg.model_control_mode,
         load_models=cfg.load_model,
+        configs=dict(cfg.model_configs),
     )
     await manager.sync()
     for name in SERVICE_NAMES:
@@ -331,10 +332,14 @@ async def create_server(
     return handle, port
 
 
-async def serve(cfg: ServerConfig, reuse_port: bool = False) -> int:
+async def serve(
+    cfg: ServerConfig,
+    reuse_port: bool = False,
+    control: Callable[[ModelManager], ModelControl] = LocalControl,
+) -> int:
     loop = asyncio.get_running_loop()
     try:
-        handle, port = await create_server(cfg, reuse_port=reuse_port)
+        handle, port = await create_server(cfg, reuse_port=reuse_port, control=control)
     except (DeviceError, RepositoryError, OSError) as e:
         log.error("cannot start: %s", e)
         return 2
@@ -364,14 +369,18 @@ async def serve(cfg: ServerConfig, reuse_port: bool = False) -> int:
     return 0
 
 
-def run(cfg: ServerConfig, reuse_port: bool = False) -> int:
+def run(
+    cfg: ServerConfig,
+    reuse_port: bool = False,
+    control: Callable[[ModelManager], ModelControl] = LocalControl,
+) -> int:
     """Run ``serve`` on uvloop when it is installed (less event-loop work per RPC), else asyncio's loop."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(cfg, reuse_port))
+        return asyncio.run(serve(cfg, reuse_port, control))
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(cfg, reuse_port))
+        return runner.run(serve(cfg, reuse_port, control))
 
 
 __all__ = ["ServerHandle", "create_server", "run", "serve"]

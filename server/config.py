@@ -84,9 +84,13 @@ class ServerConfig:
     # Model control (server/runtime/manager.py): poll the repository, load it once, or explicit.
     model_control_mode: str = "poll"
     load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
+    # No flag: the configs that repository loads gave models, which the supervisor of --workers
+    # hands a restarted worker so that it serves what the others serve. (name, JSON ModelConfig)
+    model_configs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "load_model", tuple(self.load_model or ()))  # argparse/JSON give lists
+        object.__setattr__(self, "model_configs", tuple(tuple(pair) for pair in self.model_configs or ()))
         require(self.problems())
 
     @classmethod

@@ -85,6 +85,7 @@ class ModelManager:
         on_health: HealthCallback | None = None,
         mode: str = "poll",
         load_models: tuple[str, ...] = (),
+        configs: dict[str, str] | None = None,
     ) -> None:
         self.root = root
         self.settings = settings
@@ -94,7 +95,8 @@ class ModelManager:
         self._table: dict[str, ModelEntry] = {}
         # The models the table should hold: None = every model of the repository.
         self._wanted: set[str] | None = None if mode != "explicit" or "*" in load_models else set(load_models)
-        self._overrides: dict[str, mc.ModelConfig] = {}  # explicit loads with a config of their own
+        # Explicit loads with a config of their own (``configs``: as JSON, for a restarted worker).
+        self._overrides = {n: parse_config_json(c, f"model {n!r}") for n, c in (configs or {}).items()}
         self._failed: dict[tuple[str, int], tuple] = {}  # (name, version) -> fingerprint that failed
         self.errors: dict[tuple[str, int], str] = {}  # last load error, for the repository index
         self._config_errors: dict[str, str] = {}

@@ -33,6 +33,7 @@ from server.config import ServerConfig
 from server.logs import event
 from server.net import bind
 from server.scaleout.metrics import ENV, SharedMetrics, SupervisorCollector
+from server.scaleout.relay import ControlRelay
 from server.scaleout.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,16 @@ class Supervisor:
         self.port = 0
         self.metrics: SharedMetrics | None = None
         self._reservation: socket.socket | None = None
+        self.relay = ControlRelay(lambda: self.workers)
         self._keepers: set[asyncio.Task] = set()  # keep_alive, one per worker
         self._readers: set[asyncio.Task] = set()  # read_events, one per worker process
 
     # ---- one worker
 
     def worker_config(self) -> ServerConfig:
-        # Every worker: the reserved port, no /metrics of its own (the supervisor serves it).
-        return replace(self.cfg, port=self.port, metrics_port=-1, workers="1")
+        # Every worker: the reserved port, no /metrics of its own (the supervisor serves it), and
+        # the models the others serve now.
+        return replace(self.relay.worker_config(self.cfg), port=self.port, metrics_port=-1, workers="1")
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in (ENV, ENV.lower())}
@@ -108,6 +111,7 @@ class Supervisor:
             "-m",
             "server.scaleout.worker",
             spec.to_json(),
+            stdin=asyncio.subprocess.PIPE,  # model control: the relay's lines (server.scaleout.relay)
             stdout=asyncio.subprocess.PIPE,
             env=self.worker_env(),
         )
@@ -127,9 +131,12 @@ class Supervisor:
                 continue
             if ev.get("event") == "listening":
                 w.listening = ev
+                self.relay.listening(ev)
                 w.ready.set()
             elif ev.get("event") == "stopped":
                 w.stopped = ev
+            else:
+                self.relay.on_event(w, ev)
 
     async def wait_ready(self, w: Worker) -> bool:
         """True once ``w`` listens; False if it exited first."""

@@ -12,6 +12,7 @@ SPEC is JSON: ``{"index": i, "count": N, "parent": supervisor pid, "config": {Se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         d: dict[str, Any] = json.loads(text)
         fields = dict(d["config"])
-        fields["repository"] = Path(fields["repository"])
+        for f in dataclasses.fields(ServerConfig):  # the Path fields travel as strings
+            if "Path" in str(f.type) and fields.get(f.name) is not None:
+                fields[f.name] = Path(fields[f.name])
         return cls(int(d["index"]), int(d["count"]), int(d["parent"]), ServerConfig(**fields))
 
 
@@ -81,9 +84,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from server.app import run
     from server.runtime.share import take_share
+    from server.scaleout.control import WorkerControl
 
     take_share(spec.index, spec.count)
-    return run(spec.config, reuse_port=True)
+    return run(spec.config, reuse_port=True, control=WorkerControl)
 
 
 if __name__ == "__main__":
