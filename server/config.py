@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnstack.cli import parse_config, require
+from server.logs import LOG_FORMATS
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
+from server.tracing import TraceSettings, parse_trace_config
 
 ENV_PREFIX = "CNN_SERVE_"
 
@@ -80,8 +82,15 @@ class ServerConfig:
     auth_token_file: Path | None = None  # tokens that may call the inference and metadata APIs
     admin_token_file: Path | None = None  # tokens that may also call the administrative APIs
     auth_health: bool = False  # health and readiness need a token too
+    # Observability (docs/serving.md "Tracing", "Logs"): server/tracing.py, server/logs.py.
+    trace_config: tuple[
+        str, ...
+    ] = ()  # Triton's --trace-config items; tracing is off without level=TIMESTAMPS
+    log_format: str = "text"  # text | json (stderr; the stdout event lines stay JSON)
+    access_log: bool = False  # one log line per inference request
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "trace_config", tuple(self.trace_config))  # a list from a worker's JSON
         require(self.problems())
 
     @classmethod
@@ -140,7 +149,14 @@ class ServerConfig:
             out.append(str(e))
         out += self.http_tls_problems()
         out += self.front_door_problems()
+        out += parse_trace_config(self.trace_config)[1]
+        if self.log_format not in LOG_FORMATS:
+            out.append(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         return out
+
+    @property
+    def trace_settings(self) -> TraceSettings:
+        return parse_trace_config(self.trace_config)[0]
 
     def front_door_problems(self) -> list[str]:
         out = []

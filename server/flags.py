@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from server.config import ENV_PREFIX, ServerConfig
+from server.logs import LOG_FORMATS
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
 
 
@@ -110,7 +111,47 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add_http_tls_flags(add, d)
     add_front_door_flags(add, d)
+    add_observability_flags(p, add, d, environ)
     return p
+
+
+class _Repeated(argparse.Action):
+    """A repeatable flag: its values on the command line replace its default (the environment's)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, (*(() if items is self.default else items), values))
+
+
+def add_observability_flags(
+    p: argparse.ArgumentParser, add, d: ServerConfig, environ: Mapping[str, str]
+) -> None:
+    env = ENV_PREFIX + "TRACE_CONFIG"
+    p.add_argument(
+        "--trace-config",
+        action=_Repeated,
+        default=tuple(environ.get(env, "").split()),
+        dest="trace_config",
+        metavar="[opentelemetry,]KEY=VALUE",
+        help="tracing as Triton's --trace-config (repeatable): level=TIMESTAMPS turns it on, rate=N traces "
+        "every N-th request (callers' sampled W3C traceparents always), count=N, mode=opentelemetry, "
+        "opentelemetry,url=http://COLLECTOR:4318/v1/traces, opentelemetry,resource=KEY=VALUE, "
+        f"opentelemetry,bsp_schedule_delay=MS [env {env}: items separated by spaces]",
+    )
+    add(
+        "--log-format",
+        str,
+        d.log_format,
+        "stderr log lines: text, or json (one object per line: time, level, logger, message, and the "
+        "request's model, version, trace_id, span_id)",
+        choices=LOG_FORMATS,
+    )
+    add(
+        "--access-log",
+        _bool,
+        d.access_log,
+        "one log line per inference request: protocol, rpc, model, version, status, duration, peer, trace id",
+    )
 
 
 def add_http_tls_flags(add, d: ServerConfig) -> None:
