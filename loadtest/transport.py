@@ -149,7 +149,9 @@ def with_traceparent(call: Any, protocol: str, fraction: float) -> Any:
             return call(payload, timeout=timeout)
         header = f"00-{rng.getrandbits(128) or 1:032x}-{rng.getrandbits(64) or 1:016x}-01"
         if protocol == "http":
-            return call(HttpPayload(payload.body, {**payload.headers, "traceparent": header}), timeout=timeout)
+            return call(
+                HttpPayload(payload.body, {**payload.headers, "traceparent": header}), timeout=timeout
+            )
         return call(payload, timeout=timeout, metadata=(("traceparent", header),))
 
     return traced

@@ -36,7 +36,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from server.tracing import TraceSettings
+from server.tracing import SERVICE_NAME, TraceSettings
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class OtelTracer:
         # given; a remote parent's sampled flag decides for the caller's traces.
         self.provider = TracerProvider(
             sampler=ParentBased(root=ALWAYS_ON),
-            resource=Resource.create(dict(settings.resource)),
+            resource=resource(settings),
             shutdown_on_exit=False,  # stop() flushes with a bounded wait, never an exit hook
         )
         self.provider.add_span_processor(
@@ -118,6 +118,13 @@ class OtelTracer:
             log.warning("tracing: spans not exported within %.1fs of shutdown were dropped", timeout_s)
             return False
         return True
+
+
+def resource(settings: TraceSettings) -> Resource:
+    """The settings' attributes over the environment's (OTEL_RESOURCE_ATTRIBUTES, OTEL_SERVICE_NAME)
+    over ``service.name=cnn-serve`` (the SDK's own default is "unknown_service")."""
+    named = not str(Resource.create().attributes.get("service.name", "")).startswith("unknown_service")
+    return Resource.create({**({} if named else {"service.name": SERVICE_NAME}), **dict(settings.resource)})
 
 
 class RequestSpan:

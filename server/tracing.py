@@ -10,8 +10,8 @@ Triton's settings, the ones a Triton user already writes (docs/serving.md "Traci
   caller's decision instead (parent-based: its sampled flag), whatever the rate.
 * ``count=N``: stop after N traces the server started itself (-1, the default: never).
 * ``opentelemetry,url=URL``: the OTLP/HTTP endpoint (default ``http://localhost:4318/v1/traces``).
-* ``opentelemetry,resource=KEY=VALUE``: a resource attribute (repeatable; ``service.name``
-  defaults to ``cnn-serve``); ``OTEL_RESOURCE_ATTRIBUTES`` is honoured too.
+* ``opentelemetry,resource=KEY=VALUE``: a resource attribute (repeatable); the environment's
+  ``OTEL_RESOURCE_ATTRIBUTES`` and ``OTEL_SERVICE_NAME`` come next, then ``service.name=cnn-serve``.
 * ``opentelemetry,bsp_max_queue_size=N``, ``bsp_schedule_delay=MS``, ``bsp_max_export_batch_size=N``:
   the batch span processor (spans are exported from its own thread, in batches).
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 DEFAULT_URL = "http://localhost:4318/v1/traces"  # an OpenTelemetry Collector's OTLP/HTTP receiver
-DEFAULT_RESOURCE = (("service.name", "cnn-serve"),)
+SERVICE_NAME = "cnn-serve"  # the resource's service.name unless the settings or OTEL_* name one
 LEVELS = ("OFF", "TIMESTAMPS")
 BSP_SETTINGS = ("bsp_max_queue_size", "bsp_schedule_delay", "bsp_max_export_batch_size")
 
@@ -38,7 +38,7 @@ class TraceSettings:
     rate: int = 1000  # every rate-th request starts a trace; 0: only callers' sampled traceparents
     count: int = -1  # traces the server may still start; -1: no limit
     url: str = DEFAULT_URL
-    resource: tuple[tuple[str, str], ...] = DEFAULT_RESOURCE
+    resource: tuple[tuple[str, str], ...] = ()  # attributes given with opentelemetry,resource=K=V
     bsp_max_queue_size: int = 2048  # the batch span processor's defaults, as Triton's
     bsp_schedule_delay: int = 5000  # ms between exports
     bsp_max_export_batch_size: int = 512
@@ -51,7 +51,7 @@ class TraceSettings:
 def parse_trace_config(items: Sequence[str]) -> tuple[TraceSettings, list[str]]:
     """``--trace-config`` items -> (settings, problems: one message per item that cannot work)."""
     fields: dict[str, Any] = {}
-    resource = dict(DEFAULT_RESOURCE)
+    resource: dict[str, str] = {}
     problems: list[str] = []
     for item in items:
         mode, _, setting = item.partition(",") if "," in item.split("=", 1)[0] else ("", "", item)

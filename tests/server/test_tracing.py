@@ -93,7 +93,7 @@ def check_request_trace(spans: list[FlatSpan], protocol: str, trace_id: str, cal
         "model.version": "1",
         "status": "OK",
     }
-    assert root.resource["service.name"] == "cnn-serve"
+    assert root.resource["service.name"] == "cnn-serve"  # no OTEL_* in the test environment
     children = {s.name: s for s in spans if s.parent_id == root.span_id}
     assert sorted(children) == sorted(CHILDREN) and len(spans) == 4
     for child in children.values():
@@ -302,3 +302,17 @@ def test_tracing_off_loads_no_opentelemetry_and_sends_nothing(repo, tmp_path: Pa
         assert out["status"] == 200 and out["summary"]["admitted_ok"] == 2
         assert out["otel"] == []
         assert sink.posts == 0
+
+
+def test_service_name_comes_from_the_settings_then_the_environment_then_cnn_serve(monkeypatch) -> None:
+    from server.otel import resource
+
+    def service(*items: str) -> object:
+        return resource(parse_trace_config(items)[0]).attributes["service.name"]
+
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)
+    assert service() == "cnn-serve"
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=fleet,team=vision")
+    assert service() == "fleet"
+    assert service("opentelemetry,resource=service.name=fmnist") == "fmnist"
