@@ -121,9 +121,6 @@ def run(cfg: TraceBench) -> dict[str, Any]:
     for sink in sinks.values():
         sink.stop()
     rows = [summary(name, v, spans.get(name, 0), answered[name]) for name, v in runs.items()]
-    rps = {r["tracing"]: r["requests_per_s"] for r in rows}
-    cpu = {r["tracing"]: r["cpu_us_per_request"] for r in rows}
-    traced = [name for name in SETTINGS if name != "off"]
     return {
         "cpu": cpu_model(),
         "date": time.strftime("%Y-%m-%d"),
@@ -132,10 +129,18 @@ def run(cfg: TraceBench) -> dict[str, Any]:
         "model": cfg.model,
         "concurrency": cfg.concurrency,
         "rows": rows,
-        "ratios": {
-            **{f"req/s, {name} / off": rps[name] / rps["off"] for name in traced},
-            **{f"server CPU per request, {name} / off": cpu[name] / cpu["off"] for name in traced},
-        },
+        "ratios": ratios(rows),
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Each traced setting against "off": requests/s, and the server's CPU time per request."""
+    rps = {r["tracing"]: r["requests_per_s"] for r in rows}
+    cpu = {r["tracing"]: r["cpu_us_per_request"] for r in rows}
+    traced = [name for name in rps if name != "off"]
+    return {
+        **{f"req/s, {name} / off": rps[name] / rps["off"] for name in traced},
+        **{f"server CPU per request, {name} / off": cpu[name] / cpu["off"] for name in traced},
     }
 
 
