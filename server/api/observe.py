@@ -19,6 +19,7 @@ from server.logs import ACCESS_LOGGER, REQUEST
 from server.metrics import GRPC
 from server.tracing import Tracer
 
+log = logging.getLogger(__name__)
 access = logging.getLogger(ACCESS_LOGGER)
 TRACE_HEADERS = ("traceparent", "tracestate")
 
@@ -58,7 +59,10 @@ class Observer:
     def begin(self, call: Any, rpc: str, protocol: str, carrier: Any) -> contextvars.Token | None:
         """``call``: server.api.dataplane.Call. -> the log context's token, for ``end``."""
         if self.tracer is not None:
-            call.span = self.tracer.start(rpc, protocol, trace_headers(protocol, carrier))
+            try:
+                call.span = self.tracer.start(rpc, protocol, trace_headers(protocol, carrier))
+            except Exception:  # tracing never fails a request
+                log.warning("tracing: could not start a span for %s", rpc, exc_info=True)
         return REQUEST.set(call) if self.log_context else None
 
     def end(
@@ -74,7 +78,10 @@ class Observer:
         served = call.served
         model, version = (served.name, served.version) if served is not None else (None, None)
         if call.span is not None:
-            call.span.finish(code, model, version)
+            try:
+                call.span.finish(code, model, version)
+            except Exception:  # the request's answer stands whatever its trace does
+                log.warning("tracing: could not end the span of %s", rpc, exc_info=True)
         if self.access_log:
             self._access(call, rpc, protocol, code, seconds, peer_of(protocol, carrier), model, version)
         if token is not None:

@@ -212,22 +212,26 @@ class Batcher:
         self.batches += 1
         if self._observe is not None:
             self._observe(int(outputs[0].shape[0]), compute, waits)
-        if traced:
-            self._trace(live, started_ns, int(outputs[0].shape[0]))
+        ended_ns = time_ns() if traced else 0
         start = 0
         for item in live:
             stop = start + item.n
             if not item.future.done():
                 item.future.set_result([out[start:stop] for out in outputs])
             start = stop
+        if traced:
+            self._trace(live, started_ns, ended_ns, int(outputs[0].shape[0]))
 
-    def _trace(self, live: list[WorkItem], started_ns: int, images: int) -> None:
-        """The traced requests of a batch get its queue-wait end and its compute span."""
-        ended_ns = time_ns()
+    def _trace(self, live: list[WorkItem], started_ns: int, ended_ns: int, images: int) -> None:
+        """The traced requests of a batch get its queue-wait end and its compute span (after their
+        answers are set: a tracing failure is logged, never a failed batch)."""
         attributes = {**self._trace_attributes, "batch.images": images, "batch.requests": len(live)}
-        for item in live:
-            if item.trace is not None:
-                item.trace.batch(started_ns, ended_ns, attributes)
+        try:
+            for item in live:
+                if item.trace is not None:
+                    item.trace.batch(started_ns, ended_ns, attributes)
+        except Exception:
+            log.warning("tracing: could not record a batch's spans", exc_info=True)
 
     async def _run_checked(self, arrays: list[np.ndarray], idle: bool = False):
         """-> (outputs, None), or (None, finite (B,) bool) when some image is NaN/Inf."""

@@ -316,3 +316,58 @@ def test_service_name_comes_from_the_settings_then_the_environment_then_cnn_serv
     monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "service.name=fleet,team=vision")
     assert service() == "fleet"
     assert service("opentelemetry,resource=service.name=fmnist") == "fmnist"
+
+
+class BrokenTrace:
+    """A trace whose every recording fails (an SDK bug, say): requests must not notice."""
+
+    trace_id, span_id = "1" * 32, "1" * 16
+
+    def enqueued(self) -> None:
+        pass
+
+    def batch(self, *args: object) -> None:
+        raise RuntimeError("span processor gone")
+
+    def outputs_ready(self) -> None:
+        pass
+
+    def finish(self, *args: object) -> None:
+        raise RuntimeError("span processor gone")
+
+
+class BrokenTracer:
+    def start(self, *args: object) -> None:
+        raise RuntimeError("propagator gone")
+
+    def shutdown(self, timeout_s: float) -> bool:
+        return True
+
+
+def test_a_failing_trace_never_fails_its_request() -> None:
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.api.dataplane import Call
+    from server.api.observe import Observer
+    from server.runtime.batcher import Batcher
+    from server.runtime.queue import QueuePolicy, RequestQueue
+
+    async def batch_with_a_broken_trace() -> list[np.ndarray]:
+        queue = RequestQueue(QueuePolicy.simple(8))
+        with ThreadPoolExecutor(1) as pool:
+            batcher = Batcher(queue, lambda x: [x * 2], pool, max_batch_size=4, max_delay_s=0)
+            task = asyncio.create_task(batcher.run())
+            outputs = await queue.submit(np.ones((1, 1, 2, 2), np.float32), trace=BrokenTrace())
+            queue.put_stop()
+            await task
+        return outputs
+
+    (out,) = asyncio.run(batch_with_a_broken_trace())
+    assert out.shape == (1, 1, 2, 2) and float(out.max()) == 2.0
+    observer = Observer(BrokenTracer(), log_context=False, access_log=False)
+    call = Call()
+    observer.begin(call, "ModelInfer", "grpc", None)
+    assert call.span is None
+    call.span = BrokenTrace()
+    observer.end(call, "ModelInfer", "grpc", "OK", 0.001, None, None)  # logs, does not raise
