@@ -19,7 +19,6 @@ ratios on/off of both, and the spans exported per request (4 at 100%: nothing wa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -31,7 +30,15 @@ from typing import Any
 
 from bench import h2load_client
 from bench.otlp_sink import OtlpSink
-from bench.protocol_bench import ProtocolBench, h2load_step, loadtest_step
+from bench.protocol_bench import (
+    ProtocolBench,
+    add_run_args,
+    h2load_step,
+    loadtest_step,
+    parse_run_args,
+    ratio_lines,
+    report,
+)
 from bench.serve_bench import cpu_seconds
 from bench.workers_bench import cpu_model
 from cnnstack.serverproc import ServerProcess
@@ -170,24 +177,14 @@ def markdown(doc: dict) -> str:
             f"| {r['tracing']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} "
             f"| {r['cpu_us_per_request']:.0f} | {r['spans_per_request']:.3f} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f}x |" for k, v in doc["ratios"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ratio_lines(doc["ratios"])) + "\n"
 
 
 def parse_args(argv: list[str] | None) -> TraceBench:
     p = argparse.ArgumentParser(prog="python -m bench.trace_bench", description=__doc__.split("\n")[0])
-    p.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "repository")
-    p.add_argument("--model", default="lenet")
+    add_run_args(p)
     p.add_argument("--concurrency", type=int, default=16, help="requests kept in flight")
-    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--no-h2load", action="store_true", help="drive the load with cnn-loadtest")
-    p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts" / "bench")
-    a = p.parse_args(argv)
-    if not (a.repository / a.model).is_dir():
-        p.error(f"no model {a.model!r} in {a.repository}: run cnn-pipeline (or cnn-export) first")
+    a = parse_run_args(p, argv)
     if a.concurrency < 1 or a.rounds < 1 or a.duration <= 0 or a.warmup < 0:
         p.error("--concurrency and --rounds must be >= 1, --duration > 0, --warmup >= 0")
     h2load = not a.no_h2load and h2load_client.available()
@@ -197,10 +194,7 @@ def parse_args(argv: list[str] | None) -> TraceBench:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "trace_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out_dir / "trace_bench.md").write_text(markdown(doc))
-    print(markdown(doc))
+    report(cfg.out_dir, "trace_bench", doc, markdown(doc))
     return 0
 
 
