@@ -208,11 +208,11 @@ class Batcher:
         if outputs is None:  # some image is NaN/Inf: fail those requests, run the others
             await self._execute(_reject_nonfinite(live, finite))
             return
+        ended_ns = time_ns() if traced else 0
         compute = loop.time() - now
         self.batches += 1
         if self._observe is not None:
             self._observe(int(outputs[0].shape[0]), compute, waits)
-        ended_ns = time_ns() if traced else 0
         start = 0
         for item in live:
             stop = start + item.n
