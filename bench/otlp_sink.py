@@ -174,7 +174,7 @@ def render_tree(spans: list[FlatSpan], trace_id: str | None = None) -> str:
         attrs = " ".join(f"{k}={v}" for k, v in span.attributes.items())
         offset = (span.start_ns - t0) / 1e6
         lines.append(
-            f"{'  ' * depth}{span.name:<{24 - 2 * depth}} {span.duration_ms:8.3f} ms  +{offset:.3f}  {attrs}"
+            f"{'  ' * depth}{span.name:<{24 - 2 * depth}} {span.duration_ms:8.3f} ms  +{offset:.3f}  {attrs}".rstrip()
         )
         for child in by_parent.get(span.span_id, []):
             walk(child, depth + 1, t0)
