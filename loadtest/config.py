@@ -47,6 +47,7 @@ class LoadTestConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None  # presented for mutual TLS, with tls_key
     tls_key: Path | None = None
+    traceparent: float = 0.0  # fraction of requests sent with a new sampled W3C traceparent
     seed: int = 0
     out: Path | None = None
     csv: Path | None = None
@@ -60,7 +61,7 @@ class LoadTestConfig:
 
     @property
     def transport(self) -> Transport:
-        return Transport(self.protocol, self.tls, self.tls_ca, self.tls_cert, self.tls_key)
+        return Transport(self.protocol, self.tls, self.tls_ca, self.tls_cert, self.tls_key, self.traceparent)
 
     @property
     def route(self) -> str:
@@ -175,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--traceparent",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="send this fraction of requests (0 to 1) with a new sampled W3C traceparent (gRPC metadata, "
+        "HTTP header), each a trace of its own: a tracing server follows them whatever its rate",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON report")
     p.add_argument("--csv", type=Path, default=None)
@@ -200,6 +209,7 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         (a.top_k >= 1, "--top-k must be >= 1"),
         (a.processes >= 1, "--processes must be >= 1"),
         (a.connections >= 1, "--connections must be >= 1"),
+        (0 <= a.traceparent <= 1, "--traceparent is a fraction of requests, from 0 to 1"),
         (not (a.api == "kserve" and a.encoding == "png"), "--encoding png needs --api classify"),
         (
             a.protocol == "grpc" or a.api == "kserve",
@@ -262,6 +272,7 @@ def parse_args(argv: list[str] | None) -> LoadTestConfig:
         tls_ca=a.tls_ca,
         tls_cert=a.tls_cert,
         tls_key=a.tls_key,
+        traceparent=a.traceparent,
         seed=a.seed,
         out=a.out,
         csv=a.csv,

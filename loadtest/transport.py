@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import random
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,13 @@ class Transport:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    traceparent: float = 0.0  # fraction of requests that carry a new sampled W3C traceparent
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {self.protocol!r}")
+        if not 0 <= self.traceparent <= 1:
+            raise ValueError(f"traceparent is a fraction from 0 to 1, got {self.traceparent}")
 
     @property
     def secure(self) -> bool:
@@ -129,10 +133,28 @@ def round_robin(calls: Sequence[Any]) -> Any:
         return calls[0]
     turn = itertools.cycle(calls)
 
-    def call(payload: bytes, timeout: float | None = None) -> Any:
-        return next(turn)(payload, timeout=timeout)
+    def call(payload: bytes, timeout: float | None = None, **kw: Any) -> Any:
+        return next(turn)(payload, timeout=timeout, **kw)
 
     return call
+
+
+def with_traceparent(call: Any, protocol: str, fraction: float) -> Any:
+    """``call`` sending ``fraction`` of its requests with a new sampled W3C ``traceparent`` (a
+    fresh trace id and parent span id each: a trace per request) in gRPC metadata or an HTTP header."""
+    rng = random.Random()
+
+    def traced(payload: Any, timeout: float | None = None) -> Any:
+        if rng.random() >= fraction:
+            return call(payload, timeout=timeout)
+        header = f"00-{rng.getrandbits(128) or 1:032x}-{rng.getrandbits(64) or 1:016x}-01"
+        if protocol == "http":
+            return call(
+                HttpPayload(payload.body, {**payload.headers, "traceparent": header}), timeout=timeout
+            )
+        return call(payload, timeout=timeout, metadata=(("traceparent", header),))
+
+    return traced
 
 
 def raw_call(channel: grpc.aio.Channel, method: str) -> Any:
@@ -157,7 +179,10 @@ async def connect(
     host). gRPC opens ``count`` channels, each connected (TimeoutError when one is not in time)."""
     if transport.protocol == "http":
         session = new_session(transport)
-        return Connection(HttpCall(session, transport.base_url(target) + route), [session.close])
+        http: Any = HttpCall(session, transport.base_url(target) + route)
+        if transport.traceparent:
+            http = with_traceparent(http, "http", transport.traceparent)
+        return Connection(http, [session.close])
     channels = [transport.grpc_channel(target) for _ in range(count)]
     try:
         await asyncio.wait_for(asyncio.gather(*(ch.channel_ready() for ch in channels)), ready_timeout_s)
@@ -165,4 +190,6 @@ async def connect(
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
         raise
     call = round_robin([raw_call(ch, route) for ch in channels])
+    if transport.traceparent:
+        call = with_traceparent(call, "grpc", transport.traceparent)
     return Connection(call, [ch.close for ch in channels])

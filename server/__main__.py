@@ -11,20 +11,16 @@ missing repository).
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 from server.config import ServerConfig
+from server.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = ServerConfig.from_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(cfg.log_level, cfg.log_format, cfg.access_log)
     if cfg.worker_count > 1:
         from server.scaleout.supervisor import supervise
 

@@ -40,6 +40,7 @@ from server.api.health import NOT_SERVING, SERVICE_NAMES, SERVING, create_health
 from server.api.http import build_app, start_http
 from server.api.kserve.grpc import KServeService
 from server.api.kserve.rest import KServeRest
+from server.api.observe import Observer
 from server.config import ServerConfig
 from server.logs import event
 from server.metrics import LIVE_GAUGE_PERIOD_S, MetricsEndpoint, ServerMetrics
@@ -50,10 +51,12 @@ from server.runtime.manager import ModelManager
 from server.runtime.share import usable_cpus, worker_gpus
 from server.tls import TlsFiles, grpc_server_credentials, server_ssl_context
 from server.tokens import Tokens
+from server.tracing import Tracer, start_tracer
 
 log = logging.getLogger(__name__)
 
 LINGER_S = 0.25  # after the last admitted call finished, keep refusing (UNAVAILABLE) this long
+TRACE_FLUSH_S = 5.0  # at shutdown, spans not yet exported get this long to reach the collector
 
 
 @dataclass
@@ -72,6 +75,7 @@ class ServerHandle:
     http_port: int | None = None
     tls: bool = False
     tokens: Tokens | None = None
+    tracer: Tracer | None = None
     _http: web.AppRunner | None = None
     _background: list[asyncio.Task] = field(default_factory=list)
     _decode_executor: ThreadPoolExecutor | None = None
@@ -117,6 +121,8 @@ class ServerHandle:
             self._decode_executor.shutdown(wait=False)
         if self._metrics_endpoint is not None:
             self._metrics_endpoint.close()
+        if self.tracer is not None:  # every request has ended: its spans are all in the processor
+            await asyncio.to_thread(self.tracer.shutdown, TRACE_FLUSH_S)
         summary = self.state.summary()
         log.info("stopped in %.2fs: %s", time.monotonic() - t0, summary)
         self._stopped.set()
@@ -278,9 +284,13 @@ async def create_server(
     manager, health = await load_models(cfg, metrics)
     state = ServerState()
     decode_executor = ThreadPoolExecutor(max_workers=usable_cpus(), thread_name_prefix="decode")
-    inference = Inference(manager, metrics, state, decode_executor)
+    tracer = start_tracer(cfg.trace_settings)  # None when off: opentelemetry is not even imported
+    observer = Observer.create(tracer, cfg.log_format == "json", cfg.access_log)
+    inference = Inference(manager, metrics, state, decode_executor, observer)
     models = control(manager)
     started: list[Callable[[], Awaitable[object]]] = [manager.close]  # closed in reverse if a port fails
+    if tracer is not None:
+        started.append(functools.partial(asyncio.to_thread, tracer.shutdown, 0.0))
     runner, http_port, endpoint = None, None, None
     try:
         server, port = await start_grpc(cfg, inference, models, health, tokens, reuse_port)
@@ -324,6 +334,7 @@ async def create_server(
         http_port=http_port,
         tls=cfg.tls,
         tokens=tokens,
+        tracer=tracer,
         _http=runner,
         _background=background,
         _decode_executor=decode_executor,

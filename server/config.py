@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cnnstack.cli import parse_config, require
+from server.logs import LOG_FORMATS
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
+from server.tracing import TraceSettings, parse_trace_config
 
 ENV_PREFIX = "CNN_SERVE_"
 MODEL_CONTROL_MODES = ("poll", "explicit", "none")  # Triton's --model-control-mode
@@ -87,10 +89,16 @@ class ServerConfig:
     # No flag: the configs that repository loads gave models, which the supervisor of --workers
     # hands a restarted worker so that it serves what the others serve. (name, JSON ModelConfig)
     model_configs: tuple[tuple[str, str], ...] = ()
+    # Observability (docs/serving.md "Tracing", "Logs"): server/tracing.py, server/logs.py.
+    trace_config: tuple[str, ...] = ()  # Triton's --trace-config items; off without level=TIMESTAMPS
+    log_format: str = "text"  # text | json (stderr; the stdout event lines stay JSON)
+    access_log: bool = False  # one log line per inference request
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "load_model", tuple(self.load_model or ()))  # argparse/JSON give lists
+        # argparse and a worker's JSON give lists
+        object.__setattr__(self, "load_model", tuple(self.load_model or ()))
         object.__setattr__(self, "model_configs", tuple(tuple(pair) for pair in self.model_configs or ()))
+        object.__setattr__(self, "trace_config", tuple(self.trace_config))
         require(self.problems())
 
     @classmethod
@@ -155,7 +163,14 @@ class ServerConfig:
             )
         elif self.load_model and self.model_control_mode != "explicit":
             out.append("--load-model needs --model-control-mode explicit (the other modes load every model)")
+        out += parse_trace_config(self.trace_config)[1]
+        if self.log_format not in LOG_FORMATS:
+            out.append(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         return out
+
+    @property
+    def trace_settings(self) -> TraceSettings:
+        return parse_trace_config(self.trace_config)[0]
 
     def front_door_problems(self) -> list[str]:
         out = []

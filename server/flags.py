@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from server.config import ENV_PREFIX, MODEL_CONTROL_MODES, ServerConfig
+from server.logs import LOG_FORMATS
 from server.runtime.devices import ALGO_SEARCHES, DEVICES
 
 
@@ -122,13 +123,56 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     env = ENV_PREFIX + "LOAD_MODEL"
     p.add_argument(
         "--load-model",
-        action=_Names,
+        action=_Repeated,
+        type=_names,
         dest="load_model",
         metavar="NAME",
-        default=[n for n in environ.get(env, "").split(",") if n],
+        default=tuple(_names(environ.get(env, ""))),
         help=f"explicit mode: a model to load at start, repeatable (or comma-separated); * for every model [env {env}]",
     )
+    add_observability_flags(p, add, d, environ)
     return p
+
+
+class _Repeated(argparse.Action):
+    """A repeatable flag: its uses on the command line replace its default (the environment's),
+    each adding its value (or values, when the flag's type gives a list)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
+        items = getattr(namespace, self.dest)
+        new = values if isinstance(values, list) else [values]
+        setattr(namespace, self.dest, (*(() if items is self.default else items), *new))
+
+
+def add_observability_flags(
+    p: argparse.ArgumentParser, add, d: ServerConfig, environ: Mapping[str, str]
+) -> None:
+    env = ENV_PREFIX + "TRACE_CONFIG"
+    p.add_argument(
+        "--trace-config",
+        action=_Repeated,
+        default=tuple(environ.get(env, "").split()),
+        dest="trace_config",
+        metavar="[opentelemetry,]KEY=VALUE",
+        help="tracing as Triton's --trace-config (repeatable): level=TIMESTAMPS turns it on, rate=N traces "
+        "every N-th request (callers' sampled W3C traceparents always), count=N, mode=opentelemetry, "
+        "opentelemetry,url=http://COLLECTOR:4318/v1/traces, opentelemetry,resource=KEY=VALUE, "
+        f"opentelemetry,bsp_schedule_delay=MS [env {env}: items separated by spaces]",
+    )
+    add(
+        "--log-format",
+        str,
+        d.log_format,
+        "stderr log lines: text, or json (one object per line: time, level, logger, message, and the "
+        "request's model, version, trace_id, span_id)",
+        choices=LOG_FORMATS,
+    )
+    add(
+        "--access-log",
+        _bool,
+        d.access_log,
+        "one log line per inference request: protocol, rpc, model, version, status, duration, peer, trace id",
+    )
 
 
 def add_http_tls_flags(add, d: ServerConfig) -> None:
@@ -253,14 +297,9 @@ def add_front_door_flags(add, d: ServerConfig) -> None:
     )
 
 
-class _Names(argparse.Action):
-    """A repeatable list flag whose first use on the command line replaces the environment's list."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:  # noqa: ANN001
-        current = getattr(namespace, self.dest)
-        names = [] if current is self.default else list(current)
-        names += [n for n in str(values).split(",") if n]
-        setattr(namespace, self.dest, names)
+def _names(text: str) -> list[str]:
+    """NAME[,NAME...]"""
+    return [n for n in text.split(",") if n]
 
 
 def _bool(text: str) -> bool:

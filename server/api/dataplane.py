@@ -7,7 +7,8 @@ status (``error_code``), and records the call's latency and code in the metrics 
 statistics, and whether it was admitted, in one place. ``Inference.run`` builds the request's
 input for the version it resolved (decoding large encoded images on the decode pool, off the
 event loop) and awaits its batch. The adapters only say what a call does and how it reports an
-error.
+error, and pass their carrier (servicer context, HTTP request) for the observer
+(server.api.observe: traces, JSON log fields, the access log), which exists only when one is on.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
+from server.api.observe import Observer
 from server.errors import ServeError, invalid, unavailable
 from server.metrics import GRPC, ServerMetrics
 from server.runtime.manager import ModelManager
 from server.runtime.version import Retired, ServedVersion
+from server.tracing import RequestTrace
 
 log = logging.getLogger(__name__)
 perf_counter = time.perf_counter
@@ -77,13 +80,24 @@ def parse_version(text: str) -> int:
 
 
 class Call:
-    """One inference request's bookkeeping: which version served it, and whether it was admitted."""
+    """One inference request's bookkeeping: which version served it, whether it was admitted, and
+    its trace (None unless tracing is on and this request is sampled; server.api.observe)."""
 
-    __slots__ = ("served", "admitted")
+    __slots__ = ("served", "admitted", "span")
 
     def __init__(self) -> None:
         self.served: ServedVersion | None = None
         self.admitted = False
+        self.span: RequestTrace | None = None
+
+    def log_fields(self) -> dict[str, object]:
+        """What JSON log lines logged while handling it carry (server.logs)."""
+        out: dict[str, object] = {}
+        if self.served is not None:
+            out["model"], out["version"] = self.served.name, self.served.version
+        if self.span is not None:
+            out["trace_id"], out["span_id"] = self.span.trace_id, self.span.span_id
+        return out
 
 
 class Inference:
@@ -95,11 +109,13 @@ class Inference:
         metrics: ServerMetrics,
         state: ServerState,
         decode_executor: Executor | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.state = state
         self._decode_executor = decode_executor  # None: every input is built on the event loop
+        self.observer = observer  # None: no tracing, JSON log fields or access log (no cost)
 
     async def handle(
         self,
@@ -107,16 +123,21 @@ class Inference:
         work: Callable[[Call], Awaitable[R]],
         on_error: Callable[[grpc.StatusCode, str], Awaitable[R]],
         protocol: str = GRPC,
+        carrier: object = None,
     ) -> R:
         """Run one inference call, ``work(call)``, with its bookkeeping around it.
 
         A failure becomes ``on_error(status, message)``: ``context.abort`` for a unary RPC (which
         raises), an error response for a stream message (which keeps the stream open), an HTTP
-        error response (status from ``server.errors.http_status``) over HTTP.
+        error response (status from ``server.errors.http_status``) over HTTP. ``carrier``: the
+        gRPC servicer context or the aiohttp request, read only by the observer (trace context,
+        peer) when one is on.
         """
         t0 = perf_counter()
         self.state.active += 1
         call = Call()
+        observer = self.observer
+        token = observer.begin(call, rpc, protocol, carrier) if observer is not None else None
         code = "OK"
         try:
             return await work(call)
@@ -128,7 +149,10 @@ class Inference:
             code = status.name
             return await on_error(status, message)
         finally:
-            self._finish(call, rpc, protocol, code, perf_counter() - t0)
+            seconds = perf_counter() - t0
+            self._finish(call, rpc, protocol, code, seconds)
+            if observer is not None:
+                observer.end(call, rpc, protocol, code, seconds, carrier, token)
 
     async def run(
         self,
@@ -157,7 +181,7 @@ class Inference:
             else:
                 x = make_input(served)
             try:
-                fut = served.submit(x, deadline, what, priority, timeout_us)
+                fut = served.submit(x, deadline, what, priority, timeout_us, trace=call.span)
             except Retired:
                 # A newer version was swapped in while we decoded; a pinned version is gone for good.
                 if version or attempt:
@@ -182,9 +206,12 @@ class Inference:
         self.state.admitted += 1
         served.inflight += 1
         try:
-            return await fut
+            outputs = await fut
         finally:
             served.inflight -= 1
+        if call.span is not None:
+            call.span.outputs_ready()
+        return outputs
 
     def _finish(self, call: Call, rpc: str, protocol: str, code: str, seconds: float) -> None:
         self.state.active -= 1

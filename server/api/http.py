@@ -107,7 +107,7 @@ async def inference_call(
         body = await request.read()
     except ConnectionError:  # the client went away, or the guard closed it for a stalled body
         return error_response(408, "the connection closed before the request body arrived")
-    return await inference.handle(rpc, functools.partial(work, request, body), on_error, HTTP)
+    return await inference.handle(rpc, functools.partial(work, request, body), on_error, HTTP, request)
 
 
 def build_app(

@@ -23,6 +23,10 @@ Batch formation, per instance:
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 
+Tracing (server.tracing): a batch holding a traced request (``WorkItem.trace`` set) takes two
+clock readings around its compute and hands them, with the instance's attributes, to each traced
+request; a batch without one checks ``trace is None`` per request and nothing else.
+
 Why the array work (concatenate, isfinite) happens on the executor thread: numpy releases the GIL
 for arrays of this size (a 28x28 image is already over its threshold), and each release on the
 event loop thread lets the executor thread take the GIL in the middle of the loop's gRPC work:
@@ -34,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
+from time import time_ns
 
 import numpy as np
 
@@ -69,6 +74,7 @@ class Batcher:
         inline_max_images: int = 0,
         run_inline: RunBatch | None = None,
         preferred_batch_sizes: Sequence[int] = (),
+        trace_attributes: Mapping[str, str | int] | None = None,
     ) -> None:
         self._queue = queue
         self._run_batch = run_batch
@@ -79,6 +85,7 @@ class Batcher:
         self.inline_max_images = inline_max_images
         self._run_inline = run_inline or run_batch  # the batch function for inline runs
         self._preferred = frozenset(preferred_batch_sizes)  # a batch reaching one runs at once
+        self._trace_attributes = dict(trace_attributes or {})  # instance, device: on compute spans
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
         self._idle = False  # the batch being run came through the idle fast path
@@ -175,6 +182,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         live = []
+        traced = False
         for item in batch:
             if item.future.done():  # cancelled by the client while queued
                 continue
@@ -182,9 +190,13 @@ class Batcher:
                 item.future.set_exception(deadline_exceeded("deadline expired while the request was queued"))
                 continue
             live.append(item)
+            if item.trace is not None:
+                traced = True
         if not live:
             return
         waits = [now - item.enqueued for item in live]
+        # The loop's clock is as coarse as a millisecond (uvloop): spans take their own readings.
+        started_ns = time_ns() if traced else 0
         try:
             outputs, finite = await self._run_checked([item.inputs for item in live], self._take_idle())
         except Exception as e:
@@ -196,6 +208,7 @@ class Batcher:
         if outputs is None:  # some image is NaN/Inf: fail those requests, run the others
             await self._execute(_reject_nonfinite(live, finite))
             return
+        ended_ns = time_ns() if traced else 0
         compute = loop.time() - now
         self.batches += 1
         if self._observe is not None:
@@ -206,6 +219,19 @@ class Batcher:
             if not item.future.done():
                 item.future.set_result([out[start:stop] for out in outputs])
             start = stop
+        if traced:
+            self._trace(live, started_ns, ended_ns, int(outputs[0].shape[0]))
+
+    def _trace(self, live: list[WorkItem], started_ns: int, ended_ns: int, images: int) -> None:
+        """The traced requests of a batch get its queue-wait end and its compute span (after their
+        answers are set: a tracing failure is logged, never a failed batch)."""
+        attributes = {**self._trace_attributes, "batch.images": images, "batch.requests": len(live)}
+        try:
+            for item in live:
+                if item.trace is not None:
+                    item.trace.batch(started_ns, ended_ns, attributes)
+        except Exception:
+            log.warning("tracing: could not record a batch's spans", exc_info=True)
 
     async def _run_checked(self, arrays: list[np.ndarray], idle: bool = False):
         """-> (outputs, None), or (None, finite (B,) bool) when some image is NaN/Inf."""

@@ -28,6 +28,7 @@ import numpy as np
 
 from protos.inference import model_config_pb2 as mc
 from server.errors import deadline_exceeded, invalid, overloaded
+from server.tracing import RequestTrace
 
 STOP = object()  # queue sentinel: the batcher that takes it finishes its batch and exits
 
@@ -42,6 +43,7 @@ class WorkItem:
     what: str = "input"  # how an error names this request's tensor ("image": per image, classifier.v1)
     level: int = 0  # its priority level's index (0: priority 1)
     expiry: asyncio.TimerHandle | None = None  # its queue timeout, while it waits
+    trace: RequestTrace | None = None  # its trace (server.tracing); None when it is not traced
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class RequestQueue:
         what: str = "input",
         priority: int = 0,
         timeout_us: int = 0,
+        trace: RequestTrace | None = None,
     ) -> asyncio.Future:
         """Enqueue one request; its future gets the list of per-output slices ``[(n, ...), ...]``.
 
@@ -165,9 +168,11 @@ class RequestQueue:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         now = loop.time()
-        item = WorkItem(inputs, fut, int(inputs.shape[0]), now, deadline, what, level)
+        item = WorkItem(inputs, fut, int(inputs.shape[0]), now, deadline, what, level, trace=trace)
         if timeout_s:
             item.expiry = loop.call_at(now + timeout_s, self._expire, item)
+        if trace is not None:
+            trace.enqueued()
         waiting.append(item)
         self._size += 1
         self._wake()

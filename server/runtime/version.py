@@ -23,6 +23,7 @@ from server.runtime.loader import LoadedModel
 from server.runtime.postprocess import ranked
 from server.runtime.queue import RequestQueue
 from server.runtime.sessions import Instance
+from server.tracing import RequestTrace
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ class VersionStats:
 def _run_ranked(inst: Instance, x: np.ndarray, solo: bool = False) -> list[np.ndarray]:
     """The batch function: (B, C, H, W) -> the model's outputs + probabilities and top-1 (see server.runtime.postprocess)."""
     return ranked(inst.run(x, solo), inst.output_names)
+
+
+def _trace_attributes(index: int, inst: Instance, provider: str) -> dict[str, str | int]:
+    """What a traced request's ``compute`` span says about the instance that ran its batch."""
+    device = f"cuda:{inst.device_id}" if inst.device_id is not None else "cpu"
+    return {"instance": index, "device": device, "provider": provider}
 
 
 class ServedVersion:
@@ -92,8 +99,9 @@ class ServedVersion:
                 observe=self._observe_batch,
                 inline_max_images=loaded.inline_max_images,
                 preferred_batch_sizes=loaded.preferred_batch_sizes,
+                trace_attributes=_trace_attributes(i, inst, provider),
             )
-            for inst in loaded.instances
+            for i, inst in enumerate(loaded.instances)
         ]
         self._tasks: list[asyncio.Task] = []
 
@@ -115,12 +123,14 @@ class ServedVersion:
         what: str = "input",
         priority: int = 0,
         timeout_us: int = 0,
+        trace: RequestTrace | None = None,
     ) -> asyncio.Future:
         """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]; ``priority`` and
-        ``timeout_us`` are the request's KServe v2 parameters (0: the model's defaults)."""
+        ``timeout_us`` are the request's KServe v2 parameters (0: the model's defaults); ``trace``:
+        the request's, when it is traced."""
         if not self.accepting:
             raise Retired(f"{self.name} version {self.version} is no longer accepting requests")
-        return self.queue.submit(x, deadline, what, priority, timeout_us)
+        return self.queue.submit(x, deadline, what, priority, timeout_us, trace)
 
     def _observe_batch(self, images: int, compute_s: float, waits: list[float]) -> None:
         st = self.stats

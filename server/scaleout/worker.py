@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from server.config import ServerConfig
+from server.logs import configure_logging
 
 PARENT_POLL_S = 1.0
 
@@ -71,11 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     spec = WorkerSpec.from_json(args[0])
-    logging.basicConfig(
-        level=spec.config.log_level.upper(),
-        stream=sys.stderr,
-        format=f"%(asctime)s %(levelname)s worker-{spec.index}[%(process)d] %(name)s: %(message)s",
-    )
+    cfg = spec.config
+    configure_logging(cfg.log_level, cfg.log_format, cfg.access_log, worker=spec.index)
     # Until the server installs its own handlers: the supervisor forwards SIGTERM and SIGHUP; a
     # terminal's Ctrl-C (SIGINT to the whole group) must not kill a worker that is still loading.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -39,6 +39,7 @@ class FakeVersion:
         what: str = "input",
         priority: int = 0,
         timeout_us: int = 0,
+        trace: object = None,
     ) -> asyncio.Future:
         if self.retired:
             raise Retired(f"{self.name} v{self.version} retired")

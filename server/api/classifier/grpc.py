@@ -30,7 +30,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
         work = functools.partial(self._classify, request, deadline_of(context))
-        return await self.inference.handle("Classify", work, context.abort)
+        return await self.inference.handle("Classify", work, context.abort, carrier=context)
 
     async def _classify(
         self, request: pb.ClassifyRequest, deadline: float | None, call: Call
@@ -70,10 +70,13 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         A failed request gets a response with ``error_code``/``error_message`` and the stream stays
         open. On shutdown the requests already read are answered, then the stream ends UNAVAILABLE.
         """
-        async for response in serve_stream(request_iterator, self._stream_one, self.state, context):
+        handle_one = functools.partial(self._stream_one, carrier=context)
+        async for response in serve_stream(request_iterator, handle_one, self.state, context):
             yield response
 
-    async def _stream_one(self, request: pb.ClassifyRequest, deadline: float | None) -> pb.ClassifyResponse:
+    async def _stream_one(
+        self, request: pb.ClassifyRequest, deadline: float | None, carrier: object = None
+    ) -> pb.ClassifyResponse:
         async def error(status: grpc.StatusCode, message: str) -> pb.ClassifyResponse:
             return pb.ClassifyResponse(
                 model=request.model,
@@ -83,7 +86,7 @@ class ClassifierService(pb_grpc.ClassifierServicer):
             )
 
         work = functools.partial(self._classify, request, deadline)
-        return await self.inference.handle("ClassifyStream", work, error)
+        return await self.inference.handle("ClassifyStream", work, error, carrier=carrier)
 
     # ---- ListModels ----
 

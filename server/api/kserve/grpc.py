@@ -170,7 +170,7 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: ks.ModelInferRequest, context) -> ks.ModelInferResponse:
         work = functools.partial(self._infer, request, deadline_of(context))
-        return await self.inference.handle("ModelInfer", work, context.abort)
+        return await self.inference.handle("ModelInfer", work, context.abort, carrier=context)
 
     async def _infer(
         self, request: ks.ModelInferRequest, deadline: float | None, call: Call
@@ -199,11 +199,12 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         return build_response(request, served, outputs)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        async for response in serve_stream(request_iterator, self._stream_one, self.state, context):
+        handle_one = functools.partial(self._stream_one, carrier=context)
+        async for response in serve_stream(request_iterator, handle_one, self.state, context):
             yield response
 
     async def _stream_one(
-        self, request: ks.ModelInferRequest, deadline: float | None
+        self, request: ks.ModelInferRequest, deadline: float | None, carrier: object = None
     ) -> ks.ModelStreamInferResponse:
         async def work(call: Call) -> ks.ModelStreamInferResponse:
             return ks.ModelStreamInferResponse(infer_response=await self._infer(request, deadline, call))
@@ -211,4 +212,4 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         async def error(status: grpc.StatusCode, message: str) -> ks.ModelStreamInferResponse:
             return ks.ModelStreamInferResponse(error_message=f"{status.name}: {message}")
 
-        return await self.inference.handle("ModelStreamInfer", work, error)
+        return await self.inference.handle("ModelStreamInfer", work, error, carrier=carrier)
