@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xxhash
 
 from server.metrics import CacheMetrics, ServerMetrics
-from server.runtime.version import ServedVersion
+
+if TYPE_CHECKING:
+    from server.runtime.version import ServedVersion
 
 # What an entry costs beyond its arrays' data: its key (a tuple holding the model's prefix, the
 # shape and a 16-byte digest), its slot in the ordered dict and in its version's key set, the entry

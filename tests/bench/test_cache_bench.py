@@ -35,6 +35,7 @@ def test_ratios_compare_hit_with_miss_and_miss_with_off() -> None:
     assert r["lenet c=1: hit / miss req/s"] == pytest.approx(2.5)
     assert r["lenet c=1: miss / hit p50"] == pytest.approx(2.0)
     assert r["lenet c=1: miss / hit p99"] == pytest.approx(3.0)
+    assert r["lenet c=1: miss / hit server mean"] == pytest.approx(1.0)
     assert r["lenet c=1: miss / off req/s"] == pytest.approx(0.8)
     assert not any(k.startswith("fmnist") for k in r)
     hashes = [{"hash": "xxh3_128", "images": 1, "bytes": 3136, "us": 0.5}]
