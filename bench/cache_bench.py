@@ -11,6 +11,9 @@ repository whose config.pbtxt says ``response_cache { enable: true }``:
   path at its most expensive);
 - ``hit``: a 64 MiB cache: once the warm-up sent the 64 distinct requests, every request hits.
 
+Beside them, in this process: what the cache's own work costs per request (a hit; a miss that
+stores and evicts), and the key's hash.
+
 The three servers run with the same ``--inline-compute-us`` (1000 by default): batch 1 of both
 models runs on the event loop in each, so that they differ only in their cache (the server's
 default leaves that to a load-time timing, which may decide differently in each process on a busy
@@ -36,18 +39,22 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
+from prometheus_client import CollectorRegistry
 
 from bench.workers_bench import cpu_model
 from cnnstack.contract import CONFIG_FILE
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.payload import MAX_PAYLOADS
+from server.metrics import ServerMetrics
+from server.runtime.cache import ResponseCache, entry_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("off", "miss", "hit")
@@ -165,6 +172,7 @@ def run(cfg: CacheBench) -> dict[str, Any]:
         "rows": rows,
         "ratios": ratios(rows),
         "hashes": hash_rates(),
+        "operations": operation_costs(),
     }
 
 
@@ -212,6 +220,46 @@ def hash_rates(shape: tuple[int, int, int] = (1, 28, 28), repeats: int = 5) -> l
     return out
 
 
+class _Version:
+    """What the cache reads of a served version (hashed by identity, as ServedVersion is)."""
+
+    def __init__(self) -> None:
+        self.name, self.version, self.accepting = "bench", 1, True
+        self.files = types.SimpleNamespace(fingerprint=(1, 2, 3, (4, 5), "0123456789abcdef"))
+
+
+def operation_costs(shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10) -> list[dict]:
+    """Microseconds of the cache's own work in the server's process, per request of 1 and 64 images:
+    a hit (hash, lookup, counter) and a miss that stores its answer and evicts one (hash, lookup,
+    copies of the 5 output arrays the batch function returns, eviction, counters, bytes gauge)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for n in (1, 64):
+        probs = rng.random((n, classes), dtype=np.float32)
+        outputs = [probs, probs, probs, probs.argmax(axis=1), probs.max(axis=1)]
+        inputs = [rng.random((n, *shape), dtype=np.float32) for _ in range(64)]
+        served: Any = _Version()
+        for what, capacity in (("hit", 1 << 30), ("miss + store + evict", entry_bytes(outputs))):
+            cache = ResponseCache(capacity, ServerMetrics(CollectorRegistry()))
+            cache.attach(served)
+            if what == "hit":
+                key, _ = cache.lookup(served, inputs[0])
+                assert key is not None and cache.put(served, key, outputs)
+                xs = [inputs[0]] * len(inputs)
+            else:
+                xs = inputs  # 64 distinct inputs through a one-entry cache: every one misses
+            best = float("inf")
+            for _ in range(20):
+                t0 = time.perf_counter()
+                for x in xs:
+                    key, hit = cache.lookup(served, x)
+                    if hit is None and key is not None:
+                        cache.put(served, key, outputs)
+                best = min(best, (time.perf_counter() - t0) / len(xs))
+            out.append({"operation": what, "images": n, "us": best * 1e6})
+    return out
+
+
 def markdown(doc: dict) -> str:
     lines = [
         f"1 image per request, gRPC (KServe v2), cnn-loadtest closed loop; CPU {doc['cpu']}, {doc['date']}",
@@ -228,6 +276,8 @@ def markdown(doc: dict) -> str:
     lines += [f"| {k} | {v:.2f}x |" for k, v in doc["ratios"].items()]
     lines += ["", "| key hash | images | input bytes | us per input |", "|---|---:|---:|---:|"]
     lines += [f"| {h['hash']} | {h['images']} | {h['bytes']:,} | {h['us']:.2f} |" for h in doc["hashes"]]
+    lines += ["", "| cache operation (in process) | images | us per request |", "|---|---:|---:|"]
+    lines += [f"| {o['operation']} | {o['images']} | {o['us']:.2f} |" for o in doc.get("operations", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from server.config import ServerConfig
 from server.metrics import ServerMetrics
 from server.runtime.cache import ResponseCache, entry_bytes
 
@@ -207,3 +208,14 @@ def test_the_bytes_accounted_cover_the_memory_the_entries_take(n: int, entries: 
     finally:
         tracemalloc.stop()
     assert used <= cache.bytes == entries * entry_bytes(out)
+
+
+def test_cache_size_flag_and_env(tmp_path, capsys) -> None:
+    repo = ["--repository", str(tmp_path)]
+    assert ServerConfig.from_args(repo, {}).cache_size_bytes == 0  # off unless asked for
+    assert ServerConfig.from_args(repo, {"CNN_SERVE_CACHE_SIZE_BYTES": "4096"}).cache_size_bytes == 4096
+    env = {"CNN_SERVE_CACHE_SIZE_BYTES": "4096"}
+    assert ServerConfig.from_args([*repo, "--cache-size-bytes", "8192"], env).cache_size_bytes == 8192
+    with pytest.raises(SystemExit) as info:
+        ServerConfig.from_args([*repo, "--cache-size-bytes", "-1"], {})
+    assert info.value.code == 2 and "--cache-size-bytes must be >= 0, got -1" in capsys.readouterr().err
