@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ import numpy as np
 import xxhash
 from prometheus_client import CollectorRegistry
 
-from bench.workers_bench import cpu_model
+from bench.workers_bench import cpu_model, write_report
 from cnnstack.contract import CONFIG_FILE
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
@@ -138,6 +139,7 @@ def check_path(mode: str, hits: float, misses: float) -> None:
 
 def run(cfg: CacheBench) -> dict[str, Any]:
     runs: dict[tuple[str, str, int], list[dict]] = {}
+    load_before = os.getloadavg()
     sizes = {"off": 0, "miss": cfg.miss_cache_bytes, "hit": HIT_CACHE_BYTES}
     with tempfile.TemporaryDirectory(prefix="cache-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -168,7 +170,10 @@ def run(cfg: CacheBench) -> dict[str, Any]:
     ]
     return {
         "cpu": cpu_model(),
+        "cores": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
         "rows": rows,
         "ratios": ratios(rows),
         "hashes": hash_rates(),
@@ -262,7 +267,9 @@ def operation_costs(shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10
 
 def markdown(doc: dict) -> str:
     lines = [
-        f"1 image per request, gRPC (KServe v2), cnn-loadtest closed loop; CPU {doc['cpu']}, {doc['date']}",
+        f"1 image per request, gRPC (KServe v2), cnn-loadtest closed loop; CPU {doc['cpu']}, "
+        f"{doc.get('cores', '?')} cores, load average {doc.get('loadavg_before', [0])[0]:.1f} before / "
+        f"{doc.get('loadavg_after', [0])[0]:.1f} after, {doc['date']}",
         "",
         "| model | path | concurrency | req/s | p50 ms | p99 ms | server mean ms | hit ratio |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -326,9 +333,7 @@ def parse_args(argv: list[str] | None) -> CacheBench:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "cache_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out_dir / "cache_bench.md").write_text(markdown(doc))
+    write_report(cfg.out_dir, "cache_bench", doc, markdown(doc))
     print(markdown(doc))
     return 0
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client
-from bench.workers_bench import cpu_model
+from bench.workers_bench import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model
@@ -284,9 +284,7 @@ def parse_args(argv: list[str] | None) -> ProtocolBench:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "protocol_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out_dir / "protocol_bench.md").write_text(markdown(doc))
+    write_report(cfg.out_dir, "protocol_bench", doc, markdown(doc))
     print(markdown(doc))
     return 0
 
