@@ -21,8 +21,8 @@ machine). Each is driven by cnn-loadtest (``--api kserve``, gRPC, 1 image per re
 at each ``--concurrency``), the command a user runs; rounds alternate the three so that other work
 on a shared machine weighs on each alike; each figure is its median round. The hits and misses of
 each run are read from the server's /metrics (``cnn_cache_hits_total``, ``cnn_cache_misses_total``):
-a run that did not take the path its name says (on ``miss`` a hit other than the preflight's
-request repeated, on ``hit`` more misses than distinct requests) stops the benchmark. The
+a run that did not take the path its name says (on ``miss`` a hit other than cnn-loadtest's
+preflight request repeated, on ``hit`` more misses than distinct requests) stops the benchmark. The
 server-side mean latency (``cnn_request_latency_seconds``) is printed beside the client's
 percentiles: the client shares the cores and is the limit on requests/s long before a hit is.
 
@@ -129,8 +129,9 @@ def check_path(mode: str, hits: float, misses: float) -> None:
     """Each mode measures the path its name says, or the figures mean nothing."""
     ok = {
         "off": hits == misses == 0,
-        # cnn-loadtest's preflight sends its first request, which its first worker then repeats
-        "miss": hits <= 1 and misses > 0,
+        # cnn-loadtest's preflight sends its first request (a hit when the previous run on this
+        # server ended with it), which its first worker then repeats: 2 hits at most
+        "miss": hits <= 2 and misses > 0,
         "hit": hits > 0 and misses <= MAX_PAYLOADS,  # each distinct request misses once at most
     }[mode]
     if not ok:

@@ -50,8 +50,8 @@ def test_ratios_compare_hit_with_miss_and_miss_with_off() -> None:
         ("off", 0, 0, True),
         ("off", 0, 5, False),
         ("miss", 0, 900, True),
-        ("miss", 1, 900, True),  # the preflight's request, repeated by the first worker
-        ("miss", 2, 900, False),
+        ("miss", 2, 900, True),  # the preflight's request (repeating the last run's), then its first worker's
+        ("miss", 3, 900, False),
         ("hit", 900, 64, True),
         ("hit", 900, 65, False),
         ("hit", 0, 0, False),
