@@ -4,7 +4,9 @@ whose config.pbtxt says ``response_cache { enable: true }``.
 A request's key is its model name, version, the version's file fingerprint (inode, mtime and size
 of its model file, its export report and its config.pbtxt: a version re-published with new files
 never answers with the old files' outputs) and its input: shape, dtype and the xxh3-128 digest of
-its bytes. The value is read-only copies of the request's slice of every output the batch function
+its bytes, seeded with a random 64-bit value drawn when the process starts. xxh3 is fast, not
+cryptographic: with the public default seed, inputs could be crafted offline to collide with
+another client's (and be answered with each other's outputs); a secret seed makes that a guess. The value is read-only copies of the request's slice of every output the batch function
 returns (``server.runtime.postprocess.ranked``), exactly what ``Inference.run`` hands the protocol
 adapters on a miss.
 
@@ -20,6 +22,7 @@ Everything here runs on the event loop (lookups, stores, the manager's attach an
 
 from __future__ import annotations
 
+import secrets
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -82,6 +85,7 @@ class ResponseCache:
         self._metrics = metrics
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # least recently used first
         self._users: dict[ServedVersion, _User] = {}
+        self._seed = secrets.randbits(64)  # see the module's doc
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -114,7 +118,7 @@ class ResponseCache:
         if user is None or not served.accepting:
             return None, None
         x = np.ascontiguousarray(x)
-        key = (user.prefix, x.shape, x.dtype.str, xxhash.xxh3_128_digest(x.data))
+        key = (user.prefix, x.shape, x.dtype.str, xxhash.xxh3_128_digest(x.data, self._seed))
         entry = self._entries.get(key)
         if entry is None:
             user.counters.misses.inc()  # type: ignore[attr-defined]
