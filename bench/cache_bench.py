@@ -154,12 +154,7 @@ def run(cfg: CacheBench) -> dict[str, Any]:
                             r = loadtest(cfg, servers[mode], model, c, tmp)
                             check_path(mode, r["hits"], r["misses"])
                             runs.setdefault((model, mode, c), []).append(r)
-                            print(
-                                f"round {rnd + 1} {model:>8} {mode:>4} c={c:<3} {r['requests_per_s']:8.0f} req/s "
-                                f"p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms, server mean "
-                                f"{r['server_mean_ms']:.3f} ms, hit ratio {r['hit_ratio']:.3f}",
-                                flush=True,
-                            )
+                            print(f"round {rnd + 1} {model:>8} {mode:>4} c={c:<3} {line(r)}", flush=True)
         finally:
             for server in servers.values():
                 server.stop()
@@ -180,6 +175,13 @@ def run(cfg: CacheBench) -> dict[str, Any]:
         "hashes": hash_rates(),
         "operations": operation_costs(),
     }
+
+
+def line(r: dict) -> str:
+    return (
+        f"{r['requests_per_s']:8.0f} req/s p50 {r['p50_ms']:.3f} p99 {r['p99_ms']:.3f} ms, "
+        f"server mean {r['server_mean_ms']:.3f} ms, hit ratio {r['hit_ratio']:.3f}"
+    )
 
 
 def ratios(rows: list[dict]) -> dict[str, float]:
@@ -278,8 +280,8 @@ def markdown(doc: dict) -> str:
     ]
     for r in doc["rows"]:
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:,.0f} | {r['p50_ms']:.3f} "
-            f"| {r['p99_ms']:.3f} | {r['server_mean_ms']:.3f} | {r['hit_ratio']:.3f} |"
+            f"| {r['model']} | {r['mode']} | {r['concurrency']} | {r['requests_per_s']:,.0f} "
+            f"| {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['server_mean_ms']:.3f} | {r['hit_ratio']:.3f} |"
         )
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f}x |" for k, v in doc["ratios"].items()]

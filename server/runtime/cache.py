@@ -5,8 +5,10 @@ A request's key is its model name, version, the version's file fingerprint (inod
 of its model file, its export report and its config.pbtxt: a version re-published with new files
 never answers with the old files' outputs) and its input: shape, dtype and the xxh3-128 digest of
 its bytes, seeded with a random 64-bit value drawn when the process starts. xxh3 is fast, not
-cryptographic: with the public default seed, inputs could be crafted offline to collide with
-another client's (and be answered with each other's outputs); a secret seed makes that a guess. The value is read-only copies of the request's slice of every output the batch function
+cryptographic: with its public default seed, an input could be crafted offline to collide with
+another client's (and each be answered with the other's outputs); the secret seed rules out that
+offline crafting, though xxh3 promises nothing against chosen inputs the way a cryptographic hash
+does. The value is read-only copies of the request's slice of every output the batch function
 returns (``server.runtime.postprocess.ranked``), exactly what ``Inference.run`` hands the protocol
 adapters on a miss.
 
