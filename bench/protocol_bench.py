@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client
-from bench.workers_bench import cpu_model
+from bench.workers_bench import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model
@@ -294,18 +294,11 @@ def parse_args(argv: list[str] | None) -> ProtocolBench:
     )
 
 
-def report(out_dir: Path, stem: str, doc: dict[str, Any], md: str) -> None:
-    """``stem``.json and ``stem``.md in ``out_dir``; the markdown printed."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(md)
-    print(md)
-
-
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    report(cfg.out_dir, "protocol_bench", doc, markdown(doc))
+    write_report(cfg.out_dir, "protocol_bench", doc, markdown(doc))
+    print(markdown(doc))
     return 0
 
 

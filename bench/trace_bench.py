@@ -37,10 +37,9 @@ from bench.protocol_bench import (
     loadtest_step,
     parse_run_args,
     ratio_lines,
-    report,
 )
 from bench.serve_bench import cpu_seconds
-from bench.workers_bench import cpu_model
+from bench.workers_bench import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model
@@ -194,7 +193,8 @@ def parse_args(argv: list[str] | None) -> TraceBench:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    report(cfg.out_dir, "trace_bench", doc, markdown(doc))
+    write_report(cfg.out_dir, "trace_bench", doc, markdown(doc))
+    print(markdown(doc))
     return 0
 
 

@@ -45,6 +45,7 @@ from server.config import ServerConfig
 from server.logs import event
 from server.metrics import LIVE_GAUGE_PERIOD_S, MetricsEndpoint, ServerMetrics
 from server.net import grpc_address
+from server.runtime.cache import ResponseCache
 from server.runtime.cuda import CUDA, DeviceError, resolve_device
 from server.runtime.loader import ServingSettings
 from server.runtime.manager import ModelManager
@@ -142,6 +143,7 @@ def serving_settings(cfg: ServerConfig, provider: str) -> ServingSettings:
         gpus=worker_gpus(cfg.gpu_ids),  # worker i of --workers starts at the i-th GPU
         cudnn_conv_algo_search=cfg.cudnn_conv_algo_search,
         strict_device=cfg.device == "cuda",
+        response_cache=cfg.cache_size_bytes > 0,
     )
 
 
@@ -211,6 +213,7 @@ async def load_models(
     async def on_health(name: str, serving: bool) -> None:
         await health.set(name, SERVING if serving else NOT_SERVING)
 
+    cache = ResponseCache(cfg.cache_size_bytes, metrics) if cfg.cache_size_bytes > 0 else None
     manager = ModelManager(
         cfg.repository,
         serving_settings(cfg, provider),
@@ -219,6 +222,7 @@ async def load_models(
         mode=cfg.model_control_mode,
         load_models=cfg.load_model,
         configs=dict(cfg.model_configs),
+        cache=cache,
     )
     await manager.sync()
     for name in SERVICE_NAMES:

@@ -55,6 +55,9 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
     log_level: str = "INFO"
+    # The response cache (server/runtime/cache.py): bytes for the whole process, shared by the models
+    # whose config.pbtxt has response_cache { enable: true }; 0: no cache.
+    cache_size_bytes: int = 0
     # Scale-out on one host (server.scaleout.supervisor): N processes serving the same ports; "auto": one
     # per usable core. Stays "1" (no supervisor, one process) unless asked for.
     workers: str = "1"
@@ -141,6 +144,7 @@ class ServerConfig:
             "intra_op_threads",
             "max_concurrent_rpcs",
             "max_body_bytes",
+            "cache_size_bytes",
             "grpc_max_connection_idle_s",
             "grpc_max_connection_age_s",
             "grpc_max_connection_age_grace_s",

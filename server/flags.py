@@ -103,6 +103,13 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
     add(
+        "--cache-size-bytes",
+        int,
+        d.cache_size_bytes,
+        "response cache for the models whose config.pbtxt has response_cache { enable: true }: "
+        "bytes for the whole process (per worker under --workers), least recently used out; 0: off",
+    )
+    add(
         "--workers",
         str,
         d.workers,

@@ -102,6 +102,15 @@ class VersionMetrics:
             observe(w)
 
 
+@dataclass(frozen=True)
+class CacheMetrics:
+    """Pre-resolved response-cache counters of one (model, version) that uses the cache."""
+
+    hits: object
+    misses: object
+    evictions: object
+
+
 class ServerMetrics:
     """Owns the registry; ``registry`` may be passed by a test to read values directly."""
 
@@ -191,6 +200,31 @@ class ServerMetrics:
             ["protocol", "reason"],
             registry=r,
         )
+        self.cache_hits = Counter(
+            "cnn_cache_hits",
+            "Requests answered from the response cache (they skip the queue and the model).",
+            mv,
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "cnn_cache_misses",
+            "Requests of a model that uses the response cache not found there (run by the model).",
+            mv,
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "cnn_cache_evictions",
+            "Response-cache entries removed, least recently used first, to make room for new ones.",
+            mv,
+            registry=r,
+        )
+        # Workers: each has its own cache, so the bytes add up.
+        self.cache_bytes = Gauge(
+            "cnn_cache_bytes",
+            "Bytes the response cache holds: cached outputs plus a fixed overhead per entry.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.multiprocess = multiprocess_mode()
         self._live: dict[tuple[str, str], tuple[Callable[[], int], Callable[[], int] | None]] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -214,6 +248,15 @@ class ServerMetrics:
                 batch_size=self.batch_size.labels(model, version),
                 images=self.images.labels(model, version),
                 inflight=self.inflight.labels(model, version),
+            )
+
+    def cache_version(self, model: str, version: str) -> CacheMetrics:
+        """Create (at zero) the cache series of a version that uses the response cache."""
+        with self._lock:
+            return CacheMetrics(
+                hits=self.cache_hits.labels(model, version),
+                misses=self.cache_misses.labels(model, version),
+                evictions=self.cache_evictions.labels(model, version),
             )
 
     def version_loaded(

@@ -6,9 +6,10 @@ goes through ``Inference.handle``: it counts the call as active, maps an excepti
 status (``error_code``), and records the call's latency and code in the metrics and the version's
 statistics, and whether it was admitted, in one place. ``Inference.run`` builds the request's
 input for the version it resolved (decoding large encoded images on the decode pool, off the
-event loop) and awaits its batch. The adapters only say what a call does and how it reports an
-error, and pass their carrier (servicer context, HTTP request) for the observer
-(server.api.observe: traces, JSON log fields, the access log), which exists only when one is on.
+event loop) and awaits its batch, unless the response cache answers it. The adapters only say
+what a call does and how it reports an error, and pass their carrier (servicer context, HTTP
+request) for the observer (server.api.observe: traces, JSON log fields, the access log), which
+exists only when one is on.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from server.api.observe import Observer
 from server.errors import ServeError, invalid, unavailable
 from server.metrics import GRPC, ServerMetrics
+from server.runtime.cache import Key
 from server.runtime.manager import ModelManager
 from server.runtime.version import Retired, ServedVersion
 from server.tracing import RequestTrace
@@ -180,6 +182,9 @@ class Inference:
                 x = await loop.run_in_executor(self._decode_executor, make_input, served)
             else:
                 x = make_input(served)
+            key, cached = self._cached(call, served, x)
+            if cached is not None:
+                return served, cached  # a cache hit: never queued, never batched
             try:
                 fut = served.submit(x, deadline, what, priority, timeout_us, trace=call.span)
             except Retired:
@@ -189,8 +194,25 @@ class Inference:
                         f"model {name!r} version {served.version} was just unloaded; retry"
                     ) from None
                 continue
-            return served, await self._await(call, served, fut)
+            outputs = await self._await(call, served, fut)
+            if key is not None and (cache := self.manager.cache) is not None:
+                cache.put(served, key, outputs)
+            return served, outputs
         raise AssertionError("unreachable")
+
+    def _cached(
+        self, call: Call, served: ServedVersion, x: np.ndarray
+    ) -> tuple[Key | None, list[np.ndarray] | None]:
+        """The response cache (server/runtime/cache.py): (key to store the outputs under after a miss,
+        the cached outputs on a hit). A hit is an admitted request, answered at once."""
+        cache = self.manager.cache
+        if cache is None:
+            return None, None
+        key, cached = cache.lookup(served, x)
+        if cached is not None:
+            call.admitted = True
+            self.state.admitted += 1
+        return key, cached
 
     def parse(self, call: Call, name: str, version: int, parse: Callable[[], R]) -> R:
         """``parse()`` a request body; when it fails, an unknown model is still NOT_FOUND first, as

@@ -59,6 +59,7 @@ class ServingSettings:
     gpus: tuple[int, ...] = (0,)  # CUDA devices instances may use (instance_group may pick among them)
     cudnn_conv_algo_search: str = DEFAULT_ALGO_SEARCH
     strict_device: bool = False  # --device cuda: refuse a model with a convolution not on CUDA
+    response_cache: bool = False  # the server has a response cache (--cache-size-bytes > 0)
 
 
 @dataclass
@@ -153,6 +154,8 @@ def load_version(
             inst.close()
         raise
     config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, devices)
+    if not (s.response_cache and repo_config.response_cache.enable):
+        config.ClearField("response_cache")  # shown only where the cache really serves the model
     return LoadedModel(meta, config, instances, names, max_batch, delay_s, policy, preferred, inline_max)
 
 

@@ -15,7 +15,8 @@ A sync of a model (a pass of poll, a start, a ``load``):
 * scans the repository (a thread), picks the versions the model's version_policy asks for;
 * loads new or changed versions in a thread (sessions, metadata and shape checks, warm-up) while
   the old ones keep serving; then swaps the model's entry in one assignment;
-* drains replaced versions in the background (queued requests are answered, then sessions freed);
+* drains replaced versions in the background (queued requests are answered, then sessions freed,
+  then their response-cache entries dropped);
 * rejects a broken version (corrupt ONNX, failed export report, wrong metadata) with one log line
   and a metric, remembers it by fingerprint so it is not retried every poll, and never serves
   *less* because of it: the versions already loaded stay. ``load`` reports that failure to its
@@ -41,6 +42,7 @@ from cnnstack.contract import RepoModel, RepositoryError, parse_config_json, sca
 from protos.inference import model_config_pb2 as mc
 from server.errors import ServeError, not_found
 from server.metrics import ServerMetrics
+from server.runtime.cache import ResponseCache
 from server.runtime.loader import ServingSettings, load_version
 from server.runtime.sessions import release_memory
 from server.runtime.version import ServedVersion
@@ -86,11 +88,13 @@ class ModelManager:
         mode: str = "poll",
         load_models: tuple[str, ...] = (),
         configs: dict[str, str] | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.root = root
         self.settings = settings
         self.metrics = metrics
         self.mode = mode
+        self.cache = cache  # the server's response cache (None: --cache-size-bytes 0)
         self._on_health = on_health
         self._table: dict[str, ModelEntry] = {}
         # The models the table should hold: None = every model of the repository.
@@ -229,7 +233,7 @@ class ModelManager:
                 self._wanted.discard(name)
             self._overrides.pop(name, None)
             versions = await self._take_out(name)
-        await asyncio.gather(*(v.drain(self.settings.drain_timeout_s) for v in versions))
+        await asyncio.gather(*(self._drain(v) for v in versions))  # cache entries dropped too
         await asyncio.to_thread(release_memory)
         log.info("model %s unloaded", name)
 
@@ -343,6 +347,8 @@ class ModelManager:
             )
             return str(e)
         served = ServedVersion(name, files, loaded, self.settings.provider, self.metrics)
+        if self.cache is not None and served.config.response_cache.enable:
+            self.cache.attach(served)
         served.start()
         self._failed.pop((name, v), None)
         self.errors.pop((name, v), None)
@@ -376,9 +382,16 @@ class ModelManager:
 
     def _retire(self, versions: list[ServedVersion]) -> None:
         for served in versions:
-            task = asyncio.create_task(served.drain(self.settings.drain_timeout_s))
+            task = asyncio.create_task(self._drain(served))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)
+
+    async def _drain(self, served: ServedVersion) -> None:
+        try:
+            await served.drain(self.settings.drain_timeout_s)
+        finally:
+            if self.cache is not None:
+                self.cache.detach(served)  # nothing answers from it any more: its memory returns
 
     async def _health(self, name: str, serving: bool) -> None:
         if self._on_health is not None:

@@ -55,6 +55,7 @@ class FakeVersion:
 class FakeManager:
     def __init__(self, *versions: FakeVersion) -> None:
         self.versions = list(versions)
+        self.cache = None  # no response cache (tests/server/test_cache*.py test it)
 
     def resolve(self, name: str, version: int = 0) -> FakeVersion:
         live = [v for v in self.versions if v.name == name and (not version or v.version == version)]
