@@ -1,0 +1,85 @@
+"""cnn-loadtest --latency-threshold end to end, against a fake server of known capacity: it serves
+2 requests at a time, 50 ms each, so p99 is 50 ms up to 2 in flight and 100 ms or more beyond."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtest.__main__ import main
+from tests.loadtest.fakes import FAKE_MODEL, FakeServer
+
+# Lenient stability: a busy CI box must not turn a 50 ms step into an unstable probe.
+FAST = ["--warmup", "0.2", "--window", "0.5", "--duration", "4", "--stability-percent", "100"]
+
+
+def _search(server: FakeServer, *flags: str) -> list[str]:
+    return ["--target", server.target, "--model", FAKE_MODEL, *FAST, *flags]
+
+
+@pytest.fixture
+def two_at_a_time(fake_server: FakeServer) -> FakeServer:
+    b = fake_server.behaviour
+    b.capacity, b.delay_s = 2, 0.05
+    return fake_server
+
+
+def test_search_finds_the_knee_prints_every_probe_and_writes_the_reports(
+    two_at_a_time: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, table, plot = tmp_path / "s.json", tmp_path / "s.csv", tmp_path / "s.png"
+    argv = _search(two_at_a_time, "--latency-threshold", "90", "--concurrency", "1,8")
+    assert main([*argv, "--out", str(out), "--csv", str(table), "--plot", str(plot)]) == 0
+    printed = capsys.readouterr().out
+    # Latency only grows with load here (sleeps can only run late): c <= 2 meets, c >= 3 breaks.
+    doc = json.loads(out.read_text())
+    search = doc["search"]
+    assert [p["load"] for p in search["probes"]] == [1, 2, 4, 3]
+    assert [p["meets"] for p in search["probes"]] == [True, True, False, False]
+    assert search["outcome"] == "found" and search["knee_load"] == 2 and search["lowest_breaking_load"] == 3
+    assert [s["load"] for s in doc["steps"]] == [1, 2, 4, 3]  # every probe is a full step
+    assert "searching concurrency c=1 .. c=8 for the highest throughput with p99 <= 90 ms" in printed
+    rows = [line for line in printed.splitlines() if line.strip().startswith("c=")]
+    assert len(rows) == 4 and "meets: p99" in rows[1] and "breaks: p99" in rows[2]
+    assert "knee: c=2:" in printed and "c=3 breaks it" in printed
+    assert [r["slo"][:6] for r in csv.DictReader(table.open())] == ["meets:", "meets:", "breaks", "breaks"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_server_too_slow_for_the_slo_is_said_plainly(
+    two_at_a_time: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_search(two_at_a_time, "--latency-threshold", "20", "--concurrency", "1,8")) == 0
+    printed = capsys.readouterr().out
+    assert "even the lowest load, c=1, breaks p99 <= 20 ms" in printed
+    assert sum(line.strip().startswith("c=") for line in printed.splitlines()) == 1
+
+
+def test_a_search_range_below_the_capacity_says_so(
+    two_at_a_time: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_search(two_at_a_time, "--latency-threshold", "500", "--concurrency", "1,2")) == 0
+    printed = capsys.readouterr().out
+    assert "the highest load probed, c=2, still meets p99 <= 500 ms" in printed
+    assert "raise --concurrency's high bound" in printed
+
+
+def test_open_loop_search_over_request_rate_with_max_probes(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # One window decides stability (it has answers: stable), so 50/s meets a 500 ms p99 whatever
+    # the box is doing, and 3 probes cannot finish a search up to 800/s.
+    fake_server.behaviour.delay_s = 0.01
+    out = tmp_path / "s.json"
+    argv = _search(fake_server, "--latency-threshold", "500", "--request-rate", "50,800", "--max-probes", "3")
+    argv += ["--stability-windows", "1"]
+    assert main([*argv, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    search = doc["search"]
+    assert search["mode"] == "open" and len(search["probes"]) == 3 and search["probes"][0]["load"] == 50
+    assert search["outcome"] == "stopped" and search["stopped_by"] == "--max-probes (3)"
+    assert all(s["mode"] == "open" and s["service_ms"] is not None for s in doc["steps"])
+    assert "the search stopped at --max-probes (3)" in capsys.readouterr().out
