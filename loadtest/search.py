@@ -4,8 +4,11 @@ a threshold (an SLO such as "p99 <= 10 ms"), found by a bounded search over one 
 ``find_capacity(measure, slo, space)`` knows nothing of servers: ``measure(load)`` runs one step
 (closed loop: that concurrency; open loop: that request rate) to a stable measurement and returns
 its ``StepResult``. The CLI passes a load-test client's step; a configuration search passes the
-same for each candidate setting. Each probe either meets the SLO (stable, no failed request, the
-percentile within the threshold) or breaks it, and says why.
+same for each candidate setting. Each probe either meets the SLO (no failed request, the
+percentile within the threshold) or breaks it, and says why. A probe that ran to ``--duration``
+without becoming stable is judged on its last windows all the same (an unstable step far below
+the threshold must not end a search on a busy machine), and its verdict says "not stable"; the
+summary names the knee's and its neighbour's instability, the cue to measure longer.
 
 The search: probe the lowest load (if it breaks the SLO, nothing in the range meets it); double
 the load until a probe breaks it or the highest load is reached (then the capacity is above the
@@ -108,11 +111,10 @@ def judge(r: StepResult, slo: Slo) -> tuple[bool, str]:
         why.append("no request answered")
     elif value > slo.threshold_ms:
         why.append(f"{slo.name} {value:.2f} ms > {slo.threshold_ms:g} ms")
-    if not r.stable:
-        why.append("not stable")
+    unstable = "" if r.stable else " (not stable)"
     if why:
-        return False, "breaks: " + "; ".join(why)
-    return True, f"meets: {slo.name} {value:.2f} ms <= {slo.threshold_ms:g} ms"
+        return False, "breaks: " + "; ".join(why) + unstable
+    return True, f"meets: {slo.name} {value:.2f} ms <= {slo.threshold_ms:g} ms{unstable}"
 
 
 @dataclass
@@ -157,11 +159,25 @@ class SearchResult:
         if knee is not None:
             r = knee.result
             lines.append(
-                f"knee: {r.label}: {r.requests_per_s:.1f} req/s ({r.images_per_s:.1f} images/s) at "
+                f"knee: {r.label}: {r.requests_per_s:.1f} req/s ({r.images_per_s:.1f} images/s), "
                 f"{self.slo.name} {self.slo.value(r):.2f} ms <= {self.slo.threshold_ms:g} ms"
-                + (f"; {s.label(self.breaks)} breaks it" if self.breaks is not None else "")
+            )
+        if self.outcome == FOUND and self.meets is not None and self.breaks is not None:
+            lines.append(
+                f"boundary: {s.label(self.meets)} meets the SLO, {s.label(self.breaks)} "
+                f"{self._verdict(self.breaks)}"
+            )
+        edge = [p for p in self.probes if p is knee or p.result.load == self.breaks]
+        if any(not p.result.stable for p in edge):
+            lines.append(
+                "note: a probe at the knee was not stable: on a busy machine, measure longer "
+                "(--duration, --window) or allow more spread (--stability-percent)"
             )
         return lines
+
+    def _verdict(self, load: float) -> str:
+        """The last verdict at ``load``, e.g. "breaks: p99 12.40 ms > 10 ms"."""
+        return next(p.verdict for p in reversed(self.probes) if p.result.load == load)
 
     def to_dict(self) -> dict[str, Any]:
         knee = self.knee

@@ -62,10 +62,10 @@ def test_closed_loop_search_finds_the_highest_concurrency_within_the_slo() -> No
     assert all(a == b for a, b in zip(asked[7:], [48, 40, 36, 38, 37], strict=True))
     assert seen == result.probes and len(result.probes) == len(asked)
     assert [p.meets for p in result.probes] == [p.result.load <= 37 for p in result.probes]
-    assert (
-        result.summary()[-1].startswith("knee: c=37: 3700.0 req/s")
-        and "c=38 breaks it" in result.summary()[-1]
-    )
+    assert result.summary() == [
+        "knee: c=37: 3700.0 req/s (3700.0 images/s), p99 5.00 ms <= 10 ms",
+        "boundary: c=37 meets the SLO, c=38 breaks: p99 10.14 ms > 10 ms",
+    ]
 
 
 def test_open_loop_search_stops_within_its_precision() -> None:
@@ -120,16 +120,31 @@ def test_the_time_budget_is_checked_before_each_probe_with_the_longest_probe_so_
     assert "between c=8 (meets) and the range's high bound" in result.summary()[0]
 
 
-def test_a_probe_with_failed_requests_or_no_stability_breaks_the_slo() -> None:
+def test_a_probe_with_failed_requests_breaks_the_slo_and_instability_is_said() -> None:
     slo = Slo(10.0)
     assert judge(step(4, 5.0), slo) == (True, "meets: p99 5.00 ms <= 10 ms")
     failed = step(4, 5.0, errors_total={"UNAVAILABLE": 11}, sent=1011)
     assert judge(failed, slo) == (False, "breaks: 11 failed (UNAVAILABLE=11)")
-    assert judge(step(4, 5.0, stable=False), slo) == (False, "breaks: not stable")
+    assert judge(step(4, 5.0, stable=False), slo) == (True, "meets: p99 5.00 ms <= 10 ms (not stable)")
     nothing = step(4, 5.0, latency_ms=latency_summary([]))
     assert judge(nothing, slo)[1] == "breaks: no request answered"
-    both = judge(step(4, 12.0, stable=False), slo)[1]
-    assert both == "breaks: p99 12.00 ms > 10 ms; not stable"
+    both = judge(step(4, 12.0, stable=False, errors_total={"DEADLINE_EXCEEDED": 2}), slo)[1]
+    assert both == "breaks: 2 failed (DEADLINE_EXCEEDED=2); p99 12.00 ms > 10 ms (not stable)"
+
+
+def test_an_unstable_probe_at_the_knee_is_named_in_the_summary() -> None:
+    measure, _ = server(knee=5)
+
+    def shaky(load: float) -> StepResult:
+        r = measure(load)
+        r.stable = load != 6
+        return r
+
+    result = find_capacity(shaky, Slo(10.0), SearchSpace("closed", 1, 16))
+    assert result.knee is not None and result.knee.result.load == 5
+    assert result.summary()[-1].startswith("note: a probe at the knee was not stable")
+    steady = find_capacity(server(knee=5)[0], Slo(10.0), SearchSpace("closed", 1, 16))
+    assert not any(line.startswith("note:") for line in steady.summary())
 
 
 def test_any_percentile_can_be_the_slo() -> None:

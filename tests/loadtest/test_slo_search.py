@@ -44,7 +44,7 @@ def test_search_finds_the_knee_prints_every_probe_and_writes_the_reports(
     assert "searching concurrency c=1 .. c=8 for the highest throughput with p99 <= 90 ms" in printed
     rows = [line for line in printed.splitlines() if line.strip().startswith("c=")]
     assert len(rows) == 4 and "meets: p99" in rows[1] and "breaks: p99" in rows[2]
-    assert "knee: c=2:" in printed and "c=3 breaks it" in printed
+    assert "knee: c=2:" in printed and "boundary: c=2 meets the SLO, c=3 breaks: " in printed
     assert [r["slo"][:6] for r in csv.DictReader(table.open())] == ["meets:", "meets:", "breaks", "breaks"]
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
