@@ -4,7 +4,7 @@ does not need it): it comes with the [plot] extra."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,27 @@ def _point_label(r: StepResult) -> str:
     return r.label + "\n" + " ".join(f"{k}={v}" for k, v in sorted(r.errors_total.items()))
 
 
-def _annotate(ax: Any, r: StepResult, y: float) -> None:
+def _annotate(ax: Any, r: StepResult, y: float, right_half: bool) -> None:
+    """The point's label, leaning inwards (left of points in the right half), kept out of the
+    layout so a long error list never shrinks the axes."""
     color = "tab:red" if r.failed else "black"
-    ax.annotate(
+    ha, dx = ("right", -3) if right_half else ("left", 3)
+    text = ax.annotate(
         _point_label(r),
         (r.images_per_s, y),
         fontsize=7,
         color=color,
-        xytext=(3, 3),
+        ha=ha,
+        xytext=(dx, 3),
         textcoords="offset points",
     )
+    text.set_in_layout(False)
+
+
+def _right_half(results: Sequence[StepResult]) -> Callable[[StepResult], bool]:
+    xs = [r.images_per_s for r in results]
+    middle = (min(xs) + max(xs)) / 2 if xs else 0.0
+    return lambda r: len(xs) > 1 and r.images_per_s > middle
 
 
 def _finish(fig: Any, ax: Any, path: Path, title: str, ylabel: str = "latency (ms)") -> None:
@@ -77,8 +88,9 @@ def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
         if mode == "open":
             svc = [r.service_ms["p99_ms"] if r.service_ms else float("nan") for r in rs]
             ax.plot(x, svc, ":^", color="tab:purple", label="open loop p99 from send")
+        right = _right_half(rs)
         for r in rs:
-            _annotate(ax, r, r.latency_ms["p99_ms"])
+            _annotate(ax, r, r.latency_ms["p99_ms"], right(r))
     _finish(fig, ax, path, title)
     plt.close(fig)
 
@@ -98,8 +110,9 @@ def write_search_plot(path: Path, search: SearchResult, title: str) -> None:
         pts = [(xi, yi) for xi, yi, p in zip(x, y, probes, strict=True) if p.meets == met]
         if pts:
             ax.plot(*zip(*pts, strict=True), "o", color=color, label=f"{word} {slo}")
+    right = _right_half([p.result for p in probes])
     for p, yi in zip(probes, y, strict=True):
-        _annotate(ax, p.result, yi)
+        _annotate(ax, p.result, yi, right(p.result))
     ax.axhline(slo.threshold_ms, color="tab:red", linestyle="--", label=f"threshold {slo.threshold_ms:g} ms")
     if (knee := search.knee) is not None:
         ax.plot(

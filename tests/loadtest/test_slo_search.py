@@ -49,22 +49,31 @@ def test_search_finds_the_knee_prints_every_probe_and_writes_the_reports(
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_server_too_slow_for_the_slo_is_said_plainly(
-    two_at_a_time: FakeServer, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    "threshold, bounds, said, probes",
+    [
+        ("20", "1,8", ["even the lowest load, c=1, breaks p99 <= 20 ms"], 1),
+        (
+            "500",
+            "1,2",
+            ["the highest load probed, c=2, still meets p99 <= 500 ms", "raise --concurrency's high bound"],
+            2,
+        ),
+    ],
+    ids=["too-slow-for-the-slo", "range-below-the-capacity"],
+)
+def test_a_search_that_cannot_bracket_the_knee_says_why(
+    two_at_a_time: FakeServer,
+    capsys: pytest.CaptureFixture[str],
+    threshold: str,
+    bounds: str,
+    said: list[str],
+    probes: int,
 ) -> None:
-    assert main(_search(two_at_a_time, "--latency-threshold", "20", "--concurrency", "1,8")) == 0
+    assert main(_search(two_at_a_time, "--latency-threshold", threshold, "--concurrency", bounds)) == 0
     printed = capsys.readouterr().out
-    assert "even the lowest load, c=1, breaks p99 <= 20 ms" in printed
-    assert sum(line.strip().startswith("c=") for line in printed.splitlines()) == 1
-
-
-def test_a_search_range_below_the_capacity_says_so(
-    two_at_a_time: FakeServer, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(_search(two_at_a_time, "--latency-threshold", "500", "--concurrency", "1,2")) == 0
-    printed = capsys.readouterr().out
-    assert "the highest load probed, c=2, still meets p99 <= 500 ms" in printed
-    assert "raise --concurrency's high bound" in printed
+    assert all(words in printed for words in said)
+    assert sum(line.strip().startswith("c=") for line in printed.splitlines()) == probes
 
 
 def test_open_loop_search_over_request_rate_with_max_probes(
