@@ -36,7 +36,7 @@ from loadtest.client import describe_model
 from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.kserve_service import PID_METADATA
+from server.api.kserve.grpc import PID_METADATA
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ WORKDIR /src
 # Only what cnn-serve and cnn-loadtest import, packaged by deploy/server.pyproject.toml: no
 # trainer or exporter file, and only the console scripts that run here.
 COPY deploy/server.pyproject.toml pyproject.toml
-COPY cnnstack/__init__.py cnnstack/
+COPY cnnstack/__init__.py cnnstack/cli.py cnnstack/
 COPY cnnstack/contract cnnstack/contract
 COPY server server
 COPY protos protos

@@ -1,10 +1,10 @@
-"""``cnn-serve`` / ``python -m server``: serve a model repository over gRPC.
+"""``cnn-serve`` / ``python -m server``: serve a model repository over gRPC and HTTP/REST.
 
 ``--workers N`` (N > 1) runs N server processes on the same port under a supervisor
-(server.supervisor); otherwise this process is the server.
+(server.scaleout.supervisor); otherwise this process is the server.
 
 Prints one JSON line ``{"event": "listening", "port": ..., "metrics_port": ...}`` on stdout once
-ready, and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
+ready (ports: gRPC, HTTP, metrics), and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
 Exit codes: 0 after SIGTERM/SIGINT, 2 when it cannot start (bad flags, no CUDA for --device cuda,
 missing repository).
 """
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if cfg.worker_count > 1:
-        from server.supervisor import supervise
+        from server.scaleout.supervisor import supervise
 
         return supervise(cfg)
     from server.app import run

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from cnnstack import version
 from cnnstack.contract import publish
 from exporter.config import parse_config
 from loadtest.config import parse_args as parse_loadtest
@@ -313,7 +314,7 @@ def test_server_image_copies_no_trainer_or_exporter_file() -> None:
     assert not [
         s
         for s in sources
-        if s.parts[0] == "cnnstack" and s.parts[1:2] not in (("__init__.py",), ("contract",))
+        if s.parts[0] == "cnnstack" and s.parts[1:2] not in (("__init__.py",), ("cli.py",), ("contract",))
     ]
 
 
@@ -326,7 +327,8 @@ def test_server_image_installs_the_contract_server_loadtest_and_protos_only(
     assert not [
         n
         for n in files
-        if n.startswith("cnnstack/") and not n.startswith(("cnnstack/__init__.py", "cnnstack/contract/"))
+        if n.startswith("cnnstack/")
+        and not n.startswith(("cnnstack/__init__.py", "cnnstack/cli.py", "cnnstack/contract/"))
     ]
 
 
@@ -362,7 +364,7 @@ def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: 
     for target in scripts.values():
         assert target.split(":")[0].replace(".", "/") + ".py" in server_wheel.namelist()
     for name, svc in services().items():
-        if svc.get("image") == "cnnstack-server:0.1.0":
+        if svc.get("image") == f"cnnstack-server:{version()}":
             ep = (svc.get("entrypoint") or json.loads(image(svc)[1]["ENTRYPOINT"]))[0]
             assert ep in scripts, f"{name}: {ep} is not installed in the server image"
 

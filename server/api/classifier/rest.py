@@ -10,23 +10,33 @@ where a tensor image is float32 pixels in [0, 1] of exactly the model's (C, H, W
     {"model": "fmnist", "version": 1, "results": [{"predictions": [
         {"class_index": 7, "class_name": "Sneaker", "probability": 0.93}, ...]}]}
 
-Decoding and resizing are ``server.preprocess``'s, with its messages, as over gRPC.
+Decoding and resizing are ``server.runtime.preprocess``'s, with its messages, as over gRPC.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 
+from server.api.dataplane import Call, Inference, parse_version
+from server.api.http import JSON, error_responder, inference_call, parse_json
 from server.errors import invalid
-from server.postprocess import top_k_of
-from server.preprocess import check_count, decode_image
-from server.served import ServedVersion
+from server.runtime.postprocess import check_top_k, top_k_of
+from server.runtime.preprocess import (
+    OFFLOAD_BYTES,
+    array_from_values,
+    check_count,
+    check_image_shape,
+    decode_image,
+)
+from server.runtime.version import ServedVersion
 
 JSON_TYPES = ("application/json",)
 
@@ -69,10 +79,7 @@ def _image(obj: Any, index: int) -> bytes | tuple[list, Any]:
 def parse_body(body: bytes, content_type: str, query_top_k: str | None) -> ClassifyBody:
     if content_type not in JSON_TYPES:
         return ClassifyBody([body], _top_k(query_top_k) if query_top_k is not None else 1)
-    try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request's JSON does not parse: {e}") from None
+    doc = parse_json(body)
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
         raise invalid('the JSON body needs an "images" list')
     k = query_top_k if query_top_k is not None else doc.get("top_k", 1)
@@ -80,26 +87,13 @@ def parse_body(body: bytes, content_type: str, query_top_k: str | None) -> Class
 
 
 def _tensor(shape: list, data: Any, expected: tuple[int, int, int], index: int) -> np.ndarray:
-    if tuple(shape) != expected:
-        raise invalid(
-            f"image {index}: tensor shape {shape} does not match the model input (C, H, W) = {list(expected)}; "
-            "send an encoded PNG/JPEG to have it resized"
-        )
-    try:
-        x = np.asarray(data, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise invalid(f"image {index}: tensor data must be numbers (a flat or evenly nested list)") from None
-    if x.size != int(np.prod(expected)):
-        raise invalid(f"image {index}: tensor data has {x.size} values, expected {int(np.prod(expected))}")
-    return x.reshape(expected)
+    check_image_shape(shape, expected, index)
+    return array_from_values(data, expected, f"image {index}")
 
 
 def build_batch(body: ClassifyBody, served: ServedVersion) -> np.ndarray:
     """The images -> (n, C, H, W) float32 for ``served``; top_k checked against its classes."""
-    if not 1 <= body.top_k <= served.num_classes:
-        raise invalid(
-            f"top_k must be between 1 and {served.num_classes} (the model's classes), got {body.top_k}"
-        )
+    check_top_k(body.top_k, served.num_classes)
     check_count(len(body.images), served.max_batch_size)
     expected = served.input_shape
     out = np.empty((len(body.images), *expected), dtype=np.float32)
@@ -122,3 +116,29 @@ def encode_response(served: ServedVersion, outputs: list[np.ndarray], k: int) ->
     ]
     doc = {"model": served.name, "version": served.version, "results": results}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+class ClassifyRest:
+    """``POST /v1/models/{m}[/versions/{v}]:classify``."""
+
+    def __init__(self, inference: Inference) -> None:
+        self.inference = inference
+        self._on_error = error_responder(inference.state)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post("/v1/models/{model}:classify", self.classify)
+        router.add_post("/v1/models/{model}/versions/{version}:classify", self.classify)
+
+    async def classify(self, request: web.Request) -> web.Response:
+        return await inference_call(self.inference, "Classify", request, self._classify, self._on_error)
+
+    async def _classify(self, request: web.Request, body: bytes, call: Call) -> web.Response:
+        model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))
+        content_type, top_k = request.content_type, request.query.get("top_k")
+        parsed = self.inference.parse(call, model, version, lambda: parse_body(body, content_type, top_k))
+        make_input = functools.partial(build_batch, parsed)
+        offload = parsed.encoded_bytes > OFFLOAD_BYTES
+        served, outputs = await self.inference.run(
+            call, model, version, make_input, None, offload, what="image"
+        )
+        return web.Response(body=encode_response(served, outputs, parsed.top_k), content_type=JSON)

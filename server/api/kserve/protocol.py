@@ -8,32 +8,50 @@ same verdict whichever protocol carried it.
 
 from __future__ import annotations
 
-import math
 import struct
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from cnnstack import version
 from cnnstack.contract import INPUT_NAME, PLATFORM, TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
+from server.api.dataplane import parse_version
 from server.errors import invalid, not_found
-from server.models import ModelManager
-from server.postprocess import top_k_of
-from server.preprocess import check_count
-from server.served import ServedVersion
+from server.runtime.manager import ModelManager
+from server.runtime.postprocess import top_k_of
+from server.runtime.preprocess import check_count
+from server.runtime.version import ServedVersion
 
 SERVER_NAME = "cnnstack"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["classification", "model_configuration", "statistics", "binary_tensor_data"]
+EXTENSIONS = [
+    "classification",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "binary_tensor_data",
+]
 
 
-def parse_version(text: str) -> int:
-    if not text:
-        return 0
-    if not text.isdigit():
-        raise invalid(f"model_version must be a positive integer or empty (latest), got {text!r}")
-    return int(text)
+def server_metadata() -> dict[str, Any]:
+    """ServerMetadata's fields (gRPC and REST answer the same)."""
+    return {"name": SERVER_NAME, "version": version(), "extensions": EXTENSIONS}
+
+
+def scheduling(priority: Any, timeout: Any) -> tuple[int, int]:
+    """A request's ``priority`` and ``timeout`` (microseconds) parameters, Triton's names, as
+    integers >= 0 (absent: 0, the model's defaults); the queue policy judges them
+    (server.runtime.queue)."""
+    out = []
+    for name, value in (("priority", priority), ("timeout", timeout)):
+        if value is None:
+            out.append(0)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise invalid(f"parameter {name!r} must be an integer >= 0, got {value!r}")
+        else:
+            out.append(value)
+    return out[0], out[1]
 
 
 def check_input_count(served: ServedVersion, n_inputs: int) -> None:
@@ -55,28 +73,6 @@ def check_input(served: ServedVersion, name: str, datatype: str, shape: Sequence
         )
     check_count(dims[0], served.max_batch_size)
     return dims
-
-
-def array_from_raw(name: str, raw: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
-    """Little-endian FP32 bytes -> (N, C, H, W), a view (no copy). NaN/Inf are checked in the batcher."""
-    count = math.prod(shape)
-    if len(raw) != 4 * count:
-        raise invalid(
-            f"input {name!r}: raw contents have {len(raw)} bytes, expected {4 * count} (FP32 x {list(shape)})"
-        )
-    return np.frombuffer(raw, dtype="<f4").reshape(shape)
-
-
-def array_from_values(name: str, values: Any, shape: tuple[int, ...], what: str) -> np.ndarray:
-    """Numbers (gRPC ``fp32_contents``; REST ``data``, flat or nested) -> (N, C, H, W) float32."""
-    count = math.prod(shape)
-    try:
-        x = np.asarray(values, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError):
-        raise invalid(f"input {name!r}: {what} must be numbers (a flat or evenly nested list)") from None
-    if x.size != count:
-        raise invalid(f"input {name!r}: {x.size} {what}, expected {count} for shape {list(shape)}")
-    return x.reshape(shape)
 
 
 def check_output(served: ServedVersion, name: str, classification: int | None) -> None:
@@ -154,12 +150,20 @@ def statistics(served: ServedVersion) -> ks.ModelStatistics:
     )
 
 
-def repository_index(manager: ModelManager, ready_only: bool) -> ks.RepositoryIndexResponse:
+async def repository_index(manager: ModelManager, ready_only: bool) -> ks.RepositoryIndexResponse:
+    """Every version of every model in the repository, with its state (READY, or UNAVAILABLE and
+    why); only the READY ones with ``ready_only``."""
     Index = ks.RepositoryIndexResponse.ModelIndex
-    models = []
-    for entry in manager.entries():
-        models += [Index(name=entry.name, version=str(v), state="READY") for v in sorted(entry.versions)]
-    if not ready_only:
-        for (name, v), reason in sorted(manager.errors.items()):
-            models.append(Index(name=name, version=str(v), state="UNAVAILABLE", reason=reason))
-    return ks.RepositoryIndexResponse(models=models)
+    entries = await manager.index(ready_only)
+    return ks.RepositoryIndexResponse(
+        models=[Index(name=e.name, version=e.version, state=e.state, reason=e.reason) for e in entries]
+    )
+
+
+def config_parameter(value: object) -> str | None:
+    """A repository load's ``config`` parameter: a JSON ModelConfig as a string (None: absent)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise invalid(f"parameter 'config' must be a JSON ModelConfig as a string, got {value!r}")
+    return value

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -17,11 +19,15 @@ import numpy as np
 from cnnstack.contract import TENSOR_DATATYPE
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server import v2
-from server.common import Call, Inference, deadline_of, error_code, serve_stream
-from server.errors import invalid, not_found
-from server.served import ServedVersion
+from server.api.control import ModelControl
+from server.api.dataplane import Call, Inference, parse_version
+from server.api.kserve import protocol as v2
+from server.api.rpc import deadline_of, serve_stream
+from server.errors import ServeError, invalid, not_found
+from server.runtime.preprocess import array_from_bytes, array_from_values
+from server.runtime.version import ServedVersion
 
+R = TypeVar("R")
 PID_METADATA = "cnn-server-pid"  # initial metadata of ServerMetadata: the answering process
 
 
@@ -33,8 +39,25 @@ def input_array(request: ks.ModelInferRequest, served: ServedVersion) -> np.ndar
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise invalid(f"{len(request.raw_input_contents)} raw_input_contents for 1 input")
-        return v2.array_from_raw(inp.name, request.raw_input_contents[0], shape)
-    return v2.array_from_values(inp.name, inp.contents.fp32_contents, shape, "fp32_contents")
+        return array_from_bytes(request.raw_input_contents[0], shape, f"input {inp.name!r}")
+    return array_from_values(inp.contents.fp32_contents, shape, f"input {inp.name!r}", "fp32_contents")
+
+
+def _parameter(params, name: str) -> object:
+    """An InferParameter's value, whichever of its fields is set; None when absent."""
+    if name not in params:
+        return None
+    param = params[name]
+    kind = param.WhichOneof("parameter_choice")
+    return getattr(param, kind) if kind is not None else None
+
+
+def _repository_parameter(params, name: str) -> object:
+    """A ModelRepositoryParameter's value, whichever of its fields is set; None when absent."""
+    if name not in params:
+        return None
+    kind = params[name].WhichOneof("parameter_choice")
+    return getattr(params[name], kind) if kind is not None else None
 
 
 def _classification(req_out: ks.ModelInferRequest.InferRequestedOutputTensor) -> int | None:
@@ -69,8 +92,9 @@ def build_response(
 
 
 class KServeService(ks_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, inference: Inference) -> None:
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
         self.inference = inference
+        self.control = control
         self.manager = inference.manager
         self.state = inference.state
 
@@ -84,8 +108,8 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request, context) -> ks.ModelReadyResponse:
         try:
-            served = self.manager.resolve(request.name, v2.parse_version(request.version))
-        except Exception:
+            served = self.manager.resolve(request.name, parse_version(request.version))
+        except ServeError:  # an unknown model or version is not ready; anything else is a bug
             return ks.ModelReadyResponse(ready=False)
         return ks.ModelReadyResponse(ready=served.accepting and not self.state.stopping)
 
@@ -93,35 +117,54 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
         # Which process answered: under --workers each connection is served by one worker, and
         # tests and operators tell them apart by this (the response itself is KServe's).
         await context.send_initial_metadata(((PID_METADATA, str(os.getpid())),))
-        return ks.ServerMetadataResponse(
-            name=v2.SERVER_NAME, version=v2.SERVER_VERSION, extensions=v2.EXTENSIONS
-        )
+        return ks.ServerMetadataResponse(**v2.server_metadata())
 
-    async def _resolve(self, name: str, version: str, context) -> ServedVersion:
+    @staticmethod
+    async def _answer(context, build: Callable[[], R]) -> R:
+        """``build()``, or the call ends with the status its ServeError names."""
         try:
-            return self.manager.resolve(name, v2.parse_version(version))
-        except Exception as e:
-            status, message = error_code(e)
-            await context.abort(status, message)
+            return build()
+        except ServeError as e:
+            await context.abort(e.code, e.message)
             raise  # unreachable: abort raises
 
+    def _resolve(self, request) -> ServedVersion:
+        return self.manager.resolve(request.name, parse_version(request.version))
+
     async def ModelMetadata(self, request, context) -> ks.ModelMetadataResponse:
-        served = await self._resolve(request.name, request.version, context)
-        return v2.model_metadata(self.manager, served)
+        return await self._answer(context, lambda: v2.model_metadata(self.manager, self._resolve(request)))
 
     async def ModelConfig(self, request, context) -> ks.ModelConfigResponse:
-        served = await self._resolve(request.name, request.version, context)
-        return ks.ModelConfigResponse(config=served.config)
+        return await self._answer(
+            context, lambda: ks.ModelConfigResponse(config=self._resolve(request).config)
+        )
 
     async def ModelStatistics(self, request, context) -> ks.ModelStatisticsResponse:
-        try:
+        def build() -> ks.ModelStatisticsResponse:
             versions = v2.versions_for_statistics(self.manager, request.name, request.version)
-        except Exception as e:
-            await context.abort(*error_code(e))
-        return ks.ModelStatisticsResponse(model_stats=[v2.statistics(s) for s in versions])
+            return ks.ModelStatisticsResponse(model_stats=[v2.statistics(s) for s in versions])
+
+        return await self._answer(context, build)
 
     async def RepositoryIndex(self, request, context) -> ks.RepositoryIndexResponse:
-        return v2.repository_index(self.manager, request.ready)
+        return await v2.repository_index(self.manager, request.ready)
+
+    # ---- model control (the repository extension; an admin token when tokens are on) ----
+
+    async def RepositoryModelLoad(self, request, context) -> ks.RepositoryModelLoadResponse:
+        try:
+            config = v2.config_parameter(_repository_parameter(request.parameters, "config"))
+            await self.control.load(request.model_name, config)
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+        return ks.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request, context) -> ks.RepositoryModelUnloadResponse:
+        try:
+            await self.control.unload(request.model_name)
+        except ServeError as e:
+            await context.abort(e.code, e.message)
+        return ks.RepositoryModelUnloadResponse()
 
     # ---- inference ----
 
@@ -132,7 +175,7 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
     async def _infer(
         self, request: ks.ModelInferRequest, deadline: float | None, call: Call
     ) -> ks.ModelInferResponse:
-        version = v2.parse_version(request.model_version)
+        version = parse_version(request.model_version)
         if not request.model_name:
             raise not_found("model_name is empty")
 
@@ -141,8 +184,19 @@ class KServeService(ks_grpc.GRPCInferenceServiceServicer):
             return input_array(request, served)
 
         what = f"input {request.inputs[0].name!r}" if request.inputs else "input"
-        outputs = await self.inference.run(call, request.model_name, version, make_input, deadline, what=what)
-        return build_response(request, call.served, outputs)  # type: ignore[arg-type]
+        params = request.parameters
+        priority, timeout_us = v2.scheduling(_parameter(params, "priority"), _parameter(params, "timeout"))
+        served, outputs = await self.inference.run(
+            call,
+            request.model_name,
+            version,
+            make_input,
+            deadline,
+            what=what,
+            priority=priority,
+            timeout_us=timeout_us,
+        )
+        return build_response(request, served, outputs)
 
     async def ModelStreamInfer(self, request_iterator, context):
         async for response in serve_stream(request_iterator, self._stream_one, self.state, context):

@@ -15,6 +15,8 @@ from cnnstack.contract import RepositoryError
 from protos.inference import model_config_pb2 as mc
 
 KIND = mc.ModelInstanceGroup
+DEVICES = ("auto", "cpu", "cuda")  # --device
+ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # onnxruntime's cudnn_conv_algo_search values
 
 
 def instance_devices(

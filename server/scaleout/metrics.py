@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from server.metrics import MetricsEndpoint
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -44,8 +46,7 @@ class SharedMetrics:
     """The folder the workers write to and, unless metrics are off, the HTTP endpoint over it."""
 
     folder: Path
-    port: int | None = None
-    _httpd: object | None = field(default=None, repr=False)
+    endpoint: MetricsEndpoint | None = field(default=None, repr=False)
 
     @classmethod
     def create(cls) -> SharedMetrics:
@@ -56,17 +57,19 @@ class SharedMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.folder))
         registry.register(collector)  # type: ignore[arg-type]
-        httpd, _thread = start_http_server(port, addr=host, registry=registry)
-        self._httpd, self.port = httpd, int(httpd.server_port)
-        return self.port
+        self.endpoint = MetricsEndpoint(registry, host, port)
+        return self.endpoint.port
+
+    @property
+    def port(self) -> int | None:
+        return self.endpoint.port if self.endpoint is not None else None
 
     def worker_died(self, pid: int) -> None:
         # Its counters and histograms stay (totals never go back); its live gauges go.
         mark_process_dead(pid, str(self.folder))
 
     def close(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()  # type: ignore[attr-defined]
-            self._httpd.server_close()  # type: ignore[attr-defined]
-            self._httpd = None
+        if self.endpoint is not None:
+            self.endpoint.close()
+            self.endpoint = None
         shutil.rmtree(self.folder, ignore_errors=True)

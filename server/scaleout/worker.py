@@ -1,10 +1,10 @@
-"""One worker of ``cnn-serve --workers N``: ``python -m server.worker SPEC``, started by
-server.supervisor, never by hand.
+"""One worker of ``cnn-serve --workers N``: ``python -m server.scaleout.worker SPEC``, started by
+server.scaleout.supervisor, never by hand.
 
 A worker is the whole server (``server.app.run``: gRPC and everything else app.py starts, its
 own batchers and sessions) bound with SO_REUSEPORT to the port the supervisor reserved, with
 ``usable_cpus() / N`` cores for its threads and its GPU instances starting at device ``index``
-(server.share). It prints the usual ``listening`` / ``stopped`` lines on its stdout, which the
+(server.runtime.share). It prints the usual ``listening`` / ``stopped`` lines on its stdout, which the
 supervisor reads; its log goes to the supervisor's stderr, each line naming the worker.
 
 SPEC is JSON: ``{"index": i, "count": N, "parent": supervisor pid, "config": {ServerConfig fields}}``.
@@ -12,6 +12,7 @@ SPEC is JSON: ``{"index": i, "count": N, "parent": supervisor pid, "config": {Se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,9 @@ class WorkerSpec:
     def from_json(cls, text: str) -> WorkerSpec:
         d: dict[str, Any] = json.loads(text)
         fields = dict(d["config"])
-        fields["repository"] = Path(fields["repository"])
+        for f in dataclasses.fields(ServerConfig):  # the Path fields travel as strings
+            if "Path" in str(f.type) and fields.get(f.name) is not None:
+                fields[f.name] = Path(fields[f.name])
         return cls(int(d["index"]), int(d["count"]), int(d["parent"]), ServerConfig(**fields))
 
 
@@ -62,7 +65,10 @@ def watch_parent(parent: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 1:
-        print("usage: python -m server.worker SPEC_JSON (started by cnn-serve --workers)", file=sys.stderr)
+        print(
+            "usage: python -m server.scaleout.worker SPEC_JSON (started by cnn-serve --workers)",
+            file=sys.stderr,
+        )
         return 2
     spec = WorkerSpec.from_json(args[0])
     logging.basicConfig(
@@ -77,10 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     watch_parent(spec.parent)
 
     from server.app import run
-    from server.share import take_share
+    from server.runtime.share import take_share
+    from server.scaleout.control import WorkerControl
 
     take_share(spec.index, spec.count)
-    return run(spec.config, reuse_port=True)
+    return run(spec.config, reuse_port=True, control=WorkerControl)
 
 
 if __name__ == "__main__":

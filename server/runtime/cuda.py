@@ -28,8 +28,8 @@ from types import ModuleType
 import numpy as np
 import onnxruntime as ort
 
-from server.config import ALGO_SEARCHES
-from server.placement import RECORD_KEY, misplaced_convs, recorded_placement
+from server.runtime.devices import ALGO_SEARCHES
+from server.runtime.placement import RECORD_KEY, misplaced_convs, recorded_placement
 
 log = logging.getLogger(__name__)
 

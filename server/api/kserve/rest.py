@@ -5,24 +5,39 @@ JSON tensors (``data`` flat or nested) and the binary tensor data extension that
 ``Inference-Header-Content-Length`` bytes followed by the inputs' raw bytes, each input saying its
 length in ``parameters.binary_data_size``. Outputs come back as binary when the request asks
 (``outputs[].parameters.binary_data``, or ``parameters.binary_data_output`` for every output),
-else as JSON ``data``. Checks of the tensors themselves are ``server.v2``'s, as over gRPC.
+else as JSON ``data``. Checks of the tensors themselves are ``server.api.kserve.protocol``'s, as over gRPC.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from aiohttp import web
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
-from server import v2
-from server.errors import invalid
-from server.served import ServedVersion
+from server.api.control import ModelControl
+from server.api.dataplane import Call, Inference, parse_version
+from server.api.http import (
+    JSON,
+    answer,
+    error_responder,
+    error_response,
+    inference_call,
+    json_response,
+    parse_json,
+)
+from server.api.kserve import protocol as v2
+from server.errors import ServeError, http_status, invalid
+from server.runtime.preprocess import array_from_bytes, array_from_values
+from server.runtime.version import ServedVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -49,6 +64,8 @@ class RestRequest:
     inputs: list[RestInput]
     outputs: list[RestOutput] | None  # None: every output
     binary_output: bool  # the default for outputs (``parameters.binary_data_output``)
+    priority: int = 0  # ``parameters.priority`` (0: the model's default level)
+    timeout_us: int = 0  # ``parameters.timeout``: how long it may wait in the queue (0: the model's)
 
 
 def _obj(value: Any, what: str) -> dict:
@@ -77,10 +94,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
                 f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
             )
         n = int(header_length)
-    try:
-        return json.loads(view[:n].tobytes()), view[n:]
-    except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"the request's JSON does not parse: {e}") from None
+    return parse_json(view[:n].tobytes()), view[n:]
 
 
 def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestInput, int]:
@@ -116,7 +130,9 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     """Structure only (JSON shape, binary sizes); the tensors are checked against the model later."""
     doc, binary = _split(body, header_length)
     doc = _obj(doc, "the request")
-    binary_output = bool(_params(doc, "the request").get("binary_data_output", False))
+    params = _params(doc, "the request")
+    binary_output = bool(params.get("binary_data_output", False))
+    priority, timeout_us = v2.scheduling(params.get("priority"), params.get("timeout"))
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list):
         raise invalid("the request needs an `inputs` list")
@@ -131,7 +147,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
         raise invalid("`outputs` must be a list")
     wanted = None if not outputs else [_output(o, i, binary_output) for i, o in enumerate(outputs)]
     request_id = doc.get("id")
-    return RestRequest(str(request_id) if request_id is not None else None, inputs, wanted, binary_output)
+    request_id = str(request_id) if request_id is not None else None
+    return RestRequest(request_id, inputs, wanted, binary_output, priority, timeout_us)
 
 
 def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
@@ -142,8 +159,8 @@ def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
     for out in request.outputs or ():
         v2.check_output(served, out.name, out.classification)
     if inp.raw is not None:
-        return v2.array_from_raw(inp.name, inp.raw, shape)
-    return v2.array_from_values(inp.name, inp.data, shape, "data values")
+        return array_from_bytes(inp.raw, shape, f"input {inp.name!r}")
+    return array_from_values(inp.data, shape, f"input {inp.name!r}", "data values")
 
 
 def encode_response(
@@ -222,3 +239,143 @@ def _scalar(f: FieldDescriptor, value: Any) -> Any:
     if f.type == FieldDescriptor.TYPE_BYTES:
         return base64.b64encode(value).decode()
     return value
+
+
+class KServeRest:
+    """KServe v2 over HTTP: health, server and model metadata, config, statistics, the repository
+    index, infer (JSON tensors or the binary extension)."""
+
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
+        self.inference = inference
+        self.control = control
+        self.manager = inference.manager
+        self.state = inference.state
+        self._on_error = error_responder(inference.state)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        get, post = router.add_get, router.add_post
+        get("/v2", self.server_metadata)
+        get("/v2/health/live", self.live)
+        get("/v2/health/ready", self.ready)
+        post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load)
+        post("/v2/repository/models/{model}/unload", self.unload)
+        get("/v2/models/stats", self.statistics)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            get(base, self.model_metadata)
+            get(f"{base}/ready", self.model_ready)
+            get(f"{base}/config", self.model_config)
+            get(f"{base}/stats", self.statistics)
+            post(f"{base}/infer", self.infer)
+
+    # ---- health and metadata ----
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.state.serving:
+            return web.Response(status=200)
+        why = "shutting down" if self.state.stopping else "loading the model repository"
+        return error_response(503, f"server not ready: {why}")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(v2.server_metadata())
+
+    def _resolve(self, request: web.Request) -> ServedVersion:
+        info = request.match_info
+        return self.manager.resolve(info["model"], parse_version(info.get("version", "")))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(v2.model_metadata(self.manager, self._resolve(request))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            served = self._resolve(request)
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        if served.accepting and not self.state.stopping:
+            return web.Response(status=200)
+        return error_response(503, f"model {served.name!r} version {served.version} is not ready")
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(self._resolve(request).config))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        info = request.match_info
+
+        def build() -> dict:
+            versions = v2.versions_for_statistics(
+                self.manager, info.get("model", ""), info.get("version", "")
+            )
+            return {"model_stats": [message_dict(v2.statistics(s)) for s in versions]}
+
+        return answer(build)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        try:
+            doc = parse_json(body) if body.strip() else {}
+        except ServeError as e:
+            return error_response(400, e.message)
+        if not isinstance(doc, dict):
+            return error_response(400, 'the body must be empty or a JSON object like {"ready": true}')
+        ready = bool(doc.get("ready", False))
+        index = await v2.repository_index(self.manager, ready)
+        return json_response([message_dict(m) for m in index.models])
+
+    # ---- model control (the repository extension; an admin token when tokens are on) ----
+
+    async def load(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.load(request.match_info["model"], v2.config_parameter(params.get("config")))
+
+        return await self._control(request, act)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.unload(request.match_info["model"])
+
+        return await self._control(request, act)
+
+    async def _control(self, request: web.Request, act: Callable[[dict], Awaitable[None]]) -> web.Response:
+        """Body: empty, or ``{"parameters": {...}}``; 200 with an empty body once done."""
+        try:
+            body = await request.read()
+            doc = parse_json(body) if body.strip() else {}
+            await act(_params(_obj(doc, "the request"), "the request"))
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        return web.Response(status=200)
+
+    # ---- inference ----
+
+    async def infer(self, request: web.Request) -> web.Response:
+        return await inference_call(self.inference, "ModelInfer", request, self._infer, self._on_error)
+
+    async def _infer(self, request: web.Request, body: bytes, call: Call) -> web.Response:
+        model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))
+        header_length = request.headers.get(HEADER_LENGTH)
+        parsed = self.inference.parse(call, model, version, lambda: parse_request(body, header_length))
+        what = f"input {parsed.inputs[0].name!r}" if parsed.inputs else "input"
+        make_input = functools.partial(input_array, parsed)
+        served, outputs = await self.inference.run(
+            call,
+            model,
+            version,
+            make_input,
+            None,
+            what=what,
+            priority=parsed.priority,
+            timeout_us=parsed.timeout_us,
+        )
+        payload, json_length = encode_response(parsed, served, outputs)
+        if json_length is None:
+            return web.Response(body=payload, content_type=JSON)
+        headers = {HEADER_LENGTH: str(json_length)}
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)

@@ -1,37 +1,36 @@
-"""What both inference APIs share: server state (shutdown, admission counts), lookup-and-submit
-with the version-swap retry, deadlines, the stream engine, and the per-call bookkeeping.
+"""The data plane every protocol adapter calls: server state (shutdown, admission counts),
+lookup-and-submit with the version-swap retry, and the per-call bookkeeping.
 
 Every inference call (a unary RPC, one message of a stream, or an HTTP infer/classify request)
-goes through ``Inference.handle``:
-it counts the call as active, maps an exception to its gRPC status (``error_code``), and records
-the call's latency and code in the metrics and the version's statistics, and whether it was
-admitted, in one place. The handlers only say what a call does and how it reports an error.
+goes through ``Inference.handle``: it counts the call as active, maps an exception to its gRPC
+status (``error_code``), and records the call's latency and code in the metrics and the version's
+statistics, and whether it was admitted, in one place. ``Inference.run`` builds the request's
+input for the version it resolved (decoding large encoded images on the decode pool, off the
+event loop) and awaits its batch. The adapters only say what a call does and how it reports an
+error.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 import numpy as np
 
-from server.errors import ServeError, unavailable
+from server.errors import ServeError, invalid, unavailable
 from server.metrics import GRPC, ServerMetrics
-from server.models import ModelManager
-from server.served import Retired, ServedVersion
+from server.runtime.manager import ModelManager
+from server.runtime.version import Retired, ServedVersion
 
 log = logging.getLogger(__name__)
 perf_counter = time.perf_counter
 R = TypeVar("R")
-
-STREAM_WINDOW = 128  # requests one stream may have in flight; beyond, we stop reading it
 
 
 @dataclass
@@ -69,11 +68,12 @@ class ServerState:
         }
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    remaining = context.time_remaining()
-    if remaining is None or remaining > 1e8:
-        return None
-    return asyncio.get_running_loop().time() + remaining
+def parse_version(text: str) -> int:
+    if not text:
+        return 0
+    if not text.isdigit():
+        raise invalid(f"model_version must be a positive integer or empty (latest), got {text!r}")
+    return int(text)
 
 
 class Call:
@@ -89,10 +89,17 @@ class Call:
 class Inference:
     """Resolve -> build input -> submit -> await outputs, retried once across a version swap."""
 
-    def __init__(self, manager: ModelManager, metrics: ServerMetrics, state: ServerState) -> None:
+    def __init__(
+        self,
+        manager: ModelManager,
+        metrics: ServerMetrics,
+        state: ServerState,
+        decode_executor: Executor | None = None,
+    ) -> None:
         self.manager = manager
         self.metrics = metrics
         self.state = state
+        self._decode_executor = decode_executor  # None: every input is built on the event loop
 
     async def handle(
         self,
@@ -130,20 +137,27 @@ class Inference:
         version: int,
         make_input: Callable[[ServedVersion], np.ndarray],
         deadline: float | None,
-        offload: Callable[[Callable[[], np.ndarray]], asyncio.Future] | None = None,
+        offload: bool = False,
         what: str = "input",
-    ) -> list[np.ndarray]:
+        priority: int = 0,
+        timeout_us: int = 0,
+    ) -> tuple[ServedVersion, list[np.ndarray]]:
+        """``make_input(served)`` -> (n, C, H, W) for the version ``name``/``version`` resolves to,
+        run in its batch: (that version, the request's outputs). ``offload``: build the input on
+        the decode pool (large encoded images). ``priority`` and ``timeout_us``: the request's
+        place in the model's queue policy (0: the model's defaults; server.runtime.queue)."""
         if self.state.stopping:
             raise unavailable("server is shutting down; retry on another replica")
         for attempt in (0, 1):
             served = self.manager.resolve(name, version)
             call.served = served
-            if offload is None:
-                x = make_input(served)
+            if offload and self._decode_executor is not None:
+                loop = asyncio.get_running_loop()
+                x = await loop.run_in_executor(self._decode_executor, make_input, served)
             else:
-                x = await offload(functools.partial(make_input, served))
+                x = make_input(served)
             try:
-                fut = served.submit(x, deadline, what)
+                fut = served.submit(x, deadline, what, priority, timeout_us)
             except Retired:
                 # A newer version was swapped in while we decoded; a pinned version is gone for good.
                 if version or attempt:
@@ -151,8 +165,17 @@ class Inference:
                         f"model {name!r} version {served.version} was just unloaded; retry"
                     ) from None
                 continue
-            return await self._await(call, served, fut)
+            return served, await self._await(call, served, fut)
         raise AssertionError("unreachable")
+
+    def parse(self, call: Call, name: str, version: int, parse: Callable[[], R]) -> R:
+        """``parse()`` a request body; when it fails, an unknown model is still NOT_FOUND first, as
+        over gRPC (where the model is resolved before its input is read)."""
+        try:
+            return parse()
+        except ServeError:
+            call.served = self.manager.resolve(name, version)
+            raise
 
     async def _await(self, call: Call, served: ServedVersion, fut: asyncio.Future) -> list[np.ndarray]:
         call.admitted = True
@@ -184,72 +207,3 @@ def error_code(e: BaseException) -> tuple[grpc.StatusCode, str]:
         return e.code, e.message
     log.exception("unexpected error while serving a request", exc_info=e)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}"
-
-
-async def serve_stream(
-    request_iterator: AsyncIterator[Any],
-    handle_one: Callable[[Any, float | None], Awaitable[Any]],
-    state: ServerState,
-    context: grpc.aio.ServicerContext,
-) -> AsyncIterator[Any]:
-    """A bidirectional inference stream: ``pipelined`` responses, then, if the server is shutting
-    down, the stream ends UNAVAILABLE so the client reopens it elsewhere."""
-    async for response in pipelined(request_iterator, handle_one, state, deadline_of(context)):
-        yield response
-    if state.stopping:
-        await context.abort(
-            grpc.StatusCode.UNAVAILABLE, "server is shutting down; reopen the stream elsewhere"
-        )
-
-
-async def pipelined(request_iterator, handle_one, state: ServerState, deadline: float | None):
-    """Bidirectional-stream engine: read requests as they come, run up to STREAM_WINDOW at once
-    (``handle_one(request, deadline)`` returns the response, errors included), yield responses in
-    request order. When the window is full we stop reading, so HTTP/2 flow control pushes back on
-    the client and memory stays bounded. On shutdown, requests already read are still answered.
-    """
-    pending: asyncio.Queue = asyncio.Queue()
-    window = asyncio.Semaphore(STREAM_WINDOW)
-    state.streams.add(pending)
-
-    async def reader() -> None:
-        try:
-            async for request in request_iterator:
-                await window.acquire()
-                if state.stopping:
-                    break
-                pending.put_nowait(asyncio.ensure_future(handle_one(request, deadline)))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # the client's half of the stream broke
-            log.debug("stream reader ended: %r", e)
-        finally:
-            pending.put_nowait(None)
-
-    reader_task = asyncio.create_task(reader())
-    try:
-        while True:
-            item = await pending.get()
-            if item is None:
-                if not state.stopping:
-                    break
-                reader_task.cancel()  # shutdown: stop reading, answer what was read
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader_task
-                while not pending.empty():
-                    item = pending.get_nowait()
-                    if item is not None:
-                        yield await item
-                break
-            response = await item
-            window.release()
-            yield response
-    finally:
-        state.streams.discard(pending)
-        reader_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await reader_task
-        while not pending.empty():
-            item = pending.get_nowait()
-            if item is not None:
-                item.cancel()

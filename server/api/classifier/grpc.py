@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from concurrent.futures import Executor
 
 import grpc
 
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from server.common import Call, Inference, deadline_of, serve_stream
-from server.errors import invalid
-from server.postprocess import top_k_of
-from server.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
-from server.served import ServedVersion
+from server.api.dataplane import Call, Inference
+from server.api.rpc import deadline_of, serve_stream
+from server.runtime.postprocess import check_top_k, top_k_of
+from server.runtime.preprocess import OFFLOAD_BYTES, build_batch, encoded_bytes
+from server.runtime.version import ServedVersion
 
 log = logging.getLogger(__name__)
 
 
 class ClassifierService(pb_grpc.ClassifierServicer):
-    def __init__(self, inference: Inference, decode_executor: Executor) -> None:
+    def __init__(self, inference: Inference) -> None:
         self.inference = inference
         self.manager = inference.manager
         self.state = inference.state
-        self._decode_executor = decode_executor
 
     # ---- Classify ----
 
@@ -42,20 +39,14 @@ class ClassifierService(pb_grpc.ClassifierServicer):
         images = request.images
 
         def make_input(served: ServedVersion):
-            if not 1 <= k <= served.num_classes:
-                raise invalid(
-                    f"top_k must be between 1 and {served.num_classes} (the model's classes), got {request.top_k}"
-                )
+            check_top_k(k, served.num_classes)
             return build_batch(images, served.input_shape, served.max_batch_size)
 
-        offload = self._offload if encoded_bytes(images) > OFFLOAD_BYTES else None
-        outputs = await self.inference.run(
+        offload = encoded_bytes(images) > OFFLOAD_BYTES
+        served, outputs = await self.inference.run(
             call, request.model, request.version, make_input, deadline, offload, what="image"
         )
-        return self._response(call.served, request, outputs, k)  # type: ignore[arg-type]
-
-    def _offload(self, fn):
-        return asyncio.get_running_loop().run_in_executor(self._decode_executor, fn)
+        return self._response(served, request, outputs, k)
 
     @staticmethod
     def _response(served: ServedVersion, request: pb.ClassifyRequest, outputs, k: int) -> pb.ClassifyResponse:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -35,21 +36,45 @@ def check_count(n: int, max_images: int) -> None:
         )
 
 
-def tensor_to_array(
-    shape: Sequence[int], data: bytes, expected: tuple[int, int, int], index: int
-) -> np.ndarray:
-    """One classifier.v1 Tensor -> read-only (C, H, W) float32 view of its bytes."""
+def array_from_bytes(raw: bytes | memoryview, shape: tuple[int, ...], subject: str) -> np.ndarray:
+    """Little-endian float32 bytes -> a read-only array of ``shape``, a view (no copy).
+
+    ``subject`` names the tensor in the error (``"input 'input'"``, ``"image 2"``). NaN/Inf are
+    checked in the batcher, over the whole batch.
+    """
+    want = 4 * math.prod(shape)
+    if len(raw) != want:
+        raise invalid(f"{subject}: {len(raw)} bytes, expected {want} (float32 x {list(shape)})")
+    return np.frombuffer(raw, dtype="<f4").reshape(shape)
+
+
+def array_from_values(values: Any, shape: tuple[int, ...], subject: str, what: str = "values") -> np.ndarray:
+    """Numbers, flat or evenly nested (REST ``data``, a classify JSON tensor, gRPC ``fp32_contents``)
+    -> a float32 array of ``shape``; ``what`` names them in the error."""
+    count = math.prod(shape)
+    try:
+        x = np.asarray(values, dtype=np.float32).reshape(-1)
+    except (ValueError, TypeError):
+        raise invalid(f"{subject}: {what} must be numbers (a flat or evenly nested list)") from None
+    if x.size != count:
+        raise invalid(f"{subject}: {x.size} {what}, expected {count} for shape {list(shape)}")
+    return x.reshape(shape)
+
+
+def check_image_shape(shape: Sequence[int], expected: tuple[int, int, int], index: int) -> None:
     if tuple(shape) != expected:
         raise invalid(
             f"image {index}: tensor shape {list(shape)} does not match the model input (C, H, W) = {list(expected)}; "
             "send an encoded PNG/JPEG to have it resized"
         )
-    want = 4 * math.prod(expected)
-    if len(data) != want:
-        raise invalid(
-            f"image {index}: tensor data has {len(data)} bytes, expected {want} (float32 x {list(expected)})"
-        )
-    return np.frombuffer(data, dtype="<f4").reshape(expected)
+
+
+def tensor_to_array(
+    shape: Sequence[int], data: bytes, expected: tuple[int, int, int], index: int
+) -> np.ndarray:
+    """One classifier.v1 Tensor -> read-only (C, H, W) float32 view of its bytes."""
+    check_image_shape(shape, expected, index)
+    return array_from_bytes(data, expected, f"image {index}")
 
 
 def nonfinite_error(x: np.ndarray, what: str) -> ServeError:
@@ -57,7 +82,7 @@ def nonfinite_error(x: np.ndarray, what: str) -> ServeError:
 
     ``what="image"`` (classifier.v1) names the image and the (c, h, w) of its first bad pixel;
     anything else (``"input 'input'"``, KServe) is followed by the full (n, c, h, w) index.
-    The check itself runs in the batcher, over the whole batch (see server.batcher).
+    The check itself runs in the batcher, over the whole batch (see server.runtime.batcher).
     """
     bad = np.argwhere(~np.isfinite(x))[0].tolist()
     if what == "image":
@@ -87,7 +112,9 @@ def decode_image(data: bytes, expected: tuple[int, int, int], index: int) -> np.
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.BILINEAR)
         arr = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except ServeError:
+        raise
+    except Exception as e:  # untrusted bytes: Pillow fails on them in many ways, every one the client's
         raise invalid(f"image {index}: cannot decode as PNG or JPEG ({type(e).__name__}: {e})") from None
     arr = arr * np.float32(1 / 255)
     return arr[None] if c == 1 else arr.transpose(2, 0, 1)

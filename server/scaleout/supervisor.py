@@ -1,4 +1,4 @@
-"""``cnn-serve --workers N``: N worker processes (server.worker) serving one port, one supervisor.
+"""``cnn-serve --workers N``: N worker processes (server.scaleout.worker) serving one port, one supervisor.
 
 One server process is one event loop, so it tops out at about one core of RPC handling however
 many the machine has. The supervisor reserves the gRPC port (bound with SO_REUSEPORT, never
@@ -6,7 +6,7 @@ listening, as in gRPC's own multiprocessing example) and starts N workers that e
 SO_REUSEPORT; the kernel then hands every new *connection* to one of the listening workers. It:
 
 * prints one ``listening`` line once every worker listens (with the workers' pids) and serves the
-  one ``/metrics`` over all of them (server.multiproc_metrics);
+  one ``/metrics`` over all of them (server.scaleout.metrics);
 * restarts a worker that dies (logged, counted in ``cnn_worker_restarts_total``, a
   ``worker_exited`` and a ``worker_started`` line), after a back-off when it keeps dying young;
 * forwards SIGTERM/SIGINT (every worker drains as a single server does; ``stopped`` sums their
@@ -30,8 +30,11 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from server.config import ServerConfig
-from server.multiproc_metrics import ENV, SharedMetrics, SupervisorCollector
-from server.worker import WorkerSpec
+from server.logs import event
+from server.net import bind
+from server.scaleout.metrics import ENV, SharedMetrics, SupervisorCollector
+from server.scaleout.relay import ControlRelay
+from server.scaleout.worker import WorkerSpec
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +47,13 @@ class StartError(RuntimeError):
     """The supervisor cannot start serving (port taken, repository missing, a worker failed)."""
 
 
-def event(name: str, **fields: Any) -> None:
-    print(json.dumps({"event": name, **fields}), flush=True)
-
-
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (never listen) ``host:port`` with SO_REUSEPORT: picks the port when it is 0 and keeps
     it ours while workers come and go; their listening sockets share it with this one."""
-    addr = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    family, sockaddr = addr[0], addr[4]
     if port:
-        # Without SO_REUSEPORT, so that any server already listening there makes this fail.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(sockaddr)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(sockaddr)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+        # Without SO_REUSEPORT first, so that any server already listening there makes this fail.
+        bind(host, port, listen=False).close()
+    return bind(host, port, reuse_port=True, listen=False)
 
 
 @dataclass
@@ -98,14 +85,16 @@ class Supervisor:
         self.port = 0
         self.metrics: SharedMetrics | None = None
         self._reservation: socket.socket | None = None
+        self.relay = ControlRelay(lambda: self.workers)
         self._keepers: set[asyncio.Task] = set()  # keep_alive, one per worker
         self._readers: set[asyncio.Task] = set()  # read_events, one per worker process
 
     # ---- one worker
 
     def worker_config(self) -> ServerConfig:
-        # Every worker: the reserved port, no /metrics of its own (the supervisor serves it).
-        return replace(self.cfg, port=self.port, metrics_port=-1, workers="1")
+        # Every worker: the reserved port, no /metrics of its own (the supervisor serves it), and
+        # the models the others serve now.
+        return replace(self.relay.worker_config(self.cfg), port=self.port, metrics_port=-1, workers="1")
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in (ENV, ENV.lower())}
@@ -120,8 +109,9 @@ class Supervisor:
         w.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "server.worker",
+            "server.scaleout.worker",
             spec.to_json(),
+            stdin=asyncio.subprocess.PIPE,  # model control: the relay's lines (server.scaleout.relay)
             stdout=asyncio.subprocess.PIPE,
             env=self.worker_env(),
         )
@@ -141,9 +131,12 @@ class Supervisor:
                 continue
             if ev.get("event") == "listening":
                 w.listening = ev
+                self.relay.listening(ev)
                 w.ready.set()
             elif ev.get("event") == "stopped":
                 w.stopped = ev
+            else:
+                self.relay.on_event(w, ev)
 
     async def wait_ready(self, w: Worker) -> bool:
         """True once ``w`` listens; False if it exited first."""

@@ -1,18 +1,17 @@
-"""One loaded model version: its sessions, its bounded queue, one batcher per instance, its stats.
+"""Loading one model version: sessions on the chosen device, the checks a version must pass
+(export report, metadata, input and output shapes, convolution placement on CUDA), warm-up, and
+the limits it is served with (the server's flags as ceilings, its config.pbtxt lowering them).
 
-Lifecycle: ``load_version`` (blocking: sessions, metadata checks, warm-up; run in a thread) ->
-``ServedVersion.start()`` -> requests via ``submit`` -> ``drain()`` once a newer version has been
-swapped in (or at shutdown): it stops accepting, answers everything queued, then frees the sessions.
+``load_version`` blocks (sessions, warm-up): the manager runs it in a thread while the versions
+already loaded keep serving. A version that fails any check raises RepositoryError naming its file.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -29,16 +28,12 @@ from cnnstack.contract import (
     meta_from_props,
 )
 from protos.inference import model_config_pb2 as mc
-from server.batcher import STOP, Batcher, batch_sizes, submit
-from server.cuda import DEFAULT_ALGO_SEARCH
-from server.devices import instance_devices, instance_groups
-from server.errors import unavailable
-from server.metrics import ServerMetrics, VersionMetrics
-from server.placement import conv_placement_problem, describe
-from server.postprocess import ranked
-from server.runtime import (
-    CPU,
-    CUDA,
+from server.runtime.batcher import batch_sizes
+from server.runtime.cuda import CPU, CUDA, DEFAULT_ALGO_SEARCH
+from server.runtime.devices import instance_devices, instance_groups
+from server.runtime.placement import conv_placement_problem, describe
+from server.runtime.queue import QueuePolicy
+from server.runtime.sessions import (
     Instance,
     create_instances,
     create_session,
@@ -66,24 +61,6 @@ class ServingSettings:
     strict_device: bool = False  # --device cuda: refuse a model with a convolution not on CUDA
 
 
-class Retired(Exception):
-    """The version stopped accepting requests between lookup and submit (a newer one took over)."""
-
-
-@dataclass
-class VersionStats:
-    """Cumulative counters for KServe ModelStatistics (durations in ns)."""
-
-    success: list[int] = field(default_factory=lambda: [0, 0])
-    fail: list[int] = field(default_factory=lambda: [0, 0])
-    queue: list[int] = field(default_factory=lambda: [0, 0])
-    compute: list[int] = field(default_factory=lambda: [0, 0])
-    inference_count: int = 0  # images
-    execution_count: int = 0  # batches
-    last_inference_ms: int = 0
-    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute ns]
-
-
 @dataclass
 class LoadedModel:
     """Result of the blocking part of loading: ready-to-run instances and what they serve."""
@@ -94,7 +71,8 @@ class LoadedModel:
     output_names: list[str]
     max_batch_size: int
     max_delay_s: float
-    max_queue_size: int
+    queue_policy: QueuePolicy
+    preferred_batch_sizes: tuple[int, ...] = ()
     inline_max_images: int = 0
 
 
@@ -153,7 +131,12 @@ def load_version(
         delay_s = s.max_queue_delay_s
         if repo_config.HasField("dynamic_batching"):  # an explicit 0 us means "do not wait"
             delay_s = min(delay_s, batching.max_queue_delay_microseconds / 1e6)
-        max_queue = int(effective_limit(s.max_queue_size, batching.default_queue_policy.max_queue_size))
+        config_path = str(files.model_path.parent.parent / "config.pbtxt")
+        try:
+            policy = QueuePolicy.from_config(batching, s.max_queue_size, config_path)
+        except ValueError as e:
+            raise RepositoryError(str(e)) from None
+        preferred = tuple(sorted({int(b) for b in batching.preferred_batch_size if 0 < b <= max_batch}))
         timings = [
             _warm_up(inst, meta, max_batch, str(files.model_path), s.inline_compute_s, s.provider)
             for inst in instances
@@ -170,7 +153,7 @@ def load_version(
             inst.close()
         raise
     config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, devices)
-    return LoadedModel(meta, config, instances, names, max_batch, delay_s, max_queue, inline_max)
+    return LoadedModel(meta, config, instances, names, max_batch, delay_s, policy, preferred, inline_max)
 
 
 def effective_limit(server_value: float, model_value: float) -> float:
@@ -247,11 +230,6 @@ def _inline_limit(timings: dict[int, float], max_batch: int, budget_s: float) ->
     return int(min(max_batch, 1 + (budget_s - t1) // per_image))
 
 
-def _run_ranked(inst: Instance, x: np.ndarray, solo: bool = False) -> list[np.ndarray]:
-    """The batch function: (B, C, H, W) -> the model's outputs + probabilities and top-1 (see server.postprocess)."""
-    return ranked(inst.run(x, solo), inst.output_names)
-
-
 def _effective_config(
     name: str,
     repo: mc.ModelConfig,
@@ -271,128 +249,3 @@ def _effective_config(
     del config.instance_group[:]
     config.instance_group.extend(instance_groups(devices))
     return config
-
-
-class ServedVersion:
-    def __init__(
-        self, name: str, files: VersionFiles, loaded: LoadedModel, provider: str, metrics: ServerMetrics
-    ) -> None:
-        self.name = name
-        self.version = files.version
-        self.files = files
-        self.meta = loaded.meta
-        self.config = loaded.config
-        self.provider = provider
-        self.output_names = loaded.output_names
-        self.max_batch_size = loaded.max_batch_size
-        self.input_shape: tuple[int, int, int] = loaded.meta.input_shape
-        self.class_names = loaded.meta.class_names
-        self.num_classes = loaded.meta.num_classes
-        self.stats = VersionStats()
-        self.inflight = 0  # admitted, not yet answered (read by the cnn_inflight_requests gauge)
-        self.accepting = False
-        self.loaded_at = time.time()
-        self._loaded = loaded
-        self._metrics_owner = metrics
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=loaded.max_queue_size)
-        self.metrics: VersionMetrics = metrics.version_loaded(
-            name,
-            str(self.version),
-            provider,
-            loaded.meta.arch,
-            loaded.meta.dataset,
-            self.queue.qsize,
-            lambda: self.inflight,
-        )
-        self.batchers = [
-            Batcher(
-                self.queue,
-                functools.partial(_run_ranked, inst),
-                inst.executor,
-                run_inline=functools.partial(_run_ranked, inst, solo=True),  # inst.run falls back without one
-                max_batch_size=loaded.max_batch_size,
-                max_delay_s=loaded.max_delay_s,
-                observe=self._observe_batch,
-                inline_max_images=loaded.inline_max_images,
-            )
-            for inst in loaded.instances
-        ]
-        self._tasks: list[asyncio.Task] = []
-
-    @property
-    def instances(self) -> list[Instance]:
-        return self._loaded.instances
-
-    def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(b.run(), name=f"batcher-{self.name}-v{self.version}-{i}")
-            for i, b in enumerate(self.batchers)
-        ]
-        self.accepting = True
-
-    def submit(self, x: np.ndarray, deadline: float | None, what: str = "input") -> asyncio.Future:
-        """x: (n, C, H, W) float32 -> future of [one (n, ...) array per output]."""
-        if not self.accepting:
-            raise Retired(f"{self.name} version {self.version} is no longer accepting requests")
-        return submit(self.queue, x, deadline, what)
-
-    def _observe_batch(self, images: int, compute_s: float, waits: list[float]) -> None:
-        st = self.stats
-        compute_ns = int(compute_s * 1e9)
-        st.execution_count += 1
-        st.inference_count += images
-        st.compute[0] += 1
-        st.compute[1] += compute_ns
-        st.queue[0] += len(waits)
-        st.queue[1] += int(sum(waits) * 1e9)
-        st.last_inference_ms = int(time.time() * 1000)
-        b = st.batches.get(images)
-        if b is None:
-            st.batches[images] = [1, compute_ns]
-        else:
-            b[0] += 1
-            b[1] += compute_ns
-        self.metrics.observe_batch(images, compute_s, waits)
-
-    def record_request(self, ok: bool, seconds: float) -> None:
-        rec = self.stats.success if ok else self.stats.fail
-        rec[0] += 1
-        rec[1] += int(seconds * 1e9)
-
-    @property
-    def busy(self) -> bool:
-        return not self.queue.empty() or any(b.busy for b in self.batchers)
-
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting; answer every queued request (within ``timeout``), then free the sessions."""
-        self.accepting = False
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout
-        try:
-            for _ in self._tasks:
-                await asyncio.wait_for(self.queue.put(STOP), max(0.0, end - loop.time()))
-            if self._tasks:
-                done, pending = await asyncio.wait(self._tasks, timeout=max(0.0, end - loop.time()))
-            else:
-                pending = set()
-        except TimeoutError:
-            pending = {t for t in self._tasks if not t.done()}
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning(
-                "%s v%d: drain timed out after %.1fs; %d batcher(s) cancelled",
-                self.name,
-                self.version,
-                timeout,
-                len(pending),
-            )
-            await asyncio.gather(*pending, return_exceptions=True)
-        # Anything still queued (only after a timeout) is told why instead of hanging.
-        while not self.queue.empty():
-            item = self.queue.get_nowait()
-            if item is not STOP and not item.future.done():
-                item.future.set_exception(unavailable(f"{self.name} version {self.version} was unloaded"))
-        for inst in self.instances:
-            inst.close()
-        self._metrics_owner.version_unloaded(self.name, str(self.version))

@@ -1,5 +1,6 @@
 """Dynamic batching: one small ``Batcher`` per model instance, all instances of a model version
-sharing one bounded ``asyncio.Queue`` of ``WorkItem`` (inputs + future).
+sharing one ``RequestQueue`` of ``WorkItem`` (inputs + future), which hands them out in priority
+order and bounds them (server.runtime.queue).
 
 Batch formation, per instance:
 
@@ -7,8 +8,8 @@ Batch formation, per instance:
    (a request that would overflow the batch is carried over to the next one, never split).
 2. Idle fast path: if that first request was alone in the queue and the previous batch was a
    lone request too, run it at once: concurrency 1 pays no batching delay.
-3. Otherwise (the server is under load), keep collecting until the batch is full or the *oldest*
-   request has waited ``max_delay_s``.
+3. Otherwise (the server is under load), keep collecting until the batch is full, reaches one of
+   the model's ``preferred_batch_size``, or the *oldest* request has waited ``max_delay_s``.
 4. Drop requests that were cancelled or whose deadline passed; then, in the instance's executor,
    assemble the batch, check every image is finite (a request with NaN/Inf fails alone, with
    INVALID_ARGUMENT naming the first bad pixel) and run it (onnxruntime releases the GIL, so the
@@ -35,30 +36,18 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 
-from server.errors import ServeError, deadline_exceeded, internal, overloaded, unavailable
-from server.preprocess import nonfinite_error
+from server.errors import ServeError, deadline_exceeded, internal, unavailable
+from server.runtime.preprocess import nonfinite_error
+from server.runtime.queue import STOP, RequestQueue, WorkItem
 
 log = logging.getLogger(__name__)
-
-STOP = object()  # queue sentinel: the batcher that takes it finishes its batch and exits
 
 RunBatch = Callable[[np.ndarray], Sequence[np.ndarray]]  # (B, C, H, W) -> [(B, ...), ...]
 # (images in the batch, compute seconds, queue wait of each request in seconds)
 BatchObserver = Callable[[int, float, list[float]], None]
-
-
-@dataclass(slots=True, eq=False)
-class WorkItem:
-    inputs: np.ndarray  # (n, C, H, W) float32
-    future: asyncio.Future
-    n: int
-    enqueued: float  # loop.time()
-    deadline: float | None  # loop.time() after which the result is useless
-    what: str = "input"  # how an error names this request's tensor ("image": per image, classifier.v1)
 
 
 def batch_sizes(max_batch_size: int) -> range:
@@ -67,29 +56,10 @@ def batch_sizes(max_batch_size: int) -> range:
     return range(1, max_batch_size + 1)
 
 
-def submit(
-    queue: asyncio.Queue, inputs: np.ndarray, deadline: float | None = None, what: str = "input"
-) -> asyncio.Future:
-    """Enqueue one request; its future gets the list of per-output slices ``[(n, ...), ...]``.
-
-    Raises RESOURCE_EXHAUSTED at once when the queue is full: under overload the caller learns it
-    immediately instead of piling up (memory stays bounded by the queue size).
-    """
-    loop = asyncio.get_running_loop()
-    fut = loop.create_future()
-    try:
-        queue.put_nowait(WorkItem(inputs, fut, int(inputs.shape[0]), loop.time(), deadline, what))
-    except asyncio.QueueFull:
-        raise overloaded(
-            f"server overloaded: {queue.maxsize} requests already waiting for this model; retry with backoff"
-        ) from None
-    return fut
-
-
 class Batcher:
     def __init__(
         self,
-        queue: asyncio.Queue,
+        queue: RequestQueue,
         run_batch: RunBatch,
         executor: Executor,
         *,
@@ -98,6 +68,7 @@ class Batcher:
         observe: BatchObserver | None = None,
         inline_max_images: int = 0,
         run_inline: RunBatch | None = None,
+        preferred_batch_sizes: Sequence[int] = (),
     ) -> None:
         self._queue = queue
         self._run_batch = run_batch
@@ -107,6 +78,7 @@ class Batcher:
         self._observe = observe
         self.inline_max_images = inline_max_images
         self._run_inline = run_inline or run_batch  # the batch function for inline runs
+        self._preferred = frozenset(preferred_batch_sizes)  # a batch reaching one runs at once
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
         self._idle = False  # the batch being run came through the idle fast path
@@ -147,45 +119,49 @@ class Batcher:
         if self._carry is not None:
             first, self._carry = self._carry, None
         else:
-            first = await q.get()
-            if first is STOP:
+            got = await q.get()
+            if got is STOP:
                 return [], True
+            assert isinstance(got, WorkItem)
+            first = got
         batch = [first]
         n = first.n
         # 1. Everything already waiting, up to a full batch.
-        while n < max_n and not q.empty():
-            item = q.get_nowait()
-            if item is STOP:
-                return self._done(batch), True
-            if n + item.n > max_n:
-                self._carry = item
-                return self._done(batch), False
-            batch.append(item)
-            n += item.n
-        # 2. Idle fast path: a lone request after a lone request runs now.
+        while n < max_n and (item := q.take()) is not None:
+            stop, n = self._add(batch, n, item)
+            if stop or self._carry is not None:
+                return self._done(batch), stop
+        # 2. Idle fast path: a lone request after a lone request runs now; so does a batch of a
+        #    preferred size (config.pbtxt preferred_batch_size).
         idle = len(batch) == 1 and self._last_batch_requests == 1
-        if n >= max_n or self.max_delay_s <= 0 or idle:
+        if n >= max_n or self.max_delay_s <= 0 or idle or n in self._preferred:
             self._idle = idle
             return self._done(batch), False
         # 3. Under load: wait for more until the oldest request has waited max_delay_s.
         loop = asyncio.get_running_loop()
         fill_deadline = first.enqueued + self.max_delay_s
-        while n < max_n:
-            if loop.time() >= fill_deadline:
-                break
+        while n < max_n and loop.time() < fill_deadline:
             try:
                 async with asyncio.timeout_at(fill_deadline):
-                    item = await q.get()
+                    got = await q.get()
             except TimeoutError:
                 break
-            if item is STOP:
-                return self._done(batch), True
-            if n + item.n > max_n:
-                self._carry = item
-                break
-            batch.append(item)
-            n += item.n
+            stop, n = self._add(batch, n, got)
+            if stop or self._carry is not None or n in self._preferred:
+                return self._done(batch), stop
         return self._done(batch), False
+
+    def _add(self, batch: list[WorkItem], n: int, item: WorkItem | object) -> tuple[bool, int]:
+        """Append ``item`` to ``batch`` of ``n`` images; carry it to the next batch instead when it
+        would overflow this one (requests are never split). -> (it was STOP, images now)."""
+        if item is STOP:
+            return True, n
+        assert isinstance(item, WorkItem)
+        if n + item.n > self.max_batch_size:
+            self._carry = item
+            return False, n
+        batch.append(item)
+        return False, n + item.n
 
     def _done(self, batch: list[WorkItem]) -> list[WorkItem]:
         self._last_batch_requests = len(batch)

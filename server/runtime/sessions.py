@@ -1,6 +1,6 @@
 """onnxruntime: explicit execution providers, sessions sized to the machine, one executor each.
 
-The device is resolved once at start (``server.cuda.resolve_device``: a convolution must run on
+The device is resolved once at start (``server.runtime.cuda.resolve_device``: a convolution must run on
 every GPU asked for). After that no session may quietly leave it: sessions are created with
 ``enable_fallback=0`` and ``disable_fallback()``, so an execution-provider failure is an error
 (at load: the version is rejected; in ``run()``: that batch fails) instead of onnxruntime moving
@@ -9,6 +9,9 @@ the session to the CPU for good with only a printed line.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,22 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from server.cuda import CPU, CUDA, DEFAULT_ALGO_SEARCH, DeviceError, provider_options, resolve_device
-from server.placement import RECORD_KEY, NodePlacement, profiled_placement, recorded_placement
-from server.share import usable_cpus
+from server.runtime.cuda import CPU, CUDA, DEFAULT_ALGO_SEARCH, DeviceError, provider_options
+from server.runtime.placement import RECORD_KEY, NodePlacement, profiled_placement, recorded_placement
+from server.runtime.share import usable_cpus
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "CPU",
-    "CUDA",
-    "DeviceError",
-    "Instance",
-    "create_instances",
-    "create_session",
-    "resolve_device",
-    "usable_cpus",
-]
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -45,7 +37,7 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
     # Idle intra-op threads would otherwise spin and steal the cores the event loop needs for I/O.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
-    # Node placement is read back at load (server.placement) instead of from warnings at this level.
+    # Node placement is read back at load (server.runtime.placement) instead of from warnings at this level.
     so.add_session_config_entry(RECORD_KEY, "1")
     return so
 
@@ -104,7 +96,7 @@ class Instance:
     output_names: list[str]
     device_id: int | None = None  # CUDA device ordinal; None on the CPU
     # A single-threaded session of the same model for the small batches run inline on the event
-    # loop (see server.batcher): for a LeNet-sized batch, waking the intra-op pool for every
+    # loop (see server.runtime.batcher): for a LeNet-sized batch, waking the intra-op pool for every
     # operator costs more than the second thread gives back.
     solo: ort.InferenceSession | None = None
 
@@ -150,3 +142,12 @@ def create_instances(
 
 def threads_per_instance(intra_op_threads: int, instances: int) -> int:
     return intra_op_threads or max(1, usable_cpus() // max(1, instances))
+
+
+def release_memory() -> None:
+    """Hand the memory of closed sessions back to the system. Their objects are freed once the
+    last reference goes (cycles wait for the collector); glibc then keeps the freed heap in its
+    arenas, so without a trim an unloaded model would stay in the process's RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: its allocator decides
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from cnnstack.contract import LOGITS_NAME, PROBABILITIES_NAME
+from server.errors import invalid
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -28,7 +29,7 @@ def ranked(outputs: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarr
     """One batch's model outputs -> [*outputs, probabilities (B, K), top-1 index (B,), its probability (B,)].
 
     Runs with the batch on the instance's executor thread: numpy's argmax always releases the GIL,
-    and on the event loop each release lets another thread cut in (see server.batcher).
+    and on the event loop each release lets another thread cut in (see server.runtime.batcher).
     """
     if PROBABILITIES_NAME in names:
         probs = outputs[names.index(PROBABILITIES_NAME)]
@@ -36,6 +37,12 @@ def ranked(outputs: Sequence[np.ndarray], names: Sequence[str]) -> list[np.ndarr
         probs = softmax(outputs[names.index(LOGITS_NAME)])
     top1 = probs.argmax(axis=1)
     return [*outputs, probs, top1, probs[np.arange(top1.shape[0]), top1]]
+
+
+def check_top_k(k: int, num_classes: int) -> None:
+    """The classifier's ``top_k``, checked against the model's classes before it runs."""
+    if not 1 <= k <= num_classes:
+        raise invalid(f"top_k must be between 1 and {num_classes} (the model's classes), got {k}")
 
 
 def top_k_of(outputs: Sequence[np.ndarray], k: int) -> tuple[list[list[int]], list[list[float]]]:
