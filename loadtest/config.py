@@ -220,11 +220,12 @@ class LoadTestConfig:
 
 
 def read_token(path: Path) -> str:
-    """A bearer token file's first non-empty line, stripped (a trailing newline is not part of it)."""
+    """A bearer token file's first token: its first line that is neither blank nor a ``#``
+    comment, stripped. The format of cnn-serve's token files, so one file serves both."""
     for line in path.read_text().splitlines():
-        if line.strip():
+        if line.strip() and not line.lstrip().startswith("#"):
             return line.strip()
-    raise ValueError("no token in it (the first non-empty line is the token)")
+    raise ValueError("no token in it (one per line; blank lines and # comments are skipped)")
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -388,7 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="PATH",
-        help="send the file's first non-empty line as 'authorization: Bearer <token>' (never printed)",
+        help="send the file's first token (its first line that is not blank or a # comment) as "
+        "'authorization: Bearer <token>' on every request (never printed)",
     )
     p.add_argument(
         "--send-traceparent",

@@ -21,7 +21,7 @@ STEP = ["--concurrency", "4", "--max-requests", "40", "--duration", "10", "--win
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     f = tmp_path / "token"
-    f.write_text(f"\n  \n{TOKEN}\nsecond line is ignored\n")
+    f.write_text(f"# the load tester's token\n  \n{TOKEN}\nsecond-token-is-not-sent\n")
     return f
 
 
@@ -88,13 +88,13 @@ def test_http_requests_carry_the_authorization_and_traceparent_headers(
 
 def test_the_token_is_in_no_repr_of_the_config(token_file: Path) -> None:
     cfg = parse_args(["--target", "h:1", "--model", "m", "--auth-token-file", str(token_file)])
-    assert cfg.transport.auth_token == TOKEN  # read once, first non-empty line, stripped
+    assert cfg.transport.auth_token == TOKEN  # read once: the first line not blank or a comment, stripped
     assert TOKEN not in repr(cfg) and TOKEN not in repr(cfg.transport)
 
 
 @pytest.mark.parametrize(
     "content, message",
-    [(None, "no such file"), ("\n \n", "no token in it (the first non-empty line is the token)")],
+    [(None, "no such file"), ("\n \n# only a comment\n", "no token in it (one per line;")],
 )
 def test_a_missing_or_empty_token_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None, message: str
