@@ -189,8 +189,9 @@ async def _open_loop(
     lag = rec.totals.send_lag_s
     for i, offset in enumerate(schedule):
         due = t0 + offset
-        delay = due - time.perf_counter()
-        if delay > 0:
+        # Never early: an event loop's timer may fire up to its resolution (uvloop: 1 ms) before
+        # ``due``, and a request sent early would show a service time above its latency.
+        while (delay := due - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         if st.stop or st.sent >= st.limit:
             break

@@ -92,3 +92,21 @@ def test_open_loop_search_over_request_rate_with_max_probes(
     assert search["outcome"] == "stopped" and search["stopped_by"] == "--max-probes (3)"
     assert all(s["mode"] == "open" and s["service_ms"] is not None for s in doc["steps"])
     assert "the search stopped at --max-probes (3)" in capsys.readouterr().out
+
+
+def test_capacity_is_the_search_as_a_function_printing_nothing(
+    two_at_a_time: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from loadtest.config import LoadTestConfig
+    from loadtest.session import capacity
+
+    timing = dict(warmup_s=0.2, window_s=0.5, duration_s=4.0, stability_percent=100.0)
+    cfg = LoadTestConfig(
+        target=two_at_a_time.target, model=FAKE_MODEL, latency_threshold_ms=90.0, concurrency=(1, 8), **timing
+    )
+    result = capacity(cfg)
+    assert result.knee is not None and result.knee.result.load == 2 and result.breaks == 3
+    assert [p.result.load for p in result.probes] == [1, 2, 4, 3]
+    assert capsys.readouterr() == ("", "")
+    with pytest.raises(ValueError, match="latency_threshold_ms"):
+        capacity(LoadTestConfig(target=two_at_a_time.target, model=FAKE_MODEL))
