@@ -313,7 +313,7 @@ def test_constant_and_replayed_schedules_offer_their_rate(
     assert doc["distribution"] == step["distribution"] == distribution
     assert step["mode"] == "open" and step["load"] == pytest.approx(100.0)
     # Both processes together send the one schedule: 100/s, 50 sends in every 0.5 s window.
-    assert step["sent"] == step["ok"] and step["requests_per_s"] == pytest.approx(100.0, rel=0.15)
+    assert step["sent"] == step["ok"] and step["requests_per_s"] == pytest.approx(100.0, rel=0.2)
 
 
 def test_send_lag_warning_names_a_client_behind_its_schedule() -> None:
