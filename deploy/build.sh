@@ -15,6 +15,8 @@
 #   TORCH_WHEEL   a local torch-2.13.0+cpu wheel for `trainer`, in place of PyTorch's CPU index
 #                 (torch's dependencies then come from PyPI; no CPU torchvision can come with it,
 #                 so that image's cnn-train --download says torchvision is missing)
+#   TORCH_INDEX_URL   for `trainer-cuda`, in place of PyTorch's CUDA 13 index (PyPI's torch 2.13.0
+#                 and torchvision 0.28.0 for Linux x86_64 are the same CUDA 13 builds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -64,7 +66,7 @@ for target in "${targets[@]}"; do
     trainer-cuda)
       rm -f deploy/wheels/torch-*.whl
       build "cnnstack-trainer-cuda:$VERSION" deploy/trainer.Dockerfile "${TRAINER_BASE:-}" --target cuda \
-        --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 ;;
+        --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu130}" ;;
     models)
       "$ENGINE" build -f deploy/models.Dockerfile -t "cnnstack-models:$VERSION" artifacts/repository ;;
     *)

@@ -49,7 +49,7 @@ def rss_mib(pid: int) -> float:
 
 
 def serve_once(venv: Path, repo: Path, env: dict[str, str], settle_s: float) -> tuple[float, list[str]]:
-    """(RSS in MiB once listening and ``settle_s`` later, the lines cnn-serve printed by then)."""
+    """(RSS in MiB ``settle_s`` after the listening line, the lines cnn-serve printed by then)."""
     cmd = [str(venv / "bin" / "cnn-serve"), "--repository", str(repo), "--host", "127.0.0.1"]
     cmd += ["--port", "0", "--metrics-port", "0", "--http-port", "0", "--device", "auto"]
     cmd += ["--poll-interval-s", "0"]
@@ -63,11 +63,12 @@ def serve_once(venv: Path, repo: Path, env: dict[str, str], settle_s: float) -> 
                 raise RuntimeError(f"cnn-serve did not start:\n{err.read()[-3000:]}")
             time.sleep(settle_s)  # background threads finish their start-up allocations
             rss = rss_mib(proc.pid)
+            err.seek(0)
+            printed = [*err.read().splitlines(), listening.strip()]
         finally:
             proc.terminate()
             proc.wait(60)
-        err.seek(0)
-        return rss, [*err.read().splitlines(), listening.strip()]
+        return rss, printed
 
 
 def main() -> int:

@@ -16,17 +16,22 @@ WORKDIR /src
 # Only what cnn-serve and cnn-loadtest import, packaged by deploy/server.pyproject.toml: no
 # trainer or exporter file, and only the console scripts that run here.
 COPY deploy/server.pyproject.toml pyproject.toml
-COPY cnnstack/__init__.py cnnstack/cli.py cnnstack/
-COPY cnnstack/contract cnnstack/contract
-COPY server server
-COPY protos protos
-COPY loadtest loadtest
-# The pip cache is a build cache mount: reused by the next build on this machine, never in a layer.
+# The dependencies first, from the project file alone (no package found yet: an empty install), so
+# that a change of code reuses this layer. pip's cache is a build cache mount: reused by the next
+# build on this machine, never in a layer.
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
     && python3 -m venv /opt/cnnstack \
     && /opt/cnnstack/bin/pip install -q --disable-pip-version-check ".[${SERVE_EXTRA}]" \
     && mkdir -p /home/cnnstack /models
+COPY cnnstack/__init__.py cnnstack/cli.py cnnstack/
+COPY cnnstack/contract cnnstack/contract
+COPY server server
+COPY protos protos
+COPY loadtest loadtest
+RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+    && /opt/cnnstack/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall .
 
 FROM ${PYTHON_BASE}
 COPY --from=build /opt/cnnstack /opt/cnnstack

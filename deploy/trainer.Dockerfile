@@ -30,17 +30,21 @@ RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip 
          ${TORCH} ${TORCHVISION}
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# The rest of [train] from PyPI, from the project file alone (no package found yet: an empty
+# install), so that a change of code reuses this layer; torch==2.13.0 is already met above.
+RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+    && /opt/cnnstack/bin/pip install -q --disable-pip-version-check ".[train]" \
+    && mkdir -p /home/cnnstack /data /runs /models
 COPY cnnstack cnnstack
 COPY protos protos
 COPY trainer trainer
 COPY exporter exporter
 COPY server server
 COPY loadtest loadtest
-# The rest of [train] from PyPI; torch==2.13.0 is already met by the build installed above.
 RUN --mount=type=secret,id=ca_bundle --mount=type=cache,target=/root/.cache/pip \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
-    && /opt/cnnstack/bin/pip install -q --disable-pip-version-check ".[train]" \
-    && mkdir -p /home/cnnstack /data /runs /models
+    && /opt/cnnstack/bin/pip install -q --disable-pip-version-check --no-deps --force-reinstall .
 
 FROM ${PYTHON_BASE} AS runtime
 COPY --from=build /opt/cnnstack /opt/cnnstack

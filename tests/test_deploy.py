@@ -228,7 +228,9 @@ def test_images_are_built_run_project_scripts_and_the_server_has_no_torch() -> N
     for extra in ("serve", "serve-gpu", "serve-libs"):
         assert not [r for r in optional[extra] if re.match(r"torch", r, re.I)]
     pip = [a for i, a in server_image if i == "RUN" and "pip" in a]
-    assert [re.findall(r"\.\[([^\]]*)\]", a) for a in pip] == [["${SERVE_EXTRA}"]]
+    # The extra's dependencies, then the package alone (--no-deps) once the sources are copied.
+    assert [re.findall(r"\.\[([^\]]*)\]", a) for a in pip] == [["${SERVE_EXTRA}"], []]
+    assert "--no-deps" in pip[1] and pip[1].rstrip().endswith(" .")
     assert arg_defaults(SERVER_DOCKERFILE)["SERVE_EXTRA"] == "serve"  # the CPU image by default
     gpu_server = services(gpu=True)["server"]
     assert gpu_server["build"]["args"] == {"SERVE_EXTRA": "serve-gpu"} and "-gpu:" in gpu_server["image"]

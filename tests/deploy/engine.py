@@ -118,6 +118,9 @@ def build(eng: str, *targets: str) -> dict[str, float]:
             pytest.skip("PyTorch's CPU index is unreachable and pip knows no local torch-2.13.0+cpu wheel")
         env["TORCH_WHEEL"] = str(wheel)
     proc = run(str(ROOT / "deploy" / "build.sh"), *targets, env=env, timeout=1800)
+    # Each changed build leaves its predecessors' layers behind, untagged: drop those a day old, so a
+    # machine that runs CI often does not fill its disk, and today's layers still serve the next run.
+    run(eng, "image", "prune", "-f", "--filter", "until=24h", check=False, timeout=300)
     return {
         line.split()[1].rstrip(":"): float(line.split()[-2])
         for line in proc.stdout.splitlines()
