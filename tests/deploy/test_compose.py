@@ -124,9 +124,9 @@ def test_compose_up_trains_exports_serves_and_is_scraped_then_a_no_deps_load_tes
     if not DATASET.is_dir():
         pytest.skip(f"{DATASET} is missing (Debian's dataset-fashion-mnist stands in for the download here)")
     clock = Clock()
-    build(eng, "server", "trainer")
+    seconds = build(eng, "server", "trainer")
     prometheus_image(eng, tmp_path)
-    clock.lap("images built (cached layers reused)")
+    clock.lap(f"images built (cached layers reused; deploy/build.sh: {seconds})")
     ports = {name: free_port() for name in ("HTTP", "GRPC", "METRICS", "PROMETHEUS")}
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("CNN_")},
