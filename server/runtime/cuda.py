@@ -11,6 +11,10 @@ load (the driver's libcuda, CUDA 13, cuDNN 9), so the error says what to install
 The NVIDIA pip wheels (``onnxruntime-gpu[cuda,cudnn]``) put those libraries under
 site-packages/nvidia, where the loader does not look: ``preload_libraries`` loads them first
 (``onnxruntime.preload_dlls``).
+
+Neither happens where CUDA cannot be tried at all (``unusable_reason``): the CPU build of
+onnxruntime, or a host without the NVIDIA driver. There ``--device auto`` says so in one line and
+serves on CPU, with no NVIDIA library loaded and no failed CUDA session logged by onnxruntime.
 """
 
 from __future__ import annotations
@@ -218,6 +222,29 @@ def probe_gpu(
     return None
 
 
+def unusable_reason(ort_module: ModuleType | None = None) -> str | None:
+    """Why CUDA cannot be tried at all, found without loading anything NVIDIA: an onnxruntime
+    without the CUDA provider (the CPU install), or no NVIDIA driver on this host. None when the
+    probe is worth running. Checked before the pip CUDA libraries are preloaded and before a CUDA
+    session is attempted, whose failure onnxruntime itself logs as a red error on stderr."""
+    o = ort_module or ort
+    version = getattr(o, "__version__", "?")
+    if CUDA not in o.get_available_providers():
+        return (
+            f"this onnxruntime ({version}) is the CPU build, without the CUDA execution provider "
+            "(the GPU install has onnxruntime-gpu[cuda,cudnn] instead)"
+        )
+    error = driver_error()
+    if error:
+        return f"no NVIDIA driver: {error} (a host without a GPU, or a container started without GPU access)"
+    return None
+
+
+def driver_error() -> str | None:
+    """The loader's message when the NVIDIA driver's libcuda cannot be loaded (Linux); else None."""
+    return _load_error([DRIVER_LIBRARY]) if sys.platform.startswith("linux") else None
+
+
 def resolve_device(
     device: str,
     gpus: tuple[int, ...] = (0,),
@@ -226,8 +253,15 @@ def resolve_device(
 ) -> str:
     """The execution provider for ``device`` ("auto" | "cpu" | "cuda"): CUDA only once a convolution
     ran correctly on every GPU in ``gpus``. ``cuda`` raises DeviceError with the reason; ``auto``
-    logs it and returns CPU."""
+    logs it in one line and returns CPU. Where CUDA cannot be tried (``unusable_reason``), nothing
+    NVIDIA is preloaded or probed."""
     if device == "cpu":
+        return CPU
+    unusable = unusable_reason(ort_module)
+    if unusable:
+        if device == "cuda":
+            raise DeviceError(f"--device cuda: {unusable}; use --device auto to fall back to CPU")
+        log.info("device auto: serving on CPU, because %s", unusable)
         return CPU
     for line in preload_libraries(ort_module):
         log.warning("preloading the NVIDIA pip libraries: %s", line)
@@ -245,5 +279,6 @@ def resolve_device(
         return CUDA
     if device == "cuda":
         raise DeviceError(f"--device cuda: {reason}; use --device auto to fall back to CPU")
-    log.warning("device auto: using CPU, because %s", reason)
+    # An NVIDIA driver and the GPU build are here, yet no convolution ran: something is broken.
+    log.warning("device auto: serving on CPU, because %s", reason)
     return CPU

@@ -121,7 +121,10 @@ def test_the_probe_says_what_is_wrong(tmp_path, wrong: dict, expected: str) -> N
         assert "has no libonnxruntime_providers_cuda.so" in reason  # the fake has no capi/ folder
 
 
-def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(tmp_path, caplog) -> None:
+def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr(cuda, "driver_error", lambda: None)  # as on a host with the NVIDIA driver
     assert cuda.resolve_device("cuda", (0, 1), ort_module=FakeOrt(tmp_path)) == CUDA
     broken = FakeOrt(tmp_path, fail_on=1)
     with pytest.raises(
@@ -130,8 +133,28 @@ def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(tmp_
         cuda.resolve_device("cuda", (0, 1), ort_module=broken)
     with caplog.at_level(logging.WARNING, logger="server.runtime.cuda"):
         assert cuda.resolve_device("auto", (0, 1), ort_module=broken) == CPU
-    assert "device auto: using CPU, because" in caplog.text and "GPU 1" in caplog.text
+    assert "device auto: serving on CPU, because" in caplog.text and "GPU 1" in caplog.text
     assert cuda.resolve_device("cpu", ort_module=broken) == CPU
+
+
+@pytest.mark.parametrize("cpu_build", [True, False])
+def test_where_cuda_cannot_be_tried_nothing_is_preloaded_or_probed(
+    tmp_path, caplog, monkeypatch, cpu_build: bool
+) -> None:
+    """The CPU install (no CUDA provider), or the GPU install on a host without the NVIDIA driver:
+    one plain line says why auto serves on CPU; no preload, no CUDA session; cuda fails with it."""
+    fake = FakeOrt(tmp_path, available=[CPU] if cpu_build else [CUDA, CPU])
+    fake.preload_dlls = lambda: pytest.fail("preloaded NVIDIA libraries")
+    monkeypatch.setattr(cuda, "pip_library_dirs", lambda: [tmp_path])  # as if NVIDIA wheels were here
+    monkeypatch.setattr(cuda, "driver_error", lambda: None if cpu_build else "libcuda.so.1: cannot open")
+    expected = "is the CPU build, without the CUDA execution provider" if cpu_build else "no NVIDIA driver"
+    with caplog.at_level(logging.INFO, logger="server.cuda"):
+        assert cuda.resolve_device("auto", (0,), ort_module=fake) == CPU
+    (record,) = [r for r in caplog.records if r.name == "server.cuda"]
+    assert record.levelno == logging.INFO and "device auto: serving on CPU, because" in record.message
+    assert expected in record.message and fake.sessions == []
+    with pytest.raises(DeviceError, match=f"--device cuda: .*{expected}"):
+        cuda.resolve_device("cuda", (0,), ort_module=fake)
 
 
 def test_preloading_keeps_onnxruntimes_prints_off_stdout(tmp_path, monkeypatch, capsys) -> None:
