@@ -157,7 +157,7 @@ def grpc_options(cfg: ServerConfig, reuse_port: bool = False) -> list[tuple[str,
         # The front door: a connection that never finishes its set-up, never answers a ping, or
         # pings too often is closed; so is one that stays without calls (clients reconnect).
         ("grpc.max_allowed_incoming_connections", cfg.max_connections),
-        ("grpc.max_concurrent_streams", cfg.grpc_max_concurrent_streams),
+        ("grpc.max_concurrent_streams", cfg.streams_per_connection),
         ("grpc.server_handshake_timeout_ms", ms(cfg.grpc_handshake_timeout_s)),
         ("grpc.keepalive_time_ms", ms(cfg.grpc_keepalive_time_s)),
         ("grpc.keepalive_timeout_ms", ms(cfg.grpc_keepalive_timeout_s)),

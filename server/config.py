@@ -82,7 +82,7 @@ class ServerConfig:
     grpc_max_connection_idle_s: float = 300.0  # a connection without calls this long is closed; 0: never
     grpc_max_connection_age_s: float = 0.0  # any connection is closed (GOAWAY) at this age; 0: never
     grpc_max_connection_age_grace_s: float = 30.0  # calls in flight at that age get this long to finish
-    grpc_max_concurrent_streams: int = 1024  # calls at once on one connection
+    grpc_max_concurrent_streams: int = 0  # calls at once on one connection; 0: --max-concurrent-rpcs's
     auth_token_file: Path | None = None  # tokens that may call the inference and metadata APIs
     admin_token_file: Path | None = None  # tokens that may also call the administrative APIs
     auth_health: bool = False  # health and readiness need a token too
@@ -133,7 +133,6 @@ class ServerConfig:
             "instances",
             "max_message_bytes",
             "max_connections",
-            "grpc_max_concurrent_streams",
         ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -144,6 +143,7 @@ class ServerConfig:
             "intra_op_threads",
             "max_concurrent_rpcs",
             "max_body_bytes",
+            "grpc_max_concurrent_streams",
             "cache_size_bytes",
             "grpc_max_connection_idle_s",
             "grpc_max_connection_age_s",
@@ -231,6 +231,12 @@ class ServerConfig:
     @property
     def gpu_ids(self) -> tuple[int, ...]:
         return parse_gpus(self.gpus)
+
+    @property
+    def streams_per_connection(self) -> int:
+        # One connection may carry as many calls as the whole server admits, no more: beyond, its
+        # new streams are refused at the HTTP/2 layer (REFUSED_STREAM, which gRPC clients retry).
+        return self.grpc_max_concurrent_streams or self.concurrent_rpc_limit
 
     @property
     def concurrent_rpc_limit(self) -> int:

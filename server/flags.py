@@ -281,7 +281,8 @@ def add_front_door_flags(add, d: ServerConfig) -> None:
         "--grpc-max-concurrent-streams",
         int,
         d.grpc_max_concurrent_streams,
-        "calls at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS)",
+        "calls at once on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; beyond, new streams "
+        "are refused); 0: --max-concurrent-rpcs's limit",
     )
     add(
         "--auth-token-file",
