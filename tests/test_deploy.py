@@ -109,6 +109,28 @@ def test_ci_lint(argv: list[str]) -> None:
     run_tool(*argv)
 
 
+def test_the_auth_override_lints_and_only_adds_the_token(tmp_path, monkeypatch) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token\n")
+    monkeypatch.setenv("CNN_TOKENS", str(tokens))
+    run_tool(
+        *("docker-compose", "-f", "docker-compose.yml", "-f", "docker-compose.auth.yml"),
+        *("--profile", "scale", "--profile", "loadtest", "config", "-q"),
+    )
+    base, auth = load_yaml("docker-compose.yml")["services"], load_yaml("docker-compose.auth.yml")
+    file = "/run/secrets/" + next(iter(auth["secrets"]))
+    for name in ("server", "server-replica"):
+        assert auth["services"][name]["environment"] == {ENV_PREFIX + "AUTH_TOKEN_FILE": file}
+    # The load test's command is docker-compose.yml's, plus the token: the two cannot drift apart.
+    assert auth["services"]["loadtest"]["command"] == [
+        *base["loadtest"]["command"],
+        "--auth-token-file",
+        file,
+    ]
+    cfg = parse_loadtest(auth["services"]["loadtest"]["command"][:-2] + ["--auth-token-file", str(tokens)])
+    assert cfg.transport.auth_token == "a-token"
+
+
 def test_server_env_is_real_flags_and_ports_are_published() -> None:
     fields = set(ServerConfig.__dataclass_fields__)
     for gpu in (False, True):
