@@ -85,6 +85,8 @@ class Supervisor:
         self.port = 0
         self.metrics: SharedMetrics | None = None
         self._reservation: socket.socket | None = None
+        self._http_reservation: socket.socket | None = None
+        self.http_port: int | None = None
         self.relay = ControlRelay(lambda: self.workers)
         self._keepers: set[asyncio.Task] = set()  # keep_alive, one per worker
         self._readers: set[asyncio.Task] = set()  # read_events, one per worker process
@@ -94,7 +96,9 @@ class Supervisor:
     def worker_config(self) -> ServerConfig:
         # Every worker: the reserved port, no /metrics of its own (the supervisor serves it), and
         # the models the others serve now.
-        return replace(self.relay.worker_config(self.cfg), port=self.port, metrics_port=-1, workers="1")
+        http = self.http_port if self.http_port is not None else -1
+        base = self.relay.worker_config(self.cfg)
+        return replace(base, port=self.port, http_port=http, metrics_port=-1, workers="1")
 
     def worker_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in (ENV, ENV.lower())}
@@ -190,6 +194,12 @@ class Supervisor:
         except OSError as e:
             raise StartError(f"cannot bind gRPC to {self.cfg.host}:{self.cfg.port}: {e}") from e
         self.port = self._reservation.getsockname()[1]
+        if self.cfg.http_port >= 0:  # the HTTP port too: with port 0 every worker must get the same one
+            try:
+                self._http_reservation = reserve_port(self.cfg.host, self.cfg.http_port)
+            except OSError as e:
+                raise StartError(f"cannot bind HTTP to {self.cfg.host}:{self.cfg.http_port}: {e}") from e
+            self.http_port = self._http_reservation.getsockname()[1]
         if self.cfg.metrics_port >= 0:
             try:
                 self.metrics = SharedMetrics.create()
@@ -265,8 +275,9 @@ class Supervisor:
             await w.proc.wait()
 
     def close(self) -> None:
-        if self._reservation is not None:
-            self._reservation.close()
+        for reservation in (self._reservation, self._http_reservation):
+            if reservation is not None:
+                reservation.close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -296,6 +307,7 @@ async def serve(cfg: ServerConfig) -> int:
             "listening",
             host=cfg.host,
             port=sup.port,
+            http_port=sup.http_port,
             metrics_port=sup.metrics.port if sup.metrics else None,
             provider=first.get("provider"),
             models=first.get("models", []),

@@ -314,3 +314,15 @@ def test_loadtest_connections_reach_both_workers(two_workers, tmp_path: Path) ->
     served = {pid: after[pid] - before[pid] for pid in after}
     assert all(n > 0 for n in served.values()), served
     assert sum(served.values()) == 320 + 1  # and the pre-flight request
+
+
+def test_the_workers_share_one_http_port_the_listening_line_names(two_workers) -> None:
+    """--http-port 0: the supervisor picks the port once and every worker serves it."""
+    from tests.server.http_helpers import request
+
+    server, _ = two_workers
+    port = server.listening["http_port"]
+    assert isinstance(port, int) and port not in (0, server.listening["port"])
+    for _ in range(20):  # new connections: the kernel hands them to either worker, both serve it
+        assert request(f"http://127.0.0.1:{port}/v2/health/ready").status == 200
+    assert request(f"http://127.0.0.1:{port}/v2/models/tiny").json()["name"] == "tiny"
