@@ -148,9 +148,9 @@ def test_where_cuda_cannot_be_tried_nothing_is_preloaded_or_probed(
     monkeypatch.setattr(cuda, "pip_library_dirs", lambda: [tmp_path])  # as if NVIDIA wheels were here
     monkeypatch.setattr(cuda, "driver_error", lambda: None if cpu_build else "libcuda.so.1: cannot open")
     expected = "is the CPU build, without the CUDA execution provider" if cpu_build else "no NVIDIA driver"
-    with caplog.at_level(logging.INFO, logger="server.cuda"):
+    with caplog.at_level(logging.INFO, logger="server.runtime.cuda"):
         assert cuda.resolve_device("auto", (0,), ort_module=fake) == CPU
-    (record,) = [r for r in caplog.records if r.name == "server.cuda"]
+    (record,) = [r for r in caplog.records if r.name == "server.runtime.cuda"]
     assert record.levelno == logging.INFO and "device auto: serving on CPU, because" in record.message
     assert expected in record.message and fake.sessions == []
     with pytest.raises(DeviceError, match=f"--device cuda: .*{expected}"):
