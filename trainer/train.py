@@ -27,7 +27,7 @@ from trainer.checkpoint import SCHEMA_VERSION, git_commit, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.cuda import configure_cuda, why_no_cuda
 from trainer.data import DatasetInfo, Split, load_dataset
-from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
+from trainer.distributed import DistInfo, barrier, device_for, process_group
 from trainer.engine import EvalResult, ModelEMA, compile_model, evaluate, train_one_epoch
 from trainer.hostmem import tune_malloc
 from trainer.models import count_parameters, get_model
@@ -165,15 +165,12 @@ def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) 
         check_output_dir(out, resuming=cfg.resume is not None, overwrite=cfg.overwrite)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    dist_info = init_distributed(device_type)
-    try:
+    with process_group(device_type) as dist_info:
         device = device_for(device_type, dist_info)
         cuda_line = configure_cuda(device)  # cudnn.benchmark, TF32
         if cuda_line:
             log(cuda_line, dist_info)
         return _run(cfg, out, device, dist_info, t0, on_epoch_start)
-    finally:
-        cleanup(dist_info)
 
 
 def _run(
