@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from cnnstack.contract import INPUT_NAME, OUTPUT_NAMES, ModelMeta, Provenance
+from exporter import __version__
 
 TRACE_BATCH = 2  # a batch of 1 would let the tracer specialize the batch dim to a constant
 
@@ -121,8 +122,6 @@ def provenance(
     precision: str, test_accuracy: float | None, accuracy_source: str, source_sha256: str, exporter: str
 ) -> Provenance:
     """This exporter's provenance record for a graph (versions of the tools filled in)."""
-    from exporter import __version__
-
     return Provenance(
         precision=precision,
         test_accuracy=test_accuracy,
