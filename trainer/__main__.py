@@ -171,9 +171,8 @@ def resumed_config(resume: str) -> dict[str, Any]:
 
     path = Path(resume)
     ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-    return {
-        k: v for k, v in (ckpt.get("config") or {}).items() if k in _DEFAULTS
-    }  # a later version's keys go
+    config = ckpt.get("config") or {}
+    return {k: v for k, v in config.items() if k in _DEFAULTS}  # settings a later version added: dropped
 
 
 def list_archs(dataset: str) -> str:
