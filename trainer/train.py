@@ -5,7 +5,8 @@
     [run_epoch: train_one_epoch -> evaluate; save] x epochs
     summarize -> write_outputs
 
-``main(cfg)`` is also the programmatic entry point (the ablation grid and the tests call it).
+``setup`` returns a ``trainer.run.Run``; ``main(cfg)`` is also the programmatic entry point (the
+ablation grid and the tests call it).
 """
 
 from __future__ import annotations
