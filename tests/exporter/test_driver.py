@@ -4,6 +4,7 @@ alone, and the config that drives it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,9 +15,11 @@ from exporter.driver import ExportFailed, export_one
 from exporter.source import BadInput, default_name, load_source, resolve_checkpoint
 
 
-def fast(repo: Path, **changes: object) -> ExportConfig:
+def fast(repo: Path, **changes: Any) -> ExportConfig:
     """The helpers' FAST flags as a config: a parity batch of 64, four batch-1 images, short timing."""
-    values = dict(parity_samples=64, parity_batch=64, batch1_samples=4, bench_seconds=0.05, progress=False)
+    values: dict[str, Any] = dict(
+        parity_samples=64, parity_batch=64, batch1_samples=4, bench_seconds=0.05, progress=False
+    )
     return ExportConfig(command="export", sources=(), repository=repo, **{**values, **changes})
 
 
@@ -28,7 +31,7 @@ def test_export_one_publishes_version_1_with_its_report(make_checkpoint, tmp_pat
     assert report.passed and report.published == {"m": 1} and report.model.signature.arch == "lenet5"
     assert [c.name for c in report.checks] == ["onnx_checker", "parity", "ort_optimizations"]
     assert all(c.passed for c in report.checks)
-    assert report.precisions["fp32"]["published"] is True
+    assert report.precisions is not None and report.precisions["fp32"]["published"] is True
     assert (repo / "m" / "1" / "model.onnx").is_file()
 
 
@@ -47,7 +50,7 @@ def test_a_failed_check_raises_with_its_report_and_publishes_nothing(
 
     real = checks.check_onnx
 
-    def failing(*args: object, **kwargs: object) -> checks.CheckResult:
+    def failing(*args: Any, **kwargs: Any) -> checks.CheckResult:
         result = real(*args, **kwargs)
         return checks.CheckResult(result.name, False, result.numbers, "rejected by the test")
 
@@ -71,7 +74,8 @@ def test_a_variant_whose_converter_fails_costs_only_that_variant(
     result = export_one(make_checkpoint("lenet5"), fast(tmp_path / "repo", name="m", fp16=True))
     assert result.published == {"m": 1}
     assert result.problems == ["m-fp16 not published: RuntimeError: converter broke"]
-    assert result.report.precisions["fp16"]["published"] is False
+    precisions = result.report.precisions
+    assert precisions is not None and precisions["fp16"]["published"] is False
 
 
 def test_a_run_directory_resolves_to_its_last_epoch_and_names_the_model(
@@ -90,9 +94,9 @@ def test_a_run_directory_resolves_to_its_last_epoch_and_names_the_model(
 
 def test_export_config_names_every_bad_setting_at_once() -> None:
     with pytest.raises(ConfigError) as e:
-        ExportConfig(command="export", sources=[Path("a")], parity_batch=3, opset=5, atol=0)
+        ExportConfig(command="export", sources=(Path("a"),), parity_batch=3, opset=5, atol=0)
+    message = str(e.value)
     assert len(e.value.problems) == 3
-    assert "--parity-batch must be >= 64, got 3" in str(e.value) and "--opset must be within 7..23" in str(
-        e.value
-    )
-    assert ExportConfig(command="export", sources=[Path("a")]).sources == (Path("a"),)
+    assert "--parity-batch must be >= 64, got 3" in message and "--opset must be within 7..23" in message
+    from_argparse = [Path("a")]  # argparse's nargs gives a list; the config holds a tuple
+    assert ExportConfig(command="export", sources=from_argparse).sources == (Path("a"),)  # type: ignore[arg-type]
