@@ -57,7 +57,7 @@ def env(out: Path) -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        from server.cuda import preload_libraries, probe_gpu
+        from server.runtime.cuda import preload_libraries, probe_gpu
 
         preload = preload_libraries()
         facts["onnxruntime"] = {
@@ -101,8 +101,9 @@ def ceiling(model: Path, device: str, batches: list[int], seconds: float) -> dic
     """images/s of the served model in this process at each batch size, with the server's sessions."""
     import numpy as np
 
-    from server.cuda import CPU, CUDA, preload_libraries
-    from server.runtime import create_session, usable_cpus
+    from server.runtime.cuda import CPU, CUDA, preload_libraries
+    from server.runtime.sessions import create_session
+    from server.runtime.share import usable_cpus
 
     provider = CUDA if device == "cuda" else CPU
     if provider == CUDA:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client
-from bench.workers_bench import cpu_model
+from bench.workers_bench import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model
@@ -250,24 +250,37 @@ def markdown(doc: dict) -> str:
             f"| {r['client']} | {r['wire']} | {r['concurrency']} | {r['requests_per_s']:,.0f} "
             f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |"
         )
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f}x |" for k, v in doc["ratios"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ratio_lines(doc["ratios"])) + "\n"
 
 
-def parse_args(argv: list[str] | None) -> ProtocolBench:
-    p = argparse.ArgumentParser(prog="python -m bench.protocol_bench", description=__doc__.split("\n")[0])
+def ratio_lines(ratios: dict[str, float]) -> list[str]:
+    """The ratios as a markdown table, after a blank line."""
+    return ["", "| ratio | value |", "|---|---:|", *(f"| {k} | {v:.2f}x |" for k, v in ratios.items())]
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a serving benchmark's runs: which model, how long, how many rounds, where to."""
     p.add_argument("--repository", type=Path, default=ROOT / "artifacts" / "repository")
     p.add_argument("--model", default="lenet")
-    p.add_argument("--concurrency", default="1,64", help="closed-loop steps, e.g. 1,64")
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-h2load", action="store_true", help="cnn-loadtest only")
     p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts" / "bench")
+
+
+def parse_run_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if not (a.repository / a.model).is_dir():
         p.error(f"no model {a.model!r} in {a.repository}: run cnn-pipeline (or cnn-export) first")
+    return a
+
+
+def parse_args(argv: list[str] | None) -> ProtocolBench:
+    p = argparse.ArgumentParser(prog="python -m bench.protocol_bench", description=__doc__.split("\n")[0])
+    add_run_args(p)
+    p.add_argument("--concurrency", default="1,64", help="closed-loop steps, e.g. 1,64")
+    a = parse_run_args(p, argv)
     conc = tuple(int(v) for v in a.concurrency.split(","))
     return ProtocolBench(
         a.repository,
@@ -284,9 +297,7 @@ def parse_args(argv: list[str] | None) -> ProtocolBench:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     doc = run(cfg)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    (cfg.out_dir / "protocol_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out_dir / "protocol_bench.md").write_text(markdown(doc))
+    write_report(cfg.out_dir, "protocol_bench", doc, markdown(doc))
     print(markdown(doc))
     return 0
 

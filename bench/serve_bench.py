@@ -132,7 +132,7 @@ def inprocess(model_file: Path, batch: int, seconds: float) -> dict[str, float]:
     """images/s and per-call latency of session.run at ``batch``, cnn-serve's session options."""
     import onnxruntime as ort
 
-    from server.runtime import session_options, threads_per_instance
+    from server.runtime.sessions import session_options, threads_per_instance
 
     sess = ort.InferenceSession(
         str(model_file), session_options(threads_per_instance(0, 1)), providers=["CPUExecutionProvider"]

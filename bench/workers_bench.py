@@ -36,7 +36,7 @@ from loadtest.client import describe_model
 from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.kserve_service import PID_METADATA
+from server.api.kserve.grpc import PID_METADATA
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,13 @@ class WorkersBench:
     rounds: int
     device: str
     out_dir: Path
+
+
+def write_report(out_dir: Path, stem: str, doc: dict, markdown: str) -> None:
+    """A benchmark's results: ``stem``.json (everything) and ``stem``.md (the tables) in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)
 
 
 def cpu_model() -> str:
@@ -256,7 +263,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     markdown = head + "\n\n" + table(cfg, results) + "\n"
     print("\n" + markdown)
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
     doc = {
         "command": command,
         "cpu": cpu_model(),
@@ -267,8 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: str(v) for k, v in cfg.__dict__.items()},
         "results": results,
     }
-    (cfg.out_dir / "workers_bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (cfg.out_dir / "workers_bench.md").write_text(markdown)
+    write_report(cfg.out_dir, "workers_bench", doc, markdown)
     print(f"wrote {cfg.out_dir / 'workers_bench.json'} and workers_bench.md")
     return 0
 

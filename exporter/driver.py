@@ -24,6 +24,7 @@ import onnxruntime
 import torch
 from tqdm import tqdm
 
+import cnnstack
 from cnnstack.contract import (
     CheckResult,
     DataInfo,
@@ -40,7 +41,7 @@ from cnnstack.contract import (
     render_config,
     sanitize_name,
 )
-from exporter import __version__, checks, onnx_export, quantize
+from exporter import checks, onnx_export, quantize
 from exporter.config import ExportConfig
 from exporter.inputs import EvalData, load_calibration, load_eval_data
 from exporter.source import BadInput, Source, build_wrapper, default_name, load_source
@@ -99,7 +100,7 @@ def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> Expor
             ModelSignature.of(meta), meta.dataset, meta.class_names, src.ckpt.get("model_args"), params
         ),
         versions={
-            "exporter": __version__,
+            "exporter": cnnstack.version(),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,

@@ -16,8 +16,8 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+import cnnstack
 from cnnstack.contract import INPUT_NAME, OUTPUT_NAMES, ModelMeta, Provenance
-from exporter import __version__
 
 TRACE_BATCH = 2  # a batch of 1 would let the tracer specialize the batch dim to a constant
 
@@ -127,7 +127,7 @@ def provenance(
         test_accuracy=test_accuracy,
         test_accuracy_source=accuracy_source,
         source_sha256=source_sha256,
-        exporter_version=__version__,
+        exporter_version=cnnstack.version(),
         torch_exporter=exporter,
         torch_version=str(torch.__version__),
         onnx_version=onnx.__version__,

@@ -1,131 +1,97 @@
-"""``cnn-loadtest`` / ``python -m loadtest``: sweep concurrency and/or request rate against a server.
+"""``cnn-loadtest`` / ``python -m loadtest``: sweep concurrency and/or request rate against a
+server, or (``--latency-threshold``) search the highest throughput within a latency budget.
 
-Exit status: 0 the sweep ran (errors, if any, are in the report), 1 the target could not serve
-the model (unreachable, unknown model, bad input), 2 bad command line.
+Exit status: 0 the sweep or search ran (errors, if any, are in the report; a search that found no
+load meeting the SLO has still answered), 1 the target could not serve the model (unreachable,
+unknown model, bad input), 2 bad command line.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-import urllib.error
 from typing import Any
 
-from loadtest import metrics_scrape, report
-from loadtest.client import (
-    Described,
-    LocalClient,
-    MissingShape,
-    TargetError,
-    describe_model,
-    preflight,
-    resolve_input,
-)
+from loadtest import plots, report
+from loadtest.client import MissingShape, TargetError
 from loadtest.config import LoadTestConfig, parse_args
 from loadtest.controller import StepResult
-from loadtest.multiproc import MultiProcClient
-from loadtest.payload import MAX_PAYLOADS, KServeInput, build_payloads, load_images
-from loadtest.runner import StepSpec
+from loadtest.search import Probe, SearchResult
+from loadtest.session import Prepared, build_steps, prepare, run_search, run_sweep
 
 
-def build_steps(cfg: LoadTestConfig) -> list[StepSpec]:
-    common = dict(
-        warmup_s=cfg.warmup_s,
-        window_s=cfg.window_s,
-        duration_s=cfg.duration_s,
-        max_requests=cfg.max_requests,
-        timeout_s=cfg.timeout_s,
-        max_inflight=cfg.max_inflight,
-        seed=cfg.seed,
+def _show_step(cfg: LoadTestConfig, r: StepResult, verdict: str = "") -> None:
+    """A step's row as it finishes (unless --quiet); its warnings on stderr whatever --quiet says."""
+    if not cfg.quiet:
+        row = report.table_row(r)
+        if verdict:  # after the first line: an open-loop step has a second one
+            first, _, rest = row.partition("\n")
+            row = f"{first}  {verdict}" + (f"\n{rest}" if rest else "")
+        print(row, flush=True)
+    for warning in report.warnings(r):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
+def _meta(cfg: LoadTestConfig, prepared: Prepared, started: float) -> dict[str, Any]:
+    """The run's settings for the JSON report (never the token: only whether one was sent)."""
+    return {
+        "target": cfg.target,
+        "model": cfg.model,
+        "api": cfg.api,
+        "wire": cfg.wire,
+        "input_shape": list(prepared.shape),
+        "images_per_request": cfg.images_per_request,
+        "request_bytes": len(prepared.payloads[0]),
+        "processes": cfg.processes,
+        "connections": cfg.connections,
+        "window_s": cfg.window_s,
+        "stability": {"windows": cfg.stability_windows, "percent": cfg.stability_percent},
+        "distribution": "replay" if cfg.request_intervals else cfg.distribution,
+        "auth_token": cfg.auth_token_file is not None,
+        "traceparent": cfg.traceparent,
+        "started_unix": started,
+    }
+
+
+def _search_line(cfg: LoadTestConfig) -> str:
+    slo, space = cfg.search()
+    kind = "concurrency" if space.mode == "closed" else "request rate"
+    return (
+        f"searching {kind} {space.label(space.low)} .. {space.label(space.high)} for the highest "
+        f"throughput with {slo} (at most {space.max_probes} probes, {space.budget_s:g} s)"
     )
-    steps = [StepSpec(mode="closed", load=float(c), **common) for c in cfg.concurrency]  # type: ignore[arg-type]
-    steps += [StepSpec(mode="open", load=r, **common) for r in cfg.request_rates]  # type: ignore[arg-type]
-    return steps
 
 
-def build_request_payloads(
-    cfg: LoadTestConfig, shape: tuple[int, int, int], kserve: KServeInput = KServeInput()
-) -> list[Any]:
-    """Distinct requests, serialized now so that the measured loop does no protobuf or JSON work."""
-    k = cfg.images_per_request
-    n_requests = max(1, min(MAX_PAYLOADS, 2048 // k))  # bounded memory for big requests
-    images = load_images(cfg.input, shape, n_requests * k, cfg.seed)  # (N, C, H, W)
-    encoding = ("json" if cfg.json else "binary") if cfg.protocol == "http" else cfg.encoding
-    return build_payloads(
-        cfg.api, images, k, cfg.model, cfg.version, cfg.top_k, encoding, kserve, cfg.protocol
-    )
+def _search(cfg: LoadTestConfig, prepared: Prepared) -> tuple[list[StepResult], SearchResult]:
+    def on_probe(p: Probe) -> None:
+        _show_step(cfg, p.result, p.verdict)
+
+    search = run_search(cfg, prepared.payloads, on_probe)
+    if not cfg.quiet:
+        for line in search.summary():
+            print(line)
+    return [p.result for p in search.probes], search
 
 
-def _scrape(cfg: LoadTestConfig) -> metrics_scrape.Samples | None:
-    if cfg.metrics_url is None:
-        return None
-    try:
-        return metrics_scrape.scrape(cfg.metrics_url, cfg.model)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        print(f"warning: cannot scrape {cfg.metrics_url}: {e}", file=sys.stderr)
-        return None
-
-
-def run_sweep(cfg: LoadTestConfig, payloads: list[Any], steps: list[StepSpec]) -> list[StepResult]:
-    if cfg.processes == 1:
-        client: LocalClient | MultiProcClient = LocalClient(
-            cfg.target,
-            cfg.api,
-            payloads,
-            cfg.images_per_request,
-            cfg.stability_windows,
-            cfg.stability_percent,
-            cfg.connections,
-            cfg.transport,
-            cfg.route,
-        )
-    else:
-        client = MultiProcClient(
-            cfg.target,
-            cfg.route,
-            payloads,
-            cfg.images_per_request,
-            cfg.processes,
-            cfg.stability_windows,
-            cfg.stability_percent,
-            cfg.connections,
-            cfg.transport,
-        )
-    results = []
-    try:
-        if not cfg.quiet:
-            print(report.table_header(cfg.metrics_url is not None), flush=True)
-        for spec in steps:
-            before = _scrape(cfg)
-            r = client.run_step(spec)
-            after = _scrape(cfg)
-            if before is not None and after is not None:
-                r.server = metrics_scrape.step_summary(before, after)
-            results.append(r)
-            if not cfg.quiet:
-                print(report.table_row(r), flush=True)
-    finally:
-        client.close()
-    return results
+def _write_reports(
+    cfg: LoadTestConfig, meta: dict[str, Any], results: list[StepResult], search: SearchResult | None
+) -> None:
+    if cfg.out:
+        report.write_json(cfg.out, meta, results, search)
+    if cfg.csv:
+        report.write_csv(cfg.csv, results, search)
+    if cfg.plot:
+        title = f"{cfg.model} @ {cfg.target} ({cfg.api}, {cfg.wire}, {cfg.images_per_request} img/req)"
+        if search is not None:
+            plots.write_search_plot(cfg.plot, search, title)
+        else:
+            plots.write_plot(cfg.plot, results, title)
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
-        # The flags may say all there is to know; otherwise the server's metadata fills in the rest.
-        told = cfg.input_shape is not None and cfg.api == "classify"
-        described = (
-            Described(None)
-            if told
-            else describe_model(cfg.target, cfg.api, cfg.model, cfg.version, cfg.timeout_s, cfg.transport)
-        )
-        shape, kserve = resolve_input(
-            described, cfg.input_shape, cfg.input_name, cfg.datatype, cfg.target, cfg.model
-        )
-        payloads = build_request_payloads(cfg, shape, kserve)
-        preflight(
-            cfg.target, cfg.api, payloads[0], cfg.images_per_request, cfg.timeout_s, cfg.transport, cfg.route
-        )
+        prepared = prepare(cfg)
     except MissingShape as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -137,35 +103,20 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if not cfg.quiet:
         print(
-            f"target {cfg.target} ({cfg.wire}) model {cfg.model} api {cfg.api} input {shape} x {cfg.images_per_request}/request, "
-            f"{len(payloads[0])} bytes/request, {cfg.processes} client process(es) x {cfg.connections} connection(s)"
+            f"target {cfg.target} ({cfg.wire}) model {cfg.model} api {cfg.api} input {prepared.shape} x "
+            f"{cfg.images_per_request}/request, {len(prepared.payloads[0])} bytes/request, "
+            f"{cfg.processes} client process(es) x {cfg.connections} connection(s)"
         )
+        if cfg.searching:
+            print(_search_line(cfg))
+        print(report.table_header(cfg.metrics_url is not None), flush=True)
     started = time.time()
-    results = run_sweep(cfg, payloads, build_steps(cfg))
-    meta = {
-        "target": cfg.target,
-        "model": cfg.model,
-        "api": cfg.api,
-        "wire": cfg.wire,
-        "input_shape": list(shape),
-        "images_per_request": cfg.images_per_request,
-        "request_bytes": len(payloads[0]),
-        "processes": cfg.processes,
-        "connections": cfg.connections,
-        "window_s": cfg.window_s,
-        "stability": {"windows": cfg.stability_windows, "percent": cfg.stability_percent},
-        "started_unix": started,
-    }
-    if cfg.out:
-        report.write_json(cfg.out, meta, results)
-    if cfg.csv:
-        report.write_csv(cfg.csv, results)
-    if cfg.plot:
-        report.write_plot(
-            cfg.plot,
-            results,
-            f"{cfg.model} @ {cfg.target} ({cfg.api}, {cfg.wire}, {cfg.images_per_request} img/req)",
-        )
+    search = None
+    if cfg.searching:
+        results, search = _search(cfg, prepared)
+    else:
+        results = run_sweep(cfg, prepared.payloads, build_steps(cfg), lambda r: _show_step(cfg, r))
+    _write_reports(cfg, _meta(cfg, prepared, started), results, search)
     if not cfg.quiet:
         print("(latencies in ms; percentiles by nearest rank over the last stable windows)")
     return 0

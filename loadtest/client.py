@@ -66,7 +66,9 @@ async def _describe_grpc(
                     response_deserializer=pb.ModelMetadataResponse.FromString,
                 )
                 meta = await call(
-                    pb.ModelMetadataRequest(name=model, version=str(version or "")), timeout=timeout
+                    pb.ModelMetadataRequest(name=model, version=str(version or "")),
+                    timeout=timeout,
+                    metadata=transport.request_headers(),
                 )
                 inputs = [
                     {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in meta.inputs
@@ -79,7 +81,9 @@ async def _describe_grpc(
                 request_serializer=pb1.ListModelsRequest.SerializeToString,
                 response_deserializer=pb1.ListModelsResponse.FromString,
             )
-            listing = await call(pb1.ListModelsRequest(), timeout=timeout)
+            listing = await call(
+                pb1.ListModelsRequest(), timeout=timeout, metadata=transport.request_headers()
+            )
         except grpc.aio.AioRpcError as e:
             raise TargetError(
                 f"{target}: cannot describe model {model!r}: {e.code().name}: {e.details()}"
@@ -97,7 +101,8 @@ async def _http_json(transport: Transport, url: str, timeout: float) -> Any:
 
     async with new_session(transport) as session:
         try:
-            async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            headers = dict(transport.request_headers())
+            async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
                 body = await r.read()
                 status = r.status
         except (aiohttp.ClientError, TimeoutError) as e:

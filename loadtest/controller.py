@@ -25,14 +25,27 @@ class StepResult:
     errors: dict[str, int]  # by code (gRPC status name, or HTTP_<status>), in the reported windows
     sent: int  # whole step, warm-up included, all processes
     ok: int
-    errors_total: dict[str, int]
+    errors_total: dict[str, int]  # by code, the whole step (warm-up and unreported windows included)
     send_lag_ms: dict[str, float] | None = None  # open loop: how late requests left vs. schedule
+    # Open loop: latency from the actual send (``latency_ms`` counts from the scheduled send; the
+    # difference is the time requests waited to be sent, i.e. queueing ahead of the server).
+    service_ms: dict[str, float] | None = None
+    distribution: str | None = None  # open loop: poisson, constant or replay
     window_series: list[dict[str, float]] = field(default_factory=list)
     server: dict[str, float] | None = None  # from --metrics-url
 
     @property
     def label(self) -> str:
-        return f"c={int(self.load)}" if self.mode == "closed" else f"r={self.load:g}/s"
+        if self.mode == "closed":
+            return f"c={int(self.load)}"
+        if self.distribution == "replay":
+            return f"replay {self.load:.0f}/s"
+        return f"r={self.load:g}/s"
+
+    @property
+    def failed(self) -> int:
+        """Requests of the whole step that got no good answer."""
+        return sum(self.errors_total.values())
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +107,7 @@ class StepController:
             chosen = self._partials
             measured = max((p.length_s for p in self._partials), default=0.0)
         lats = [x for p in chosen for x in p.latencies]
+        extra = (self.spec.percentile,)
         errors: Counter[str] = Counter()
         for p in chosen:
             errors.update(p.errors)
@@ -101,13 +115,14 @@ class StepController:
         for t in totals:
             errors_total.update(t.errors)
         lag = sorted(x for t in totals for x in t.send_lag_s)
-        send_lag = None
+        send_lag = service = None
         if self.spec.mode == "open":
             send_lag = {
                 "p50_ms": percentile(lag, 50) * 1e3,
                 "p99_ms": percentile(lag, 99) * 1e3,
                 "max_ms": lag[-1] * 1e3 if lag else math.nan,
             }
+            service = latency_summary([x for p in chosen for x in p.service], extra)
         return StepResult(
             mode=self.spec.mode,
             load=load,
@@ -117,11 +132,13 @@ class StepController:
             measured_s=measured,
             requests_per_s=len(lats) / measured if measured > 0 else 0.0,
             images_per_s=sum(p.images for p in chosen) / measured if measured > 0 else 0.0,
-            latency_ms=latency_summary(lats),
+            latency_ms=latency_summary(lats, extra),
             errors=dict(errors),
             sent=sum(t.sent for t in totals),
             ok=sum(t.ok for t in totals),
             errors_total=dict(errors_total),
             send_lag_ms=send_lag,
+            service_ms=service,
+            distribution=self.spec.distribution if self.spec.mode == "open" else None,
             window_series=[{"requests_per_s": w.throughput, "p99_ms": w.p99_s * 1e3} for w in self.windows],
         )

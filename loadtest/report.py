@@ -1,4 +1,5 @@
-"""Outputs: a table on stdout, JSON (everything), CSV (one row per step), PNG (latency vs throughput)."""
+"""Outputs: a table on stdout, warnings on stderr, JSON (everything), CSV (one row per step); the
+PNG plots are in ``loadtest.plots``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.controller import StepResult
+from loadtest.search import SearchResult
 
 CSV_FIELDS = (
     "mode",
@@ -27,13 +29,23 @@ CSV_FIELDS = (
     "max_ms",
     "mean_ms",
     "errors",
+    "errors_total",
     "sent",
     "ok",
     "send_lag_p99_ms",
+    "service_p50_ms",
+    "service_p99_ms",
     "server_queue_wait_ms",
     "server_compute_ms",
     "server_batch_size",
+    "slo",
 )
+# The client fell behind its open-loop schedule when its reported requests typically left late
+# (median latency from the schedule minus median latency from the send) by this share of the
+# median latency, and by more than LAG_WARN_MIN_MS: the event loop's timer jitter (a tail of a few
+# ms on a busy machine) is not falling behind, and the "from send" row shows what it adds.
+LAG_WARN_SHARE = 0.10
+LAG_WARN_MIN_MS = 1.0
 
 
 def _fmt(v: float | None, digits: int = 2) -> str:
@@ -45,40 +57,72 @@ def _errors(e: dict[str, int]) -> str:
 
 
 def table_header(with_server: bool) -> str:
-    cols = f"{'step':>12} {'req/s':>9} {'img/s':>9} {'p50':>8} {'p90':>8} {'p95':>8} {'p99':>8} {'max':>8}  stable  errors"
+    cols = (
+        f"{'step':>12} {'req/s':>9} {'img/s':>9} {'p50':>8} {'p90':>8} {'p95':>8} {'p99':>8} {'max':>8}"
+        "  stable  errors (whole step)"
+    )
     if with_server:
         cols += "   | srv queue  compute  batch"
     return cols + "\n" + "-" * len(cols)
 
 
+def _percentiles(lat: dict[str, float]) -> str:
+    return " ".join(f"{_fmt(lat[k]):>8}" for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms"))
+
+
 def table_row(r: StepResult) -> str:
-    lat = r.latency_ms
+    """One step: throughput, latency percentiles, stable, and the errors of the *whole* step (its
+    warm-up and the windows not reported included: a failure anywhere in the step shows)."""
     row = (
-        f"{r.label:>12} {_fmt(r.requests_per_s, 1):>9} {_fmt(r.images_per_s, 1):>9} {_fmt(lat['p50_ms']):>8} "
-        f"{_fmt(lat['p90_ms']):>8} {_fmt(lat['p95_ms']):>8} {_fmt(lat['p99_ms']):>8} {_fmt(lat['max_ms']):>8}  "
-        f"{'yes' if r.stable else 'NO':>6}  {_errors(r.errors)}"
+        f"{r.label:>12} {_fmt(r.requests_per_s, 1):>9} {_fmt(r.images_per_s, 1):>9} {_percentiles(r.latency_ms)}"
+        f"  {'yes' if r.stable else 'NO':>6}  {_errors(r.errors_total)}"
     )
     if r.server is not None:
         s = r.server
         row += f"   | {_fmt(s.get('queue_wait_ms')):>9} {_fmt(s.get('compute_ms')):>8} {_fmt(s.get('batch_size'), 1):>6}"
+    if r.service_ms is not None:
+        # Open loop: the same requests' latency from the actual send, under the schedule-based one.
+        row += f"\n{'from send':>12} {'':>9} {'':>9} {_percentiles(r.service_ms)}"
     return row
 
 
-def format_table(results: Sequence[StepResult]) -> str:
-    with_server = any(r.server is not None for r in results)
-    return "\n".join([table_header(with_server), *(table_row(r) for r in results)]) + "\n(latencies in ms)"
+def warnings(r: StepResult) -> list[str]:
+    """What a reader must not miss about a step: failed requests, and an open-loop client that
+    fell behind its schedule."""
+    out = []
+    if r.failed:
+        out.append(
+            f"{r.label}: {r.failed} of {r.sent} requests failed ({_errors(r.errors_total)}); "
+            "latency and throughput count answered requests only"
+        )
+    lag, svc, p50 = r.send_lag_ms, r.service_ms, r.latency_ms["p50_ms"]
+    behind = p50 - svc["p50_ms"] if svc is not None else math.nan
+    if lag is not None and behind > max(LAG_WARN_MIN_MS, LAG_WARN_SHARE * p50):
+        out.append(
+            f"{r.label}: the client fell behind its schedule: its requests typically left {behind:.1f} ms "
+            f"late (send lag over the step: p50 {lag['p50_ms']:.1f} ms, p99 {lag['p99_ms']:.1f} ms, "
+            f"max {lag['max_ms']:.1f} ms), and that much of the latency is the client's; add --processes "
+            "or use a less busy client machine"
+        )
+    return out
 
 
-def write_json(path: Path, meta: dict[str, Any], results: Sequence[StepResult]) -> None:
+def write_json(
+    path: Path, meta: dict[str, Any], results: Sequence[StepResult], search: SearchResult | None = None
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {**meta, "percentile_method": "nearest-rank", "steps": [r.to_dict() for r in results]}
+    steps = [{**r.to_dict(), "warnings": warnings(r)} for r in results]
+    doc = {**meta, "percentile_method": "nearest-rank", "steps": steps}
+    if search is not None:
+        doc["search"] = search.to_dict()
     # NaN (no samples) is not JSON: write null.
     text = json.dumps(doc, indent=2, default=str).replace("NaN", "null")
     path.write_text(text + "\n")
 
 
-def csv_row(r: StepResult) -> dict[str, Any]:
+def csv_row(r: StepResult, slo: str = "") -> dict[str, Any]:
     s = r.server or {}
+    svc = r.service_ms or {}
     row = {
         "mode": r.mode,
         "load": r.load,
@@ -90,66 +134,26 @@ def csv_row(r: StepResult) -> dict[str, Any]:
         "images_per_s": round(r.images_per_s, 2),
         **{k: round(v, 3) for k, v in r.latency_ms.items()},
         "errors": _errors(r.errors),
+        "errors_total": _errors(r.errors_total),
         "sent": r.sent,
         "ok": r.ok,
         "send_lag_p99_ms": round(r.send_lag_ms["p99_ms"], 3) if r.send_lag_ms else "",
+        "service_p50_ms": round(svc["p50_ms"], 3) if svc else "",
+        "service_p99_ms": round(svc["p99_ms"], 3) if svc else "",
         "server_queue_wait_ms": s.get("queue_wait_ms", ""),
         "server_compute_ms": s.get("compute_ms", ""),
         "server_batch_size": s.get("batch_size", ""),
+        "slo": slo,
     }
     return row
 
 
-def write_csv(path: Path, results: Sequence[StepResult]) -> None:
+def write_csv(path: Path, results: Sequence[StepResult], search: SearchResult | None = None) -> None:
+    """One row per step; in a search, ``slo`` holds each probe's verdict."""
+    verdicts = [p.verdict for p in search.probes] if search is not None else [""] * len(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
-        for r in results:
-            w.writerow(csv_row(r))
-
-
-def write_plot(path: Path, results: Sequence[StepResult], title: str) -> None:
-    """Latency percentiles (y, ms, log) against achieved throughput (x, images/s), one line per
-    loop kind and percentile; each point is labelled with its step. matplotlib is not in [serve]
-    (the server does not need it): it comes with the [plot] extra."""
-    try:
-        import matplotlib
-    except ImportError as e:
-        from loadtest.config import PLOT_HINT
-
-        raise RuntimeError(f"--plot needs matplotlib: {PLOT_HINT}") from e
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    colors = {"p50_ms": "tab:blue", "p90_ms": "tab:orange", "p99_ms": "tab:red"}
-    for mode, style in (("closed", "-o"), ("open", "--s")):
-        rs = sorted((r for r in results if r.mode == mode), key=lambda r: r.images_per_s)
-        if not rs:
-            continue
-        x = [r.images_per_s for r in rs]
-        for key, color in colors.items():
-            ax.plot(x, [r.latency_ms[key] for r in rs], style, color=color, label=f"{mode} loop {key[:-3]}")
-        for r in rs:
-            ax.annotate(
-                r.label,
-                (r.images_per_s, r.latency_ms["p99_ms"]),
-                fontsize=7,
-                xytext=(3, 3),
-                textcoords="offset points",
-            )
-    ax.set_xlabel("throughput (images/s)")
-    ax.set_ylabel("latency (ms)")
-    ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        for r, verdict in zip(results, verdicts, strict=True):
+            w.writerow(csv_row(r, verdict))

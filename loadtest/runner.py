@@ -3,10 +3,11 @@
 Closed loop: ``concurrency`` workers, each sends its next request when the previous one answers;
 latency is measured from the actual send.
 
-Open loop: a Poisson schedule of send times is drawn before the step starts; each request is
-sent at its scheduled time whatever the server is doing, and its latency is measured from the
-*scheduled* time, so queueing caused by a slow server (or by this client falling behind) shows in
-the numbers instead of silently lowering the offered rate ("coordinated omission").
+Open loop: a schedule of send times (``loadtest.schedule``: Poisson, constant or replayed gaps)
+is drawn before the step starts; each request is sent at its scheduled time whatever the server
+is doing, and its latency is measured from the *scheduled* time, so queueing caused by a slow
+server (or by this client falling behind) shows in the numbers instead of silently lowering the
+offered rate ("coordinated omission"). Its service time, from the actual send, is kept beside it.
 
 Both report measurement windows to a ``sink`` as they close and stop when ``should_stop()`` turns
 true, at the hard time bound, or after ``max_requests``; in-flight requests then finish (each has
@@ -16,7 +17,6 @@ a deadline) so that, at the end, sent == ok + errors.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+
+from loadtest.schedule import build_schedule
 
 TICK_S = 0.02  # how often the monitor looks at the stop flag between window boundaries
 CLIENT_OVERLOAD = "CLIENT_OVERLOAD"  # open loop: a due request not sent because max_inflight were pending
@@ -51,6 +53,11 @@ class StepSpec:
     timeout_s: float
     max_inflight: int = 10_000
     seed: int = 0
+    distribution: str = "poisson"  # open loop: "poisson", "constant" or "replay" (of intervals_s)
+    intervals_s: tuple[float, ...] = ()  # replay: the recorded gaps, cycled
+    percentile: float = 99.0  # an SLO's percentile: reported beside p50..p99 when not one of them
+    part: int = 0  # this process's index among ``parts`` sharing the step
+    parts: int = 1
 
     def share(self, index: int, processes: int) -> StepSpec:
         """This spec's part for client process ``index`` of ``processes``."""
@@ -59,12 +66,14 @@ class StepSpec:
             load: float = base + (1 if index < extra else 0)
         else:
             load = self.load / processes
-        return StepSpec(**{**self.__dict__, "load": load, "seed": self.seed * 1000 + index})
+        seed = self.seed * 1000 + index
+        return StepSpec(**{**self.__dict__, "load": load, "seed": seed, "part": index, "parts": processes})
 
 
 @dataclass
 class WindowData:
-    """What one process saw in one window: successful latencies (s), images, errors by code."""
+    """What one process saw in one window: successful latencies (s), images, errors by code;
+    open loop: also the service times (s, from the actual send; latencies count from the schedule)."""
 
     index: int
     latencies: list[float]
@@ -72,6 +81,7 @@ class WindowData:
     errors: dict[str, int]
     length_s: float
     partial: bool = False  # the run ended before the window closed
+    service: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -84,34 +94,25 @@ class ProcessTotals:
     send_lag_s: list[float] = field(default_factory=list)  # open loop: actual send - scheduled send
 
 
-def poisson_schedule(rate: float, horizon_s: float, seed: int, limit: int) -> list[float]:
-    """Send offsets (s from the step start) of a Poisson process of ``rate``/s over ``horizon_s``,
-    at most ``limit`` of them. Drawn up front so sending never depends on how the server behaves."""
-    rng = random.Random(seed)
-    out: list[float] = []
-    t = rng.expovariate(rate)
-    while t < horizon_s and len(out) < limit:
-        out.append(t)
-        t += rng.expovariate(rate)
-    return out
-
-
 class _Recorder:
     """Completions in the order they happen (so ``ends`` never decreases within a process)."""
 
-    def __init__(self, images_per_request: int) -> None:
+    def __init__(self, images_per_request: int, open_loop: bool = False) -> None:
         self.k = images_per_request
         self.ends: list[float] = []
         self.lats: list[float] = []
+        self.service: list[float] | None = [] if open_loop else None  # closed loop: the latency itself
         self.err_ends: list[float] = []
         self.err_codes: list[str] = []
         self.totals = ProcessTotals()
         self._i = 0  # first success not yet assigned to a window
         self._j = 0  # same for errors
 
-    def ok(self, start: float, end: float) -> None:
+    def ok(self, due: float, sent: float, end: float) -> None:
         self.ends.append(end)
-        self.lats.append(end - start)
+        self.lats.append(end - due)
+        if self.service is not None:
+            self.service.append(end - sent)
 
     def error(self, code: str, end: float) -> None:
         self.err_ends.append(end)
@@ -126,6 +127,7 @@ class _Recorder:
         while i < n and self.ends[i] < hi:
             i += 1
         lats = self.lats[first:i]
+        service = self.service[first:i] if self.service is not None else []
         self._i = i
         j, m = self._j, len(self.err_ends)
         while j < m and self.err_ends[j] < lo:
@@ -135,10 +137,12 @@ class _Recorder:
             j += 1
         errors = dict(Counter(self.err_codes[first_err:j]))
         self._j = j
-        return WindowData(index, lats, len(lats) * self.k, errors, hi - lo, partial)
+        return WindowData(index, lats, len(lats) * self.k, errors, hi - lo, partial, service)
 
 
-async def _one(call: Any, payload: bytes, start: float, timeout: float, rec: _Recorder) -> None:
+async def _one(call: Any, payload: bytes, due: float | None, timeout: float, rec: _Recorder) -> None:
+    """One request; its latency counts from ``due`` (open loop: the scheduled send), else from now."""
+    sent = time.perf_counter()
     try:
         await call(payload, timeout=timeout)
     except grpc.aio.AioRpcError as e:
@@ -146,7 +150,7 @@ async def _one(call: Any, payload: bytes, start: float, timeout: float, rec: _Re
     except CallFailed as e:
         rec.error(e.code, time.perf_counter())
     else:
-        rec.ok(start, time.perf_counter())
+        rec.ok(sent if due is None else due, sent, time.perf_counter())
 
 
 class _State:
@@ -165,7 +169,7 @@ async def _closed_loop(
         i = w
         while not st.stop and st.sent < st.limit:
             st.sent += 1
-            await _one(call, payloads[i % n], time.perf_counter(), spec.timeout_s, rec)
+            await _one(call, payloads[i % n], None, spec.timeout_s, rec)
             i += int(spec.load)
 
     await asyncio.gather(*(worker(w) for w in range(int(spec.load))))
@@ -185,8 +189,9 @@ async def _open_loop(
     lag = rec.totals.send_lag_s
     for i, offset in enumerate(schedule):
         due = t0 + offset
-        delay = due - time.perf_counter()
-        if delay > 0:
+        # Never early: an event loop's timer may fire up to its resolution (uvloop: 1 ms) before
+        # ``due``, and a request sent early would show a service time above its latency.
+        while (delay := due - time.perf_counter()) > 0:
             await asyncio.sleep(delay)
         if st.stop or st.sent >= st.limit:
             break
@@ -214,7 +219,7 @@ async def run_process_step(
 ) -> ProcessTotals:
     """Run one step from ``t0`` (a ``time.perf_counter()`` instant; CLOCK_MONOTONIC on Linux, so
     shared by all client processes). Windows start after the warm-up and go to ``sink``."""
-    rec = _Recorder(images_per_request)
+    rec = _Recorder(images_per_request, open_loop=spec.mode == "open")
     st = _State(spec.max_requests)
     measure_start = t0 + spec.warmup_s
     # Hard bound: the controller normally stops after ``duration_s``; one window of slack for it.
@@ -225,7 +230,16 @@ async def run_process_step(
         gen = asyncio.ensure_future(_closed_loop(call, payloads, spec, rec, st))
     else:
         horizon = hard_end - t0
-        sched = poisson_schedule(spec.load, horizon, spec.seed, spec.max_requests)
+        sched = build_schedule(
+            spec.distribution,
+            spec.load,
+            spec.intervals_s,
+            horizon,
+            spec.seed,
+            spec.max_requests,
+            spec.part,
+            spec.parts,
+        )
         gen = asyncio.ensure_future(_open_loop(call, payloads, sched, t0, spec, rec, st))
     k = 0
     while True:

@@ -22,14 +22,21 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     n = len(sorted_values)
     if n == 0:
         return math.nan
-    rank = max(1, math.ceil(p / 100.0 * n))
+    # Rounded before the ceiling: 99.9 / 100 * 1000 is 999.0000000000001 in binary floating point.
+    rank = max(1, math.ceil(round(p / 100.0 * n, 9)))
     return float(sorted_values[rank - 1])
 
 
-def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
-    """p50/p90/p95/p99/max/mean in milliseconds (NaN when there are no samples)."""
+def percentile_key(p: float) -> str:
+    """The summary's key for percentile ``p``: 99 -> "p99_ms", 99.9 -> "p99.9_ms"."""
+    return f"p{p:g}_ms"
+
+
+def latency_summary(latencies_s: Sequence[float], extra: Sequence[float] = ()) -> dict[str, float]:
+    """p50/p90/p95/p99/max/mean in milliseconds (NaN when there are no samples), plus the
+    percentiles in ``extra`` (e.g. an SLO's p99.9)."""
     values = sorted(latencies_s)
-    out = {f"p{int(p)}_ms": percentile(values, p) * 1e3 for p in PERCENTILES}
+    out = {percentile_key(p): percentile(values, p) * 1e3 for p in (*PERCENTILES, *extra)}
     out["max_ms"] = values[-1] * 1e3 if values else math.nan
     out["mean_ms"] = sum(values) / len(values) * 1e3 if values else math.nan
     return out

@@ -1,32 +1,28 @@
-"""``cnn-serve`` / ``python -m server``: serve a model repository over gRPC.
+"""``cnn-serve`` / ``python -m server``: serve a model repository over gRPC and HTTP/REST.
 
 ``--workers N`` (N > 1) runs N server processes on the same port under a supervisor
-(server.supervisor); otherwise this process is the server.
+(server.scaleout.supervisor); otherwise this process is the server.
 
 Prints one JSON line ``{"event": "listening", "port": ..., "metrics_port": ...}`` on stdout once
-ready, and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
+ready (ports: gRPC, HTTP, metrics), and ``{"event": "stopped", ...}`` after a graceful shutdown; logs go to stderr.
 Exit codes: 0 after SIGTERM/SIGINT, 2 when it cannot start (bad flags, no CUDA for --device cuda,
 missing repository).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 
 from server.config import ServerConfig
+from server.logs import configure_logging
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = ServerConfig.from_args(argv)
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(cfg.log_level, cfg.log_format, cfg.access_log)
     if cfg.worker_count > 1:
-        from server.supervisor import supervise
+        from server.scaleout.supervisor import supervise
 
         return supervise(cfg)
     from server.app import run

@@ -1,4 +1,5 @@
-"""The server's one config: ``ServerConfig``, built only in ``main()`` from the command line + env.
+"""The server's one config: ``ServerConfig``, built only in ``main()`` from the command line + env
+(its flags: server/flags.py); it checks itself (cnnstack.cli).
 
 Every flag has an environment variable ``CNN_SERVE_<FLAG>`` (``--max-batch-size`` ->
 ``CNN_SERVE_MAX_BATCH_SIZE``) for docker-compose; a flag on the command line wins over the env.
@@ -6,15 +7,18 @@ Every flag has an environment variable ``CNN_SERVE_<FLAG>`` (``--max-batch-size`
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-DEVICES = ("auto", "cpu", "cuda")
-ALGO_SEARCHES = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")  # onnxruntime's cudnn_conv_algo_search values
+from cnnstack.cli import parse_config, require
+from server.logs import LOG_FORMATS
+from server.runtime.devices import ALGO_SEARCHES, DEVICES
+from server.tracing import TraceSettings, parse_trace_config
+
 ENV_PREFIX = "CNN_SERVE_"
+MODEL_CONTROL_MODES = ("poll", "explicit", "none")  # Triton's --model-control-mode
 
 
 def parse_gpus(text: str) -> tuple[int, ...]:
@@ -51,7 +55,10 @@ class ServerConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_concurrent_rpcs: int = 0  # 0: derived from the queue size (bounds memory)
     log_level: str = "INFO"
-    # Scale-out on one host (server.supervisor): N processes serving the same ports; "auto": one
+    # The response cache (server/runtime/cache.py): bytes for the whole process, shared by the models
+    # whose config.pbtxt has response_cache { enable: true }; 0: no cache.
+    cache_size_bytes: int = 0
+    # Scale-out on one host (server.scaleout.supervisor): N processes serving the same ports; "auto": one
     # per usable core. Stays "1" (no supervisor, one process) unless asked for.
     workers: str = "1"
     # HTTP/REST and TLS (server/http_app.py, server/tls.py).
@@ -59,23 +66,56 @@ class ServerConfig:
     tls_cert: Path | None = None  # PEM certificate chain; with tls_key, both protocols use TLS
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # PEM CA bundle: clients must present a certificate it signed
+    # The front door (docs/serving.md "Limits at the door"): server/api/guard.py for HTTP, gRPC's
+    # channel arguments, server/api/auth.py for both.
+    max_connections: int = 4096  # open connections per listener (HTTP, gRPC); beyond, new ones are refused
+    max_body_bytes: int = 0  # an HTTP request body; 0: --max-message-bytes
+    http_header_timeout_s: float = (
+        10.0  # a request's headers, from its first byte (and a new connection's first byte)
+    )
+    http_body_timeout_s: float = 60.0  # a request's body, from the end of its headers
+    http_keepalive_timeout_s: float = 15.0  # an idle connection between requests
+    grpc_handshake_timeout_s: float = 10.0  # TLS and HTTP/2 set-up of a new connection
+    grpc_keepalive_time_s: float = 60.0  # the server pings a connection quiet for this long...
+    grpc_keepalive_timeout_s: float = 20.0  # ... and closes it when the ping is not answered within this
+    grpc_min_ping_interval_s: float = 10.0  # clients pinging more often get GOAWAY (too_many_pings)
+    grpc_max_connection_idle_s: float = 300.0  # a connection without calls this long is closed; 0: never
+    grpc_max_connection_age_s: float = 0.0  # any connection is closed (GOAWAY) at this age; 0: never
+    grpc_max_connection_age_grace_s: float = 30.0  # calls in flight at that age get this long to finish
+    grpc_max_concurrent_streams: int = 0  # calls at once on one connection; 0: --max-concurrent-rpcs's
+    auth_token_file: Path | None = None  # tokens that may call the inference and metadata APIs
+    admin_token_file: Path | None = None  # tokens that may also call the administrative APIs
+    auth_health: bool = False  # health and readiness need a token too
+    # Model control (server/runtime/manager.py): poll the repository, load it once, or explicit.
+    model_control_mode: str = "poll"
+    load_model: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
+    # No flag: the configs that repository loads gave models, which the supervisor of --workers
+    # hands a restarted worker so that it serves what the others serve. (name, JSON ModelConfig)
+    model_configs: tuple[tuple[str, str], ...] = ()
+    # Observability (docs/serving.md "Tracing", "Logs"): server/tracing.py, server/logs.py.
+    trace_config: tuple[str, ...] = ()  # Triton's --trace-config items; off without level=TIMESTAMPS
+    log_format: str = "text"  # text | json (stderr; the stdout event lines stay JSON)
+    access_log: bool = False  # one log line per inference request
+
+    def __post_init__(self) -> None:
+        # argparse and a worker's JSON give lists
+        object.__setattr__(self, "load_model", tuple(self.load_model or ()))
+        object.__setattr__(self, "model_configs", tuple(tuple(pair) for pair in self.model_configs or ()))
+        object.__setattr__(self, "trace_config", tuple(self.trace_config))
+        require(self.problems())
 
     @classmethod
     def from_args(
         cls, argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
     ) -> ServerConfig:
+        from server.flags import build_parser
+
         environ = os.environ if environ is None else environ
-        parser = build_parser(environ)
-        args = parser.parse_args(argv)
-        if args.repository is None:
-            parser.error(f"--repository is required (or set {ENV_PREFIX}REPOSITORY)")
-        cfg = cls(**{k: v for k, v in vars(args).items()})
-        problems = cfg.problems()
-        if problems:
-            parser.error("; ".join(problems))
-        return cfg
+        return parse_config(cls, build_parser(environ), argv)
 
     def problems(self) -> list[str]:
+        if self.repository is None:
+            return [f"--repository is required (or set {ENV_PREFIX}REPOSITORY)"]
         out = []
         if self.device not in DEVICES:
             out.append(f"--device must be one of {DEVICES}, got {self.device!r}")
@@ -87,7 +127,13 @@ class ServerConfig:
             out.append(
                 f"--cudnn-conv-algo-search must be one of {ALGO_SEARCHES}, got {self.cudnn_conv_algo_search!r}"
             )
-        for name in ("max_batch_size", "max_queue_size", "instances", "max_message_bytes"):
+        for name in (
+            "max_batch_size",
+            "max_queue_size",
+            "instances",
+            "max_message_bytes",
+            "max_connections",
+        ):
             if getattr(self, name) < 1:
                 out.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in (
@@ -96,6 +142,12 @@ class ServerConfig:
             "grace_s",
             "intra_op_threads",
             "max_concurrent_rpcs",
+            "max_body_bytes",
+            "grpc_max_concurrent_streams",
+            "cache_size_bytes",
+            "grpc_max_connection_idle_s",
+            "grpc_max_connection_age_s",
+            "grpc_max_connection_age_grace_s",
         ):
             if getattr(self, name) < 0:
                 out.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
@@ -108,7 +160,48 @@ class ServerConfig:
         except ValueError as e:
             out.append(str(e))
         out += self.http_tls_problems()
+        out += self.front_door_problems()
+        if self.model_control_mode not in MODEL_CONTROL_MODES:
+            out.append(
+                f"--model-control-mode must be one of {MODEL_CONTROL_MODES}, got {self.model_control_mode!r}"
+            )
+        elif self.load_model and self.model_control_mode != "explicit":
+            out.append("--load-model needs --model-control-mode explicit (the other modes load every model)")
+        out += parse_trace_config(self.trace_config)[1]
+        if self.log_format not in LOG_FORMATS:
+            out.append(f"--log-format must be one of {LOG_FORMATS}, got {self.log_format!r}")
         return out
+
+    @property
+    def trace_settings(self) -> TraceSettings:
+        return parse_trace_config(self.trace_config)[0]
+
+    def front_door_problems(self) -> list[str]:
+        out = []
+        for name in (
+            "http_header_timeout_s",
+            "http_body_timeout_s",
+            "http_keepalive_timeout_s",
+            "grpc_handshake_timeout_s",
+            "grpc_keepalive_time_s",
+            "grpc_keepalive_timeout_s",
+            "grpc_min_ping_interval_s",
+        ):
+            if not getattr(self, name) > 0:
+                out.append(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for flag, path in (
+            ("--auth-token-file", self.auth_token_file),
+            ("--admin-token-file", self.admin_token_file),
+        ):
+            if path is not None and not path.is_file():
+                out.append(f"{flag} {path} is not a readable file")
+        if self.auth_health and self.auth_token_file is None:
+            out.append("--auth-health needs --auth-token-file (the tokens health checks would send)")
+        return out
+
+    @property
+    def body_limit(self) -> int:
+        return self.max_body_bytes or self.max_message_bytes
 
     def http_tls_problems(self) -> list[str]:
         out = []
@@ -140,6 +233,12 @@ class ServerConfig:
         return parse_gpus(self.gpus)
 
     @property
+    def streams_per_connection(self) -> int:
+        # One connection may carry as many calls as the whole server admits, no more: beyond, its
+        # new streams are refused at the HTTP/2 layer (REFUSED_STREAM, which gRPC clients retry).
+        return self.grpc_max_concurrent_streams or self.concurrent_rpc_limit
+
+    @property
     def concurrent_rpc_limit(self) -> int:
         # Every admitted RPC holds at most one decoded message, so this bounds memory even when
         # clients send faster than the queues drain; the queue itself answers RESOURCE_EXHAUSTED
@@ -147,110 +246,9 @@ class ServerConfig:
         return self.max_concurrent_rpcs or max(1024, 8 * self.max_queue_size)
 
 
-def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cnn-serve",
-        description="gRPC and HTTP server for a model repository: dynamic batching on onnxruntime, "
-        "cnnstack.classifier.v1 + KServe v2 (gRPC and REST) + grpc.health.v1 + reflection, "
-        "Prometheus metrics.",
-        epilog=f"Every flag can be set by environment variable {ENV_PREFIX}<FLAG> "
-        f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=32); the command line wins.",
-    )
-    d = ServerConfig(repository=Path("."))
-
-    def add(flag: str, type_, default, help_: str, **kw) -> None:
-        dest = flag.lstrip("-").replace("-", "_")
-        env = ENV_PREFIX + dest.upper()
-        if env in environ:
-            try:
-                default = type_(environ[env])
-            except ValueError:
-                p.error(f"{env}={environ[env]!r} is not a valid {type_.__name__}")
-        p.add_argument(flag, type=type_, default=default, dest=dest, help=f"{help_} [env {env}]", **kw)
-
-    add(
-        "--repository",
-        Path,
-        None,
-        "model repository (Triton layout: NAME/config.pbtxt, NAME/<version>/model.onnx)",
-    )
-    add("--host", str, d.host, "address to bind (0.0.0.0 in containers)")
-    add("--port", int, d.port, "gRPC port; 0 picks a free one (printed in the 'listening' log line)")
-    add("--metrics-port", int, d.metrics_port, "Prometheus /metrics port; 0 picks a free one, -1 disables")
-    add(
-        "--device",
-        str,
-        d.device,
-        "onnxruntime execution provider: cuda fails start unless a convolution runs on every GPU in "
-        "--gpus, and refuses models with a convolution on the CPU; auto falls back to CPU and says why",
-        choices=DEVICES,
-    )
-    add(
-        "--gpus",
-        str,
-        d.gpus,
-        "CUDA devices for the instances, e.g. 0,1: each gets --instances instances "
-        "(a config.pbtxt instance_group may name its own among them)",
-    )
-    add(
-        "--cudnn-conv-algo-search",
-        str,
-        d.cudnn_conv_algo_search,
-        "how cuDNN picks convolution algorithms: HEURISTIC (no per-shape cost), EXHAUSTIVE (times every "
-        "algorithm once per new input shape; warm-up then runs every batch size at load)",
-        choices=ALGO_SEARCHES,
-    )
-    add("--max-batch-size", int, d.max_batch_size, "most images one model execution takes")
-    add(
-        "--max-queue-delay-ms",
-        float,
-        d.max_queue_delay_ms,
-        "under load, how long the oldest request may wait for a batch to fill",
-    )
-    add(
-        "--max-queue-size",
-        int,
-        d.max_queue_size,
-        "waiting requests per model version before RESOURCE_EXHAUSTED",
-    )
-    add("--instances", int, d.instances, "model instances (session + batcher + thread) per version")
-    add(
-        "--intra-op-threads",
-        int,
-        d.intra_op_threads,
-        "onnxruntime threads per instance; 0: cores / instances",
-    )
-    add(
-        "--inline-compute-us",
-        float,
-        d.inline_compute_us,
-        "batches that the load-time measurement says compute faster than this run on the event loop "
-        "(a thread hand-off costs about as much); 0: always use the instance's thread",
-    )
-    add("--poll-interval-s", float, d.poll_interval_s, "repository poll period; 0 disables (SIGHUP reloads)")
-    add("--grace-s", float, d.grace_s, "on SIGTERM, how long queued and in-flight calls may take to finish")
-    add("--max-message-bytes", int, d.max_message_bytes, "largest request or response message")
-    add(
-        "--max-concurrent-rpcs",
-        int,
-        d.max_concurrent_rpcs,
-        "RPCs handled at once; 0: max(1024, 8 * queue size)",
-    )
-    add("--log-level", str, d.log_level, "DEBUG, INFO, WARNING, ERROR")
-    add(
-        "--workers",
-        str,
-        d.workers,
-        "server processes sharing the gRPC port (SO_REUSEPORT: the kernel spreads connections over "
-        "them) under one supervisor with one /metrics; auto: one per usable core",
-    )
-    add_http_tls_flags(add, d)
-    return p
-
-
 def parse_workers(text: str) -> int:
     """``--workers``: "auto" (one per usable core) or an integer >= 1."""
-    from server.share import machine_cpus
+    from server.runtime.share import machine_cpus
 
     if text.strip().lower() == "auto":
         return machine_cpus()
@@ -261,22 +259,3 @@ def parse_workers(text: str) -> int:
     if n < 1:
         raise ValueError(f"--workers must be >= 1 or auto, got {text!r}")
     return n
-
-
-def add_http_tls_flags(add, d: ServerConfig) -> None:
-    add(
-        "--http-port",
-        int,
-        d.http_port,
-        "KServe v2 HTTP/REST (+ /v1/models/M:classify) port; 0 picks a free one, -1 disables",
-    )
-    add("--tls-cert", Path, None, "PEM certificate (chain) for TLS on gRPC and HTTP; needs --tls-key")
-    add(
-        "--tls-key", Path, None, "PEM private key of --tls-cert (keep it out of the image and the repository)"
-    )
-    add(
-        "--tls-client-ca",
-        Path,
-        None,
-        "PEM CA bundle: mutual TLS, clients without a certificate it signed are refused",
-    )

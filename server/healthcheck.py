@@ -1,6 +1,8 @@
-"""``python -m server.healthcheck --port 8001 [--service NAME] [--tls-ca CA [--tls-cert C --tls-key K]]``:
-exit 0 if grpc.health.v1 says SERVING (docker-compose healthcheck), 1 otherwise. With ``--tls-ca``
-(or ``--tls``: the system's CAs) it connects over TLS, presenting ``--tls-cert`` for mutual TLS."""
+"""``python -m server.healthcheck --port 8001 [--service NAME] [--tls-ca CA [--tls-cert C --tls-key K]]
+[--auth-token-file F]``: exit 0 if grpc.health.v1 says SERVING (docker-compose healthcheck), 1
+otherwise. With ``--tls-ca`` (or ``--tls``: the system's CAs) it connects over TLS, presenting
+``--tls-cert`` for mutual TLS; with ``--auth-token-file`` it sends the file's first token (needed
+only when the server runs with ``--auth-health``)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.tls import grpc_channel_credentials
+from server.tokens import TokenFileError, read_tokens
 
 
 def open_channel(args: argparse.Namespace) -> grpc.Channel:
@@ -34,13 +37,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--auth-token-file", type=Path, default=None, help="send its first token (server with --auth-health)"
+    )
     args = p.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
+    metadata = None
+    if args.auth_token_file is not None:
+        try:
+            metadata = [("authorization", f"Bearer {read_tokens(args.auth_token_file)[0].decode()}")]
+        except TokenFileError as e:
+            p.error(str(e))
     with open_channel(args) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout_s, metadata=metadata
             )
         except grpc.RpcError as e:
             print(f"unhealthy: {e.code().name}: {e.details()}", file=sys.stderr)

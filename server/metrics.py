@@ -10,7 +10,7 @@ missing series. The hot path talks to pre-resolved children (``VersionMetrics``)
 
 Under ``cnn-serve --workers N`` every worker writes its values to files in
 ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen by that variable at
-import) and the supervisor serves one ``/metrics`` over all of them (server.supervisor):
+import) and the supervisor serves one ``/metrics`` over all of them (server.scaleout.supervisor):
 counters and histograms are summed over the workers, dead ones included, so totals never go back;
 each gauge says how it combines (``multiprocess_mode``) and counts live workers only. The two
 gauges read through callables are written to the files by ``refresh_live_gauges``, which the
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +29,8 @@ from urllib.parse import urlparse
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import MetricsHandler
+
+from server.net import bind, bound_port
 
 # 100 us .. 10 s: from a small model's batch of 1 to a large model's batch behind a full queue.
 LATENCY_BUCKETS = (
@@ -99,6 +100,15 @@ class VersionMetrics:
         observe = self.queue_wait.observe  # type: ignore[attr-defined]
         for w in queue_waits:
             observe(w)
+
+
+@dataclass(frozen=True)
+class CacheMetrics:
+    """Pre-resolved response-cache counters of one (model, version) that uses the cache."""
+
+    hits: object
+    misses: object
+    evictions: object
 
 
 class ServerMetrics:
@@ -175,6 +185,46 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.connections_closed = Counter(
+            "cnn_connections_closed",
+            "Connections the server closed on a client: a time limit passed (header_timeout, body_timeout, "
+            "idle), a size limit (headers_too_large, body_too_large), or the open-connection cap "
+            "(over_connection_limit: refused at connect).",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "cnn_auth_failures",
+            "Calls refused by token authentication: no token (missing), an unknown one (invalid), or a "
+            "non-admin token on an administrative API (forbidden).",
+            ["protocol", "reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "cnn_cache_hits",
+            "Requests answered from the response cache (they skip the queue and the model).",
+            mv,
+            registry=r,
+        )
+        self.cache_misses = Counter(
+            "cnn_cache_misses",
+            "Requests of a model that uses the response cache not found there (run by the model).",
+            mv,
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "cnn_cache_evictions",
+            "Response-cache entries removed, least recently used first, to make room for new ones.",
+            mv,
+            registry=r,
+        )
+        # Workers: each has its own cache, so the bytes add up.
+        self.cache_bytes = Gauge(
+            "cnn_cache_bytes",
+            "Bytes the response cache holds: cached outputs plus a fixed overhead per entry.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.multiprocess = multiprocess_mode()
         self._live: dict[tuple[str, str], tuple[Callable[[], int], Callable[[], int] | None]] = {}
         self._info_labels: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -198,6 +248,15 @@ class ServerMetrics:
                 batch_size=self.batch_size.labels(model, version),
                 images=self.images.labels(model, version),
                 inflight=self.inflight.labels(model, version),
+            )
+
+    def cache_version(self, model: str, version: str) -> CacheMetrics:
+        """Create (at zero) the cache series of a version that uses the response cache."""
+        with self._lock:
+            return CacheMetrics(
+                hits=self.cache_hits.labels(model, version),
+                misses=self.cache_misses.labels(model, version),
+                evictions=self.cache_evictions.labels(model, version),
             )
 
     def version_loaded(
@@ -260,21 +319,28 @@ class ServerMetrics:
         self.server_info.labels(device, provider).set(1)
 
 
-def start_metrics_http(metrics: ServerMetrics, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
-    """Serve ``/metrics`` (and nothing else: 404) from a daemon thread; returns (server, bound port).
+class MetricsEndpoint:
+    """``/metrics`` (and nothing else: 404) for ``registry``, served from a daemon thread.
 
-    A thread, not the event loop: a scrape is answered even while the loop is saturated, which
-    is when the numbers matter. Only one path, so an HTTP probe pointed at the wrong port fails
-    instead of passing on the metrics page.
+    A thread, not the event loop: a scrape is answered even while the loop is saturated, which is
+    when the numbers matter. Only one path, so an HTTP probe pointed at the wrong port fails instead
+    of passing on the metrics page. The single server and the supervisor (its registry reads the
+    workers' files) both serve through this.
     """
-    handler = type("MetricsOnlyHandler", (_MetricsOnly,), {"registry": metrics.registry})
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    server_class = type(
-        "MetricsServer", (ThreadingHTTPServer,), {"address_family": family, "daemon_threads": True}
-    )
-    httpd = server_class((host, port), handler)
-    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
-    return httpd, int(httpd.server_address[1])
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        handler = type("MetricsOnlyHandler", (_MetricsOnly,), {"registry": registry})
+        sock = bind(host, port)
+        self._httpd = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+        self._httpd.socket.close()
+        self._httpd.socket = sock  # bound and listening already, as every port of the server
+        self._httpd.daemon_threads = True
+        self.port = bound_port(sock)
+        threading.Thread(target=self._httpd.serve_forever, name="metrics-http", daemon=True).start()
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
 
 
 class _MetricsOnly(MetricsHandler):

@@ -1,9 +1,9 @@
-"""docker-compose.yml and deploy/ agree with the code they deploy: files are parsed and configs
-built, nothing runs. The linters (docker-compose, promtool) skip only where the binary is missing."""
+"""docker-compose*.yml and deploy/ agree with the code they deploy: files are parsed and configs
+built, nothing runs (tests/deploy runs them). The linters (docker-compose, promtool) skip only where
+the binary is missing."""
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import re
@@ -12,128 +12,37 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 import pytest
-import yaml
 
 from cnnstack.contract import publish
 from exporter.config import parse_config
 from loadtest.config import parse_args as parse_loadtest
 from server.config import ENV_PREFIX, ServerConfig
+from tests.deploy.files import (
+    HERE,
+    ROOT,
+    SERVER_DOCKERFILE,
+    arg_defaults,
+    base_images,
+    container_ports,
+    context_copies,
+    dockerfile,
+    image,
+    lay_out_context,
+    load_yaml,
+    locate,
+    nodes,
+    pyproject,
+    run_user,
+    server_configs,
+    services,
+    stage,
+)
 from trainer.__main__ import build_parser as trainer_parser
 from trainer.presets import get_preset
 
-ROOT = Path(__file__).resolve().parents[1]
-HERE = PurePosixPath(".")
-
-
-@functools.cache
-def load_yaml(rel: str) -> Any:
-    # compose's ${VAR:-default} with every VAR unset
-    return yaml.safe_load(re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", (ROOT / rel).read_text()))
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return load_yaml("docker-compose.yml")["services"]
-
-
-def server_configs() -> dict[str, ServerConfig]:
-    """Every service running the server, with the config its environment gives it."""
-    out = {}
-    for name, svc in services().items():
-        env = {k: str(v) for k, v in svc.get("environment", {}).items()}
-        if any(k.startswith(ENV_PREFIX) for k in env):
-            out[name] = ServerConfig.from_args([], environ=env)
-    assert "server" in out
-    return out
-
-
-def container_ports(svc: dict[str, Any]) -> set[int]:
-    return {int(str(p).split(":")[-1].split("/")[0]) for p in svc.get("ports", [])}
-
-
-def locate(svc: dict[str, Any], path: object) -> tuple[str, PurePosixPath, bool]:
-    """(volume or host path, path inside it, read-only) of the mount holding ``path``."""
-    best = None
-    for spec in svc.get("volumes", []):
-        source, target, *mode = spec.split(":")
-        rel = PurePosixPath(str(path))
-        if rel.is_relative_to(target) and (best is None or len(target) > len(best[1])):
-            best = (source, target, rel.relative_to(target), "ro" in mode)
-    assert best is not None, f"{path} lies in no volume of {svc.get('image')}"
-    return best[0], best[2], best[3]
-
-
-def dockerfile(rel: str) -> list[list[tuple[str, str]]]:
-    """Stages of a Dockerfile, each a list of (INSTRUCTION, arguments)."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / rel).read_text())
-    stages: list[list[tuple[str, str]]] = []
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            instr, _, rest = line.strip().partition(" ")
-            if instr.upper() == "FROM":
-                stages.append([])
-            stages[-1].append((instr.upper(), rest.strip()))
-    return stages
-
-
-def image(svc: dict[str, Any]) -> tuple[str, dict[str, str]]:
-    """(Dockerfile, last value of each instruction in its final stage) of a service's image."""
-    built = {s["image"]: s["build"]["dockerfile"] for s in services().values() if "build" in s}
-    assert svc["image"] in built, f"image {svc['image']} is built by no service (compose would pull it)"
-    return built[svc["image"]], dict(dockerfile(built[svc["image"]])[-1])
-
-
-def run_user(svc: dict[str, Any]) -> str:
-    return str(svc.get("user") or image(svc)[1].get("USER", "0")).split(":")[0]
-
-
-def nodes(tree: Any) -> list[dict[str, Any]]:
-    """Every JSON object in ``tree``, depth first."""
-    out, todo = [], [tree]
-    while todo:
-        node = todo.pop()
-        out += [node] if isinstance(node, dict) else []
-        todo += node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
-    return out
-
-
-def pyproject(rel: str = "pyproject.toml") -> dict[str, Any]:
-    return pytest.importorskip("tomllib").loads((ROOT / rel).read_text())
-
-
-SERVER_DOCKERFILE = "deploy/server.Dockerfile"
 SERVER_PACKAGES = {"cnnstack", "server", "loadtest", "protos"}
-
-
-def context_copies(rel: str) -> list[tuple[list[str], str]]:
-    """(sources, destination) of every COPY from the build context (not ``--from``) of a Dockerfile."""
-    out = []
-    for stage in dockerfile(rel):
-        for instr, args in stage:
-            if instr == "COPY" and not args.startswith("--from"):
-                *sources, dest = args.split()
-                out.append((sources, dest))
-    return out
-
-
-def lay_out_context(rel: str, workdir: Path) -> None:
-    """The build stage's WORKDIR as the Dockerfile's COPYs fill it (Docker's rules for files/dirs)."""
-    for sources, dest in context_copies(rel):
-        target = workdir / dest
-        for src in sources:
-            path = ROOT / src
-            if path.is_dir():
-                shutil.copytree(
-                    path, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__")
-                )
-            elif dest.endswith("/") or len(sources) > 1:
-                target.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target / path.name)
-            else:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +89,19 @@ def run_tool(*argv: str) -> None:
     [
         ["docker-compose", "-f", "docker-compose.yml", "config", "-q"],
         ["docker-compose", "--profile", "scale", "--profile", "loadtest", "config", "-q"],
+        [
+            "docker-compose",
+            "-f",
+            "docker-compose.yml",
+            "-f",
+            "docker-compose.gpu.yml",
+            "--profile",
+            "scale",
+            "--profile",
+            "loadtest",
+            "config",
+            "-q",
+        ],
         ["promtool", "check", "config", "deploy/prometheus.yml"],
     ],
 )
@@ -187,23 +109,50 @@ def test_ci_lint(argv: list[str]) -> None:
     run_tool(*argv)
 
 
+def test_the_auth_override_lints_and_only_adds_the_token(tmp_path, monkeypatch) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-token\n")
+    monkeypatch.setenv("CNN_TOKENS", str(tokens))
+    run_tool(
+        *("docker-compose", "-f", "docker-compose.yml", "-f", "docker-compose.auth.yml"),
+        *("--profile", "scale", "--profile", "loadtest", "config", "-q"),
+    )
+    base, auth = load_yaml("docker-compose.yml")["services"], load_yaml("docker-compose.auth.yml")
+    file = "/run/secrets/" + next(iter(auth["secrets"]))
+    for name in ("server", "server-replica"):
+        assert auth["services"][name]["environment"] == {ENV_PREFIX + "AUTH_TOKEN_FILE": file}
+    # The load test's command is docker-compose.yml's, plus the token: the two cannot drift apart.
+    assert auth["services"]["loadtest"]["command"] == [
+        *base["loadtest"]["command"],
+        "--auth-token-file",
+        file,
+    ]
+    cfg = parse_loadtest(auth["services"]["loadtest"]["command"][:-2] + ["--auth-token-file", str(tokens)])
+    assert cfg.transport.auth_token == "a-token"
+
+
 def test_server_env_is_real_flags_and_ports_are_published() -> None:
     fields = set(ServerConfig.__dataclass_fields__)
-    for name, cfg in server_configs().items():
-        svc = services()[name]
-        for key in svc["environment"]:
-            assert key[len(ENV_PREFIX) :].lower() in fields, f"{name}: {key} is no server flag"
-        assert cfg.host == "0.0.0.0", f"{name} must listen on every interface to be reachable"
-        if svc.get("deploy", {}).get("replicas", 1) > 1:
-            assert "ports" not in svc, f"{name}: replicas cannot share one host port"
-        else:
-            assert container_ports(svc) == {cfg.port, cfg.metrics_port}
-        test = svc["healthcheck"]["test"]
-        assert importlib.util.find_spec(test[test.index("-m") + 1]) is not None
-        assert int(test[test.index("--port") + 1]) == cfg.port
-        assert int(svc["stop_grace_period"].rstrip("s")) > cfg.grace_s, "docker kills before the drain ends"
-        reservations = svc["deploy"]["resources"]["reservations"]
-        assert cfg.device == "cpu" or any("gpu" in d["capabilities"] for d in reservations["devices"])
+    for gpu in (False, True):
+        for name, cfg in server_configs(gpu).items():
+            svc = services(gpu)[name]
+            for key in svc["environment"]:
+                assert key[len(ENV_PREFIX) :].lower() in fields, f"{name}: {key} is no server flag"
+            assert cfg.host == "0.0.0.0", f"{name} must listen on every interface to be reachable"
+            if svc.get("deploy", {}).get("replicas", 1) > 1:
+                assert "ports" not in svc, f"{name}: replicas cannot share one host port"
+            else:
+                assert (
+                    container_ports(svc) == {cfg.http_port, cfg.port, cfg.metrics_port} == {8000, 8001, 8002}
+                )
+            test = svc["healthcheck"]["test"]
+            assert importlib.util.find_spec(test[test.index("-m") + 1]) is not None
+            assert int(test[test.index("--port") + 1]) == cfg.port
+            assert int(svc["stop_grace_period"].rstrip("s")) > cfg.grace_s, (
+                "docker kills before the drain ends"
+            )
+            devices = svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+            assert (cfg.device == "cuda") == gpu == any("gpu" in d["capabilities"] for d in devices), name
 
 
 def test_prometheus_and_envoy_reach_every_server() -> None:
@@ -286,23 +235,27 @@ def test_published_versions_are_readable_by_the_server(tmp_path: Path) -> None:
 
 def test_images_are_built_run_project_scripts_and_the_server_has_no_torch() -> None:
     scripts = pyproject()["project"]["scripts"]
-    for name, svc in services().items():
-        if "build" in svc:
-            assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
-        if svc.get("image", "").startswith("cnnstack-"):
-            final = image(svc)[1]  # built by a service of the file, not pulled
-            ep = (svc.get("entrypoint") or json.loads(final["ENTRYPOINT"]))[0]
-            assert ep in scripts, f"{name}: {ep} is no console script of the project"
-    server_image = [(i, a) for stage in dockerfile("deploy/server.Dockerfile") for i, a in stage]
+    for gpu in (False, True):
+        for name, svc in services(gpu).items():
+            if "build" in svc:
+                assert (ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]).is_file()
+            if svc.get("image", "").startswith("cnnstack-"):
+                final = image(svc, gpu)[1]  # built by a service of the file, not pulled
+                ep = (svc.get("entrypoint") or json.loads(final["ENTRYPOINT"]))[0]
+                assert ep in scripts, f"{name}: {ep} is no console script of the project"
+    server_image = [(i, a) for st in dockerfile(SERVER_DOCKERFILE) for i, a in st]
     for pkg in ("server", "loadtest", "protos"):  # cnn-serve, cnn-loadtest and their generated stubs
         assert ("COPY", f"{pkg} {pkg}") in server_image
-
-    serve = pyproject()["project"]["optional-dependencies"]["serve"]
-    assert not [r for r in serve if re.match(r"torch", r, re.I)]
+    optional = pyproject()["project"]["optional-dependencies"]
+    for extra in ("serve", "serve-gpu", "serve-libs"):
+        assert not [r for r in optional[extra] if re.match(r"torch", r, re.I)]
     pip = [a for i, a in server_image if i == "RUN" and "pip" in a]
-    assert any('".[serve]"' in a or "'.[serve]'" in a for a in pip)
-    extras = {e for a in pip for group in re.findall(r"\.\[([^\]]*)\]", a) for e in group.split(",")}
-    assert extras == {"serve"}
+    # The extra's dependencies, then the package alone (--no-deps) once the sources are copied.
+    assert [re.findall(r"\.\[([^\]]*)\]", a) for a in pip] == [["${SERVE_EXTRA}"], []]
+    assert "--no-deps" in pip[1] and pip[1].rstrip().endswith(" .")
+    assert arg_defaults(SERVER_DOCKERFILE)["SERVE_EXTRA"] == "serve"  # the CPU image by default
+    gpu_server = services(gpu=True)["server"]
+    assert gpu_server["build"]["args"] == {"SERVE_EXTRA": "serve-gpu"} and "-gpu:" in gpu_server["image"]
     assert not [a for a in pip if re.search(r"\btorch", a)]
 
 
@@ -313,7 +266,7 @@ def test_server_image_copies_no_trainer_or_exporter_file() -> None:
     assert not [
         s
         for s in sources
-        if s.parts[0] == "cnnstack" and s.parts[1:2] not in (("__init__.py",), ("contract",))
+        if s.parts[0] == "cnnstack" and s.parts[1:2] not in (("__init__.py",), ("cli.py",), ("contract",))
     ]
 
 
@@ -322,11 +275,12 @@ def test_server_image_installs_the_contract_server_loadtest_and_protos_only(
 ) -> None:
     files = [n for n in server_wheel.namelist() if ".dist-info/" not in n]
     assert {n.split("/")[0] for n in files} == SERVER_PACKAGES
-    assert "cnnstack/contract/__init__.py" in files
+    assert {"cnnstack/contract/__init__.py", "cnnstack/cli.py"} <= set(files)  # cli: every tool's config
     assert not [
         n
         for n in files
-        if n.startswith("cnnstack/") and not n.startswith(("cnnstack/__init__.py", "cnnstack/contract/"))
+        if n.startswith("cnnstack/")
+        and not n.startswith(("cnnstack/__init__.py", "cnnstack/cli.py", "cnnstack/contract/"))
     ]
 
 
@@ -350,10 +304,12 @@ def test_server_image_carries_every_module_the_server_imports(server_wheel: zipf
 
 def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: zipfile.ZipFile) -> None:
     ours, theirs = pyproject(), pyproject("deploy/server.pyproject.toml")
-    assert (
-        theirs["project"]["optional-dependencies"]["serve"]
-        == ours["project"]["optional-dependencies"]["serve"]
-    )
+    for extra in ("serve", "serve-gpu", "serve-libs"):  # the same, but for the distribution's own name
+        own = [
+            r.replace("cnnstack-server[", "cnnstack[")
+            for r in theirs["project"]["optional-dependencies"][extra]
+        ]
+        assert own == ours["project"]["optional-dependencies"][extra], extra
     scripts = wheel_scripts(server_wheel)
     assert scripts == {
         "cnn-serve": ours["project"]["scripts"]["cnn-serve"],
@@ -361,48 +317,117 @@ def test_server_image_scripts_are_the_checkouts_and_all_run_there(server_wheel: 
     }
     for target in scripts.values():
         assert target.split(":")[0].replace(".", "/") + ".py" in server_wheel.namelist()
-    for name, svc in services().items():
-        if svc.get("image") == "cnnstack-server:0.1.0":
-            ep = (svc.get("entrypoint") or json.loads(image(svc)[1]["ENTRYPOINT"]))[0]
-            assert ep in scripts, f"{name}: {ep} is not installed in the server image"
+    for gpu in (False, True):
+        for name, svc in services(gpu).items():
+            if svc.get("image", "").startswith("cnnstack-server"):
+                ep = (svc.get("entrypoint") or json.loads(image(svc, gpu)[1]["ENTRYPOINT"]))[0]
+                assert ep in scripts, f"{name}: {ep} is not installed in the server image"
 
 
 def test_a_gpu_deployment_asks_for_cuda_not_auto() -> None:
-    for name, cfg in server_configs().items():
-        devices = services()[name]["deploy"]["resources"]["reservations"]["devices"]
-        if any("gpu" in d["capabilities"] for d in devices):
-            assert cfg.device == "cuda", f"{name}: device {cfg.device} on a GPU could quietly serve on CPU"
-    assert trainer_parser().parse_args(services()["trainer"]["command"]).device == "cuda"
+    for name, cfg in server_configs(gpu=True).items():
+        devices = services(gpu=True)[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert any("gpu" in d["capabilities"] for d in devices)
+        assert cfg.device == "cuda", f"{name}: device {cfg.device} on a GPU could quietly serve on CPU"
+    assert trainer_parser().parse_args(services(gpu=True)["trainer"]["command"]).device == "cuda"
+    assert trainer_parser().parse_args(services()["trainer"]["command"]).device == "cpu"
     from packaging.requirements import Requirement
 
-    serve = [Requirement(r) for r in pyproject()["project"]["optional-dependencies"]["serve"]]
     linux = {"sys_platform": "linux", "platform_machine": "x86_64", "extra": ""}
-    (ort,) = [r for r in serve if r.name.startswith("onnxruntime") and r.marker and r.marker.evaluate(linux)]
-    assert ort.name == "onnxruntime-gpu" and ort.extras == {"cuda", "cudnn"}  # CUDA 13 + cuDNN 9 wheels
+    for extra, want in (
+        ("serve", ("onnxruntime", set())),
+        ("serve-gpu", ("onnxruntime-gpu", {"cuda", "cudnn"})),
+    ):
+        reqs = [Requirement(r) for r in pyproject()["project"]["optional-dependencies"][extra]]
+        (ort,) = [
+            r
+            for r in reqs
+            if r.name.startswith("onnxruntime") and (r.marker is None or r.marker.evaluate(linux))
+        ]
+        assert (ort.name, ort.extras) == want  # the GPU image: CUDA 13 + cuDNN 9 wheels; the CPU one: none
 
 
 EXACT_TAG = re.compile(r"[\w./-]+:v?\d+\.\d+\.\d+[\w.-]*")  # registry/name:1.2.3[-variant]
 
 
-def test_base_images_and_pulled_images_have_exact_tags() -> None:
+def test_base_images_are_build_args_and_every_image_has_an_exact_tag() -> None:
     for rel in ("deploy/server.Dockerfile", "deploy/trainer.Dockerfile"):
-        for stage in dockerfile(rel):
-            ref = stage[0][1].split()[0]
+        assert "PYTHON_BASE" in arg_defaults(rel), f"{rel}: the base image is a build ARG"
+        for ref in base_images(rel):
             assert EXACT_TAG.fullmatch(ref) and "latest" not in ref, f"{rel}: FROM {ref}"
-    for name, svc in services().items():
-        ref = svc.get("image", "")
-        if not ref.startswith("cnnstack-"):  # built here; everything else is pulled
-            assert EXACT_TAG.fullmatch(ref) and "latest" not in ref, f"{name}: image {ref}"
+    for gpu in (False, True):
+        for name, svc in services(gpu).items():
+            ref = svc.get("image", "")
+            if not ref.startswith("cnnstack-"):  # built here; everything else is pulled
+                assert EXACT_TAG.fullmatch(ref) and "latest" not in ref, f"{name}: image {ref}"
 
 
-def test_the_trainer_image_has_the_projects_cuda_torch_and_a_c_compiler() -> None:
-    (pin,) = [r for r in pyproject()["project"]["optional-dependencies"]["train"] if re.match(r"torch\b", r)]
-    final = dockerfile("deploy/trainer.Dockerfile")[-1]
-    runs = " ".join(a for i, a in final if i == "RUN")
-    assert re.search(rf"--index-url \S+ {re.escape(pin)}(\s|$)", runs), f"the image must install {pin}"
-    index = next(a for i, a in final if i == "ARG" and a.startswith("TORCH_INDEX_URL="))
-    assert re.fullmatch(r"TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cu\d+", index), index
-    assert re.search(r"apt-get install .*\bbuild-essential\b", runs), (
+def test_the_trainer_images_have_the_projects_torch_and_torchvision_and_cuda_a_c_compiler() -> None:
+    rel = "deploy/trainer.Dockerfile"
+    optional = pyproject()["project"]["optional-dependencies"]
+    (pin,) = [r for r in optional["train-libs"] if re.match(r"torch\b", r)]
+    (vision,) = optional["download"]
+    args = arg_defaults(rel)
+    assert args["TORCH"] == pin and args["TORCHVISION"] == vision.replace(".*", ".0"), "the project's pins"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"  # the CPU image by default
+    runs = " ".join(a for i, a in stage(rel, "build") if i == "RUN")  # the venv both targets copy
+    assert re.search(r'--index-url "\$\{TORCH_INDEX_URL\}"\s+\$\{TORCH\} \$\{TORCHVISION\}', runs)
+    assert "[train]" in runs
+    assert not [a for i, a in stage(rel, "cpu") if i == "RUN"], (
+        "the CPU image adds nothing to the copied venv"
+    )
+    cuda = services(gpu=True)["trainer"]["build"]
+    assert cuda["target"] == "cuda" and re.fullmatch(
+        r"https://download\.pytorch\.org/whl/cu\d+", cuda["args"]["TORCH_INDEX_URL"]
+    )
+    cuda_runs = " ".join(a for i, a in stage(rel, "cuda") if i == "RUN")
+    assert re.search(r"apt-get install .*\bbuild-essential\b", cuda_runs), (
         "torch.compile on CUDA (Triton) needs gcc"
     )
-    assert "[train]" in runs
+    assert services()["trainer"]["build"]["target"] == "cpu"
+
+
+IMAGES = [
+    ("deploy/server.Dockerfile", None),
+    ("deploy/trainer.Dockerfile", "cpu"),
+    ("deploy/trainer.Dockerfile", "cuda"),
+]
+
+
+@pytest.mark.parametrize(("rel", "target"), IMAGES)
+def test_images_copy_a_venv_run_as_65534_with_a_home_and_onnxruntime_telemetry_off(
+    rel: str, target: str | None
+) -> None:
+    final = stage(rel, target)
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(a for i, a in final if i == "ENV")))
+    assert dict(final)["USER"] == "65534:65534", f"{rel}: runs as root"
+    assert env["HOME"] == "/home/cnnstack" and env["PATH"].startswith("/opt/cnnstack/bin:")
+    # onnxruntime 1.31's documented opt-out: without it, it writes a device id under $HOME/.cache
+    # (and warns at every start where HOME is not writable) and uploads telemetry.
+    assert env["ORT_DISABLE_TELEMETRY"] == "1"
+    copies = [a for i, a in final if i == "COPY"]
+    assert "--from=build /opt/cnnstack /opt/cnnstack" in copies, (
+        f"{rel}: the venv is built in one stage, copied"
+    )
+    assert "--from=build --chown=65534:65534 /home/cnnstack /home/cnnstack" in copies
+    assert not [a for i, a in final if i == "RUN" and "pip" in a], (
+        f"{rel}: pip in the final image leaves dead layers"
+    )
+    for instr, args in [x for st in dockerfile(rel) for x in st]:
+        if instr == "RUN" and "pip install" in args:  # a CA bundle for pip as a secret, never in a layer
+            assert "--mount=type=secret,id=ca_bundle" in args and "PIP_CERT=/run/secrets/ca_bundle" in args
+
+
+def test_the_server_image_exposes_every_port_and_checks_its_health_through_the_cli() -> None:
+    final = dict(stage(SERVER_DOCKERFILE))
+    defaults = ServerConfig(repository=Path("/models"))
+    assert set(map(int, final["EXPOSE"].split())) == {
+        defaults.http_port,
+        defaults.port,
+        defaults.metrics_port,
+    }
+    check = final["HEALTHCHECK"].split("CMD", 1)[1].split()
+    assert check[:3] == ["python", "-m", "server.healthcheck"] and importlib.util.find_spec(check[2])
+    assert check[3:] == ["--port", f'"${{CNN_SERVE_PORT:-{defaults.port}}}"']
+    env = dict(re.findall(r"(\w+)=(\S+)", final["ENV"]))
+    assert env["CNN_SERVE_HOST"] == "0.0.0.0" and env["CNN_SERVE_REPOSITORY"] == "/models"

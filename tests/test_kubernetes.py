@@ -14,7 +14,7 @@ import pytest
 
 from exporter.config import parse_config
 from server.config import ENV_PREFIX, ServerConfig
-from server.supervisor import STOP_MARGIN_S
+from server.scaleout.supervisor import STOP_MARGIN_S
 from tests import kustomize
 from trainer.__main__ import build_parser as trainer_parser
 from trainer.presets import get_preset
@@ -308,9 +308,25 @@ def test_kserve_runtime_serves_the_repository_on_the_port_the_inferenceservice_n
 def test_the_http_port_the_manifests_probe_is_a_flag_of_the_server() -> None:
     assert ServerConfig(repository=Path(".")).http_port == HTTP_PORT
     # The probed paths are routes of the HTTP app (routes only: nothing is served).
-    from server.http_app import HttpApi
+    from server.api.http import build_app
+    from server.api.kserve.rest import KServeRest
 
-    api = HttpApi.__new__(HttpApi)
-    api.max_body_bytes = 1 << 20
-    routes = {r.resource.canonical for r in api.app().router.routes() if r.resource is not None}
+    app = build_app([KServeRest.__new__(KServeRest)], 1 << 20)
+    routes = {r.resource.canonical for r in app.router.routes() if r.resource is not None}
     assert {"/v2/health/ready", "/v2/health/live"} <= routes
+
+
+def test_the_auth_overlay_gives_the_server_its_tokens_from_a_secret_and_keeps_the_probes_open() -> None:
+    pod = one("auth", "Deployment", SERVER)["spec"]["template"]["spec"]
+    c = container(pod, "server")
+    token_file = env_of(c)[ENV_PREFIX + "AUTH_TOKEN_FILE"]
+    mount, volume = mount_of(pod, c, token_file)
+    assert mount["readOnly"] and volume["secret"]["secretName"] == "cnnstack-tokens"
+    assert Path(token_file).parent == Path(mount["mountPath"]) and Path(token_file).name == "tokens"
+    assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == 65534
+    # The probes stay on the open paths: a pod with tokens needs none to be ready or alive.
+    from server.tokens import OPEN, Tokens
+
+    assert Tokens().http_need(c["readinessProbe"]["httpGet"]["path"]) == OPEN
+    assert Tokens().http_need(c["livenessProbe"]["httpGet"]["path"]) == OPEN
+    assert c["startupProbe"]["grpc"].get("service", "") == ""  # grpc.health.v1: open

@@ -37,9 +37,22 @@ def project(rel: str = "pyproject.toml") -> dict:
 
 
 def requirements(rel: str, extra: str) -> list:
+    """The extra's requirements, the project's own extras it names followed (``cnnstack[serve-libs]``)."""
     from packaging.requirements import Requirement
 
-    return [Requirement(r) for r in project(rel)["project"]["optional-dependencies"][extra]]
+    meta = project(rel)["project"]
+    out, todo, seen = [], [extra], set()
+    while todo:
+        name = todo.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        for r in map(Requirement, meta["optional-dependencies"][name]):
+            if r.name == meta["name"]:
+                todo += sorted(r.extras)
+            else:
+                out.append(r)
+    return out
 
 
 def stub_versions() -> tuple[str, str]:
@@ -63,29 +76,112 @@ def test_requires_python_is_what_the_code_uses() -> None:
 
 
 @pytest.mark.parametrize("rel", PYPROJECTS)
-def test_serve_carries_only_what_the_server_imports(rel: str) -> None:
-    names = {r.name.lower() for r in requirements(rel, "serve")}
+@pytest.mark.parametrize("extra", ["serve", "serve-gpu"])
+def test_serve_carries_only_what_the_server_imports(rel: str, extra: str) -> None:
+    names = {r.name.lower() for r in requirements(rel, extra)}
     assert not names & set(NOT_IN_SERVE)
     assert {"grpcio", "protobuf", "prometheus-client", "numpy", "pillow"} <= names
     assert [r.name for r in requirements(rel, "plot")] == ["matplotlib"]
 
 
-@pytest.mark.parametrize("extra", ["serve", "train"])
-def test_exactly_one_onnxruntime_on_every_platform_the_gpu_wheel_where_it_exists(extra: str) -> None:
-    reqs = [r for r in requirements("pyproject.toml", extra) if r.name.startswith("onnxruntime")]
-    for (plat, machine), has_gpu in PLATFORMS.items():
-        env = {"sys_platform": plat, "platform_machine": machine, "extra": ""}
-        chosen = [r.name for r in reqs if r.marker is None or r.marker.evaluate(env)]
-        assert chosen == (["onnxruntime-gpu"] if has_gpu else ["onnxruntime"]), (plat, machine, chosen)
+RUNTIMES = {"onnxruntime", "onnxruntime-gpu"}  # both own the module onnxruntime: never both
+CPU_EXTRAS, GPU_EXTRAS = {"serve", "train"}, {"serve-gpu", "train-gpu"}
+
+
+def runtimes(rel: str, extras: set[str], platform: tuple[str, str]) -> list[str]:
+    """The onnxruntime distributions an install of ``extras`` resolves to on ``platform``."""
+    env = {"sys_platform": platform[0], "platform_machine": platform[1], "extra": ""}
+    chosen = {
+        r.name
+        for e in extras
+        for r in requirements(rel, e)
+        if r.name in RUNTIMES and (r.marker is None or r.marker.evaluate(env))
+    }
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("extra", sorted(CPU_EXTRAS | GPU_EXTRAS))
+def test_each_flavour_has_exactly_one_onnxruntime_on_every_platform(extra: str) -> None:
+    for platform, has_gpu_wheel in PLATFORMS.items():
+        want = ["onnxruntime-gpu"] if extra in GPU_EXTRAS and has_gpu_wheel else ["onnxruntime"]
+        assert runtimes("pyproject.toml", {extra}, platform) == want, (extra, platform)
+    gpu_linux = [r for r in requirements("pyproject.toml", extra) if r.name == "onnxruntime-gpu" and r.extras]
+    assert [sorted(r.extras) for r in gpu_linux] == ([["cuda", "cudnn"]] if extra in GPU_EXTRAS else [])
+
+
+def documented_installs() -> list[tuple[str, set[str]]]:
+    """(where, extras) of every install the project documents or runs: README and docs (``.[a,b]``,
+    ``cnnstack[a]``), .ci/setup's flavours, the Dockerfiles (their ARG default and every build arg
+    compose gives them)."""
+    out = []
+    for rel in ["README.md", *sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("docs/*.md"))]:
+        for group in re.findall(r"(?:\.|cnnstack)\[([a-z][a-z,-]*)\]", (ROOT / rel).read_text()):
+            out.append((rel, set(group.split(","))))
+    for group in re.findall(r"extras=([a-z,-]+)", (ROOT / ".ci/setup").read_text()):
+        out.append((".ci/setup", set(group.split(","))))
+    compose_args = [
+        svc.get("build", {}).get("args", {})
+        for f in ("docker-compose.yml", "docker-compose.gpu.yml")
+        for svc in yaml.safe_load((ROOT / f).read_text())["services"].values()
+        if isinstance(svc.get("build"), dict)
+    ]
+    for df in ROOT.glob("deploy/*.Dockerfile"):
+        text = df.read_text()
+        defaults = dict(re.findall(r"^ARG (\w+)=(\S*)", text, re.M))
+        for args in [{}, *compose_args]:
+            values = {**defaults, **args}
+            for group in re.findall(r"\.\[([^\]]+)\]", text):
+                group = re.sub(r"\$\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), group)  # noqa: B023
+                out.append((df.name, set(group.split(","))))
+    return out
+
+
+def test_no_documented_install_resolves_both_runtimes() -> None:
+    """Every install set the project documents or runs has one runtime on every platform: plain
+    onnxruntime where it names a CPU extra, onnxruntime-gpu (where PyPI has it) for a GPU extra."""
+    installs = documented_installs()
+    named = {e for _, extras in installs for e in extras}
+    assert {"serve", "serve-gpu", "train", "train-gpu"} <= named, named
+    for where, extras in installs:
+        extras = extras & set(project()["project"]["optional-dependencies"])
+        if not extras & (CPU_EXTRAS | GPU_EXTRAS):
+            continue  # [plot], [dev], [download]: no runtime of their own
+        assert not (extras & CPU_EXTRAS and extras & GPU_EXTRAS), (
+            f"{where}: {sorted(extras)} mixes the flavours"
+        )
+        for platform in PLATFORMS:
+            found = runtimes("pyproject.toml", extras, platform)
+            assert len(found) == 1, f"{where}: [{','.join(sorted(extras))}] on {platform} resolves {found}"
+
+
+def test_uv_refuses_every_mix_of_the_flavours() -> None:
+    declared = {frozenset(c["extra"] for c in pair) for pair in project()["tool"]["uv"]["conflicts"]}
+    assert declared == {frozenset({c, g}) for c in CPU_EXTRAS for g in GPU_EXTRAS}
+
+
+def test_this_environment_has_one_runtime_and_a_cpu_one_nothing_nvidia() -> None:
+    names = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    (runtime,) = names & RUNTIMES
+    if runtime == "onnxruntime":
+        assert not [n for n in names if n.startswith("nvidia-")], "the CPU flavour holds NVIDIA wheels"
 
 
 def test_onnxruntime_is_pinned_to_the_tested_minor() -> None:
-    installed = metadata.version("onnxruntime-gpu")
+    (installed,) = [metadata.version(n) for n in RUNTIMES if _installed(n)]
+    minor = ".".join(installed.split(".")[:2])
     for rel in PYPROJECTS:
-        for r in requirements(rel, "serve"):
-            if r.name.startswith("onnxruntime"):
-                minor = ".".join(installed.split(".")[:2])
-                assert str(r.specifier) == f"=={minor}.*" and r.specifier.contains(installed)
+        for extra in ("serve", "serve-gpu"):
+            for r in requirements(rel, extra):
+                if r.name in RUNTIMES:
+                    assert str(r.specifier) == f"=={minor}.*" and r.specifier.contains(installed)
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def test_grpc_and_protobuf_lower_bounds_are_what_the_stubs_require() -> None:
@@ -119,10 +215,17 @@ def test_every_cap_says_why(rel: str) -> None:
 def image_refs() -> list[tuple[str, str]]:
     """(where, image) for every image compose, the Dockerfiles and the Kubernetes manifests name."""
     out = []
-    compose = yaml.safe_load(re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", (ROOT / "docker-compose.yml").read_text()))
-    out += [("docker-compose.yml", s["image"]) for s in compose["services"].values() if "image" in s]
+    for f in ("docker-compose.yml", "docker-compose.gpu.yml"):
+        compose = yaml.safe_load(re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", (ROOT / f).read_text()))
+        out += [(f, s["image"]) for s in compose["services"].values() if "image" in s]
     for df in ROOT.glob("deploy/*.Dockerfile"):
-        out += [(df.name, m) for m in re.findall(r"^FROM\s+(\S+)", df.read_text(), re.M)]
+        text = df.read_text()
+        defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))  # a base image is a build ARG
+        stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", text, re.M | re.I))
+        for ref in re.findall(r"^FROM\s+(\S+)", text, re.M):
+            ref = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], ref)  # noqa: B023
+            if ref not in stages:
+                out.append((df.name, ref))
     from tests import kustomize
 
     for k in ROOT.glob("deploy/kubernetes/*/kustomization.yaml"):  # as kustomize tags them
@@ -170,9 +273,10 @@ def sources(dst: Path) -> Path:
     return dst
 
 
-def closure(requires: list[str], extra: str) -> dict[str, metadata.Distribution]:
+def closure(requires: list[str], extra: str, own: str = "cnnstack") -> dict[str, metadata.Distribution]:
     """Installed distributions these requirements pull in (markers evaluated here, the extras each
-    requirement asks for followed), recursively."""
+    requirement asks for followed), recursively; the project's own extras (``cnnstack[serve-libs]``)
+    are followed in ``requires``, the project itself is not one of them."""
     from packaging.requirements import Requirement
 
     found: dict[str, metadata.Distribution] = {}
@@ -183,6 +287,9 @@ def closure(requires: list[str], extra: str) -> dict[str, metadata.Distribution]
         if req.marker is not None and not any(req.marker.evaluate({"extra": e}) for e in extras):
             continue
         key = req.name.lower().replace("_", "-")
+        if key == own:
+            todo += [(r, set(req.extras)) for r in requires]
+            continue
         if key in found:
             continue
         dist = metadata.distribution(req.name)

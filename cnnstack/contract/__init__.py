@@ -20,6 +20,7 @@ from cnnstack.contract.config import (
     add_tensors,
     model_config,
     parse_config,
+    parse_config_json,
     render_config,
 )
 from cnnstack.contract.files import atomic_write, atomic_write_bytes, atomic_write_text, json_text
@@ -114,6 +115,7 @@ __all__ = [
     "meta_from_props",
     "model_config",
     "parse_config",
+    "parse_config_json",
     "publish",
     "read_report",
     "render_config",

@@ -8,7 +8,7 @@ class name a line), Triton's classification extension (``class_count``) answers
 
 from __future__ import annotations
 
-from google.protobuf import text_format
+from google.protobuf import json_format, text_format
 
 from cnnstack.contract.model import INPUT_NAME, OUTPUT_NAMES
 from protos.inference import model_config_pb2 as mc
@@ -69,6 +69,21 @@ def parse_config(text: str, source: str = CONFIG_FILE) -> mc.ModelConfig:
         text_format.Parse(text, config, allow_unknown_field=True)
     except text_format.ParseError as e:
         raise RepositoryError(f"{source}: not a valid ModelConfig in protobuf text format: {e}") from e
+    return _checked(config, source)
+
+
+def parse_config_json(text: str, source: str) -> mc.ModelConfig:
+    """A ModelConfig in protobuf's JSON form (what a KServe v2 repository load's ``config``
+    parameter carries), checked as config.pbtxt is."""
+    config = mc.ModelConfig()
+    try:
+        json_format.Parse(text, config, ignore_unknown_fields=True)
+    except json_format.ParseError as e:
+        raise RepositoryError(f"{source}: not a valid ModelConfig in JSON: {e}") from e
+    return _checked(config, source)
+
+
+def _checked(config: mc.ModelConfig, source: str) -> mc.ModelConfig:
     if config.platform and config.platform != PLATFORM:
         raise RepositoryError(
             f"{source}: platform {config.platform!r} is not served here (only {PLATFORM!r})"

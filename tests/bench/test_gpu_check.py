@@ -98,7 +98,9 @@ def gpu_run(out: Path, acc: float = 0.953, best_ips: float = 25_000.0, conv_on_c
         if conv_on_cpu
         else "62 nodes on CUDAExecutionProvider"
     )
-    (out / "logs" / "serve-cuda.log").write_text(f"2026 INFO server.served: /r/model.onnx: {placement}\n")
+    (out / "logs" / "serve-cuda.log").write_text(
+        f"2026 INFO server.runtime.version: /r/model.onnx: {placement}\n"
+    )
     head = "mode,load,images_per_s,p50_ms,p99_ms,errors\n"
     (out / "loadtest-x1.csv").write_text(
         head + "closed,1,900,1.1,1.5,0\nclosed,64,9000,7,9,0\nclosed,256,9500,27,30,0\n"

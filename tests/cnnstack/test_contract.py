@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import text_format
 
+from cnnstack import version
 from cnnstack.contract import (
     LABELS_FILE,
     CheckResult,
@@ -44,7 +45,7 @@ def test_model_meta_round_trips_through_the_checkpoint_dict_and_onnx_props() -> 
 
 
 def test_provenance_round_trips_and_unknown_accuracy_is_nan() -> None:
-    made = Provenance("fp16", None, "unavailable", "ab" * 32, "0.1.0", "dynamo", "2.13", "1.23")
+    made = Provenance("fp16", None, "unavailable", "ab" * 32, version(), "dynamo", "2.13", "1.23")
     props = made.to_onnx_props()
     assert props["test_accuracy"] == "nan"
     assert Provenance.from_onnx_props(props) == made
@@ -67,7 +68,7 @@ def test_config_is_written_and_read_through_model_config() -> None:
 def _report() -> ExportReport:
     signature = ModelSignature.of(META)
     model = ModelSection(signature, META.dataset, META.class_names, {"in_channels": 1}, 61706)
-    return ExportReport(False, "lenet", SourceRef("/r/best.pt", "00", 3), model, {"exporter": "0.1.0"}, {})
+    return ExportReport(False, "lenet", SourceRef("/r/best.pt", "00", 3), model, {"exporter": version()}, {})
 
 
 def test_export_report_leaves_out_the_stages_not_reached() -> None:

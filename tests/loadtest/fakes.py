@@ -17,9 +17,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -35,9 +36,13 @@ FAKE_SHAPE = (1, 8, 8)
 class Behaviour:
     delay_s: float = 0.0
     stall_until: float = 0.0  # perf_counter instant: requests wait until then
-    # Every request whose arrival number n (1-based) has n % every == 0 fails with code.
+    # Every request whose arrival number n (1-based) has n % every == 0 fails with code, and so
+    # does every request with fail_from <= n < fail_until.
     fail_every: int = 0
+    fail_from: int = 0
+    fail_until: int = 0
     fail_code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED
+    capacity: int = 0  # > 0: at most this many requests served at once (each delay_s), the rest wait
     received: int = 0
     answered: Counter = field(default_factory=Counter)  # status code name -> count
     arrivals: list[float] = field(default_factory=list)
@@ -45,11 +50,20 @@ class Behaviour:
     inflight: int = 0
     max_inflight: int = 0
     peers: Counter = field(default_factory=Counter)  # client connection ("ipv4:IP:PORT") -> requests
+    metadata: list[dict[str, str]] = field(default_factory=list)  # per Classify: what the call carried
+    listing_metadata: list[dict[str, str]] = field(default_factory=list)  # per ListModels
+
+
+def carried(metadata: object) -> dict[str, str]:
+    """The headers the load tester may add (authorization, traceparent), as they arrived."""
+    pairs: Iterable[tuple[str, str]] = metadata or ()  # type: ignore[assignment]
+    return {k: v for k, v in pairs if k in ("authorization", "traceparent")}
 
 
 class FakeClassifier(pb_grpc.ClassifierServicer):
     def __init__(self, b: Behaviour) -> None:
         self.b = b
+        self._slots: asyncio.Semaphore | None = None
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
@@ -71,14 +85,19 @@ class FakeClassifier(pb_grpc.ClassifierServicer):
         b.arrivals.append(time.perf_counter())
         b.last_request = request
         b.peers[context.peer()] += 1
+        b.metadata.append(carried(context.invocation_metadata()))
         if request.model != FAKE_MODEL:
             b.answered["NOT_FOUND"] += 1
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no model {request.model!r}")
         if (wait := b.stall_until - time.perf_counter()) > 0:
             await asyncio.sleep(wait)
-        if b.delay_s:
+        if b.capacity:
+            self._slots = self._slots or asyncio.Semaphore(b.capacity)
+            async with self._slots:
+                await asyncio.sleep(b.delay_s)
+        elif b.delay_s:
             await asyncio.sleep(b.delay_s)
-        if b.fail_every and n % b.fail_every == 0:
+        if (b.fail_every and n % b.fail_every == 0) or b.fail_from <= n < b.fail_until:
             b.answered[b.fail_code.name] += 1
             await context.abort(b.fail_code, "injected")
         b.answered["OK"] += 1
@@ -91,6 +110,7 @@ class FakeClassifier(pb_grpc.ClassifierServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
+        self.b.listing_metadata.append(carried(context.invocation_metadata()))
         d = pb.ModelDescription(
             name=FAKE_MODEL, version=1, versions=[1], input_shape=list(FAKE_SHAPE), max_batch_size=8
         )
@@ -135,6 +155,73 @@ def fake_server() -> Iterator[FakeServer]:
         yield FakeServer(box["port"], behaviour)
     finally:
         asyncio.run_coroutine_threadsafe(box["server"].stop(0), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@dataclass
+class FakeHttpServer:
+    """A KServe v2 REST server for model ``fake`` (JSON replies), recording what each request carried."""
+
+    port: int
+    infer_headers: list[dict[str, str]] = field(default_factory=list)
+    metadata_headers: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def _http_app(rec: FakeHttpServer) -> Any:
+    from aiohttp import web
+
+    def heard(request: web.Request) -> dict[str, str]:
+        return carried((k.lower(), v) for k, v in request.headers.items())
+
+    async def metadata(request: web.Request) -> web.Response:
+        rec.metadata_headers.append(heard(request))
+        inputs = [{"name": "input", "datatype": "FP32", "shape": [-1, *FAKE_SHAPE]}]
+        return web.json_response(
+            {"name": FAKE_MODEL, "inputs": inputs, "outputs": [{"name": "probabilities"}]}
+        )
+
+    async def infer(request: web.Request) -> web.Response:
+        rec.infer_headers.append(heard(request))
+        body = await request.read()
+        doc = json.loads(body[: int(request.headers.get("Inference-Header-Content-Length", len(body)))])
+        n = doc["inputs"][0]["shape"][0]
+        out = {"name": "probabilities", "datatype": "FP32", "shape": [n, 3], "data": [0.0] * (3 * n)}
+        return web.json_response({"model_name": FAKE_MODEL, "outputs": [out]})
+
+    app = web.Application()
+    app.router.add_get(f"/v2/models/{FAKE_MODEL}", metadata)
+    app.router.add_post(f"/v2/models/{FAKE_MODEL}/infer", infer)
+    return app
+
+
+@pytest.fixture
+def fake_http_server() -> Iterator[FakeHttpServer]:
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    rec = FakeHttpServer(0)
+
+    async def start() -> web.AppRunner:
+        runner = web.AppRunner(_http_app(rec))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        rec.port = runner.addresses[0][1]
+        return runner
+
+    runner = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield rec
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import grpc
 import pytest
 
 from loadtest.__main__ import main
@@ -253,3 +254,80 @@ def test_plot_without_matplotlib_is_refused_before_the_sweep(
         parse_args(["--target", "h:1", "--model", "m", "--plot", "p.png"])
     assert e.value.code == 2
     assert "cnnstack[plot]" in capsys.readouterr().err
+
+
+def test_errors_outside_the_reported_windows_are_in_the_table_json_and_stderr(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Requests 2..12 fail (request 1 is the pre-flight one): the first of the step, deep in its 1 s
+    # warm-up at c=4, long before the measured windows, which see no error at all.
+    b = fake_server.behaviour
+    b.delay_s, b.fail_from, b.fail_until, b.fail_code = 0.002, 2, 13, grpc.StatusCode.UNAVAILABLE
+    out = tmp_path / "r.json"
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--concurrency", "4", "--warmup", "1"]
+    assert main([*argv, "--window", "0.3", "--duration", "0.9", "--out", str(out)]) == 0
+    (step,) = json.loads(out.read_text())["steps"]
+    assert step["errors_total"] == {"UNAVAILABLE": 11} and step["errors"] == {}
+    assert step["warnings"] == [
+        f"c=4: 11 of {step['sent']} requests failed (UNAVAILABLE=11); latency and throughput count answered requests only"
+    ]
+    captured = capsys.readouterr()
+    (row,) = [line for line in captured.out.splitlines() if line.strip().startswith("c=4")]
+    assert row.endswith("UNAVAILABLE=11") and "errors (whole step)" in captured.out
+    assert f"warning: {step['warnings'][0]}" in captured.err
+
+
+def test_open_loop_reports_service_time_beside_the_schedule_based_latency(
+    fake_server: FakeServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake_server.behaviour.delay_s = 0.003
+    out, table = tmp_path / "r.json", tmp_path / "r.csv"
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, "--request-rate", "100", *FAST[:-1]]
+    assert main([*argv, "--out", str(out), "--csv", str(table)]) == 0
+    (step,) = json.loads(out.read_text())["steps"]
+    lat, svc = step["latency_ms"], step["service_ms"]
+    assert step["distribution"] == "poisson"
+    # The same requests, timed from the actual send: never longer than from the schedule.
+    for key in ("p50_ms", "p99_ms", "max_ms"):
+        assert 3.0 <= svc[key] <= lat[key]
+    lines = capsys.readouterr().out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.strip().startswith("r=100/s"))
+    assert lines[i + 1].strip().startswith("from send")
+    (row,) = csv.DictReader(table.open())
+    assert float(row["service_p50_ms"]) == pytest.approx(svc["p50_ms"], abs=1e-3)
+
+
+@pytest.mark.parametrize("distribution", ["constant", "replay"])
+def test_constant_and_replayed_schedules_offer_their_rate(
+    fake_server: FakeServer, tmp_path: Path, distribution: str
+) -> None:
+    out, gaps = tmp_path / "r.json", tmp_path / "gaps.txt"
+    gaps.write_text("# ms between sends, cycled\n5\n15\n")  # 100/s on average
+    flags = ["--request-intervals", str(gaps)] if distribution == "replay" else ["--request-rate", "100"]
+    flags += ["--distribution", "constant"] if distribution == "constant" else []
+    argv = ["--target", fake_server.target, "--model", FAKE_MODEL, *flags, "--processes", "2"]
+    argv += ["--warmup", "0.2", "--window", "0.5", "--duration", "2", "--stability-windows", "100"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (step,) = doc["steps"]
+    assert doc["distribution"] == step["distribution"] == distribution
+    assert step["mode"] == "open" and step["load"] == pytest.approx(100.0)
+    # Both processes together send the one schedule: 100/s, 50 sends in every 0.5 s window.
+    assert step["sent"] == step["ok"] and step["requests_per_s"] == pytest.approx(100.0, rel=0.2)
+
+
+def test_send_lag_warning_names_a_client_behind_its_schedule() -> None:
+    from loadtest import report
+    from loadtest.stats import latency_summary
+    from tests.loadtest.test_search import step
+
+    lag = {"p50_ms": 0.2, "p99_ms": 6.0, "max_ms": 9.0}
+    # Timer jitter in the tail is not falling behind: the typical request left on time.
+    on_time = step(100.0, 20.0, mode="open", send_lag_ms=lag, service_ms=latency_summary([0.0198] * 10))
+    assert report.warnings(on_time) == []
+    late = step(100.0, 20.0, mode="open", send_lag_ms=lag, service_ms=latency_summary([0.014] * 10))
+    (warning,) = report.warnings(late)
+    assert warning.startswith(
+        "r=100/s: the client fell behind its schedule: its requests typically left 6.0 ms late"
+    )
+    assert "--processes" in warning

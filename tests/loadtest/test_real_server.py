@@ -114,3 +114,38 @@ def test_kserve_api_against_the_real_server(real_server: RealServer, tmp_path: P
     (step,) = json.loads(out.read_text())["steps"]
     assert step["sent"] == step["ok"] == 100 and step["errors_total"] == {}
     assert step["server"]["requests_ok"] == 100
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_a_token_file_shared_with_cnn_serve_opens_its_authenticated_apis(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one file for the server and the load tester\nload-tester-token\nanother-client\n")
+    data, tm = tiny_model(input_shape=SHAPE, class_names=CLASSES, arch="tiny", dataset="synthetic")
+    publish(tmp_path / "repo", "tiny", 1, data, tm.meta)
+    server = RunningServer(server_config(tmp_path / "repo", max_batch_size=8, auth_token_file=tokens))
+    try:
+        port = server.target if protocol == "grpc" else f"127.0.0.1:{server.handle.http_port}"
+        argv = ["--target", port, "--model", "tiny", "--api", "kserve", "--protocol", protocol]
+        argv += [
+            "--concurrency",
+            "2",
+            "--max-requests",
+            "20",
+            "--duration",
+            "5",
+            "--window",
+            "0.5",
+            "--quiet",
+        ]
+        out = tmp_path / "r.json"
+        assert main([*argv, "--auth-token-file", str(tokens), "--traceparent", "1", "--out", str(out)]) == 0
+        (step,) = json.loads(out.read_text())["steps"]
+        assert step["sent"] == step["ok"] == 20 and step["errors_total"] == {}
+        # Without the token the server refuses the discovery call: one line, exit 1.
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert ("UNAUTHENTICATED" in err or "HTTP 401" in err) and "load-tester-token" not in err
+    finally:
+        server.stop(1.0)

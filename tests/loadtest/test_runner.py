@@ -163,3 +163,22 @@ def test_open_loop_counts_requests_it_could_not_send_as_client_overload(fake_ser
     assert r.sent == r.ok + r.errors_total["CLIENT_OVERLOAD"]
     assert r.errors_total["CLIENT_OVERLOAD"] > 3 * r.ok
     assert fake_server.behaviour.received == r.ok
+
+
+def test_open_loop_latency_counts_from_the_schedule_and_service_time_from_the_send() -> None:
+    import asyncio
+
+    from loadtest.runner import _one, _Recorder
+
+    async def call(payload: bytes, timeout: float | None = None) -> bytes:
+        await asyncio.sleep(0.01)
+        return b""
+
+    rec = _Recorder(1, open_loop=True)
+    due = time.perf_counter() - 0.3  # this request leaves 300 ms after its scheduled time
+    asyncio.run(_one(call, b"", due, 1.0, rec))
+    assert rec.service is not None and rec.service[0] >= 0.01
+    assert rec.lats[0] - rec.service[0] >= 0.3  # the wait to be sent is latency, not service time
+    closed = _Recorder(1)
+    asyncio.run(_one(call, b"", None, 1.0, closed))
+    assert closed.service is None and closed.lats[0] >= 0.01  # closed loop: from the send (no due)

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from loadtest.runner import StepSpec, poisson_schedule
+from loadtest.runner import StepSpec
+from loadtest.schedule import poisson_schedule
 from loadtest.stats import Window, is_stable, latency_summary, percentile
 
 
@@ -78,3 +79,10 @@ def test_load_is_shared_among_processes() -> None:
     shares = [open_spec.share(i, 2) for i in range(2)]
     assert [s.load for s in shares] == [150.0, 150.0]
     assert shares[0].seed != shares[1].seed  # independent arrival processes
+
+
+def test_latency_summary_adds_an_slos_percentile() -> None:
+    lats = [i / 1000 for i in range(1, 1001)]  # 1..1000 ms
+    s = latency_summary(lats, (99.9, 99.0))
+    assert s["p99.9_ms"] == pytest.approx(999.0) and s["p99_ms"] == pytest.approx(990.0)
+    assert set(s) == {"p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99.9_ms", "max_ms", "mean_ms"}

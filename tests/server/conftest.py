@@ -44,6 +44,20 @@ def tiny_server(repo, start_server) -> tuple[RunningServer, TinyModel]:
     return start_server(server_config(root)), tm
 
 
+@pytest.fixture(scope="module")
+def bad_input_server(tmp_path_factory) -> Iterator[RunningServer]:
+    """One server per module for the bad-input matrix (tests/server/bad_inputs.py): model "tiny",
+    max batch MAX_BATCH, --max-message-bytes MAX_MESSAGE."""
+    from tests.server.bad_inputs import MAX_BATCH, MAX_MESSAGE
+
+    root = tmp_path_factory.mktemp("bad") / "repo"
+    data, tm = tiny_model()
+    publish(root, "tiny", 1, data, tm.meta)
+    s = RunningServer(server_config(root, max_batch_size=MAX_BATCH, max_message_bytes=MAX_MESSAGE))
+    yield s
+    s.stop(1.0)
+
+
 @pytest.fixture
 def spawn():
     """``spawn(*args, **kw) -> ServerProcess`` (launched, see cnnstack.serverproc); killed at teardown."""

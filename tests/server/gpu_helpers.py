@@ -75,7 +75,7 @@ def reference(model: bytes, x: np.ndarray) -> np.ndarray:
 @functools.cache
 def why_no_cuda_provider() -> str | None:
     """None when a convolution runs on GPU 0 through onnxruntime's CUDA provider; else what is missing."""
-    from server.cuda import preload_libraries, probe_gpu
+    from server.runtime.cuda import preload_libraries, probe_gpu
 
     preload_libraries()
     reason = probe_gpu(0)

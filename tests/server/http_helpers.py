@@ -61,6 +61,24 @@ def binary_body(header: dict, raws: list[bytes]) -> tuple[bytes, dict[str, str]]
     return head + b"".join(raws), {HEADER_LENGTH: str(len(head)), "Content-Type": "application/octet-stream"}
 
 
+def binary_infer_body(x: np.ndarray, binary_outputs: bool = False) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 infer of ``x`` (N, C, H, W) as a binary tensor; outputs as JSON, or every one
+    ("probabilities" when asked for alone) in binary too."""
+    header: dict = {
+        "inputs": [
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": list(x.shape),
+                "parameters": {"binary_data_size": x.nbytes},
+            }
+        ]
+    }
+    if binary_outputs:
+        header["outputs"] = [{"name": "probabilities", "parameters": {"binary_data": True}}]
+    return binary_body(header, [np.ascontiguousarray(x, "<f4").tobytes()])
+
+
 def infer_path(model: str, version: str = "") -> str:
     return f"/v2/models/{model}" + (f"/versions/{version}" if version else "") + "/infer"
 

@@ -1,4 +1,4 @@
-"""The batcher on a bare asyncio.Queue with a fake model: batch formation, max delay, idle fast
+"""The batcher on a bare request queue with a fake model: batch formation, max delay, idle fast
 path, error isolation, backpressure, deadline and cancellation drops, draining on STOP."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import grpc
 import numpy as np
 import pytest
 
-from server.batcher import STOP, Batcher, submit
 from server.errors import ServeError
+from server.runtime.batcher import Batcher
+from server.runtime.queue import QueuePolicy, RequestQueue
 
 
 class FakeModel:
@@ -42,12 +43,22 @@ def image(value: float, n: int = 1) -> np.ndarray:
     return np.full((n, 1, 2, 2), value, dtype=np.float32)  # (n, C, H, W)
 
 
+def new_queue(maxsize: int = 10_000) -> RequestQueue:
+    return RequestQueue(QueuePolicy.simple(maxsize))
+
+
+def submit(
+    q: RequestQueue, x: np.ndarray, deadline: float | None = None, what: str = "input"
+) -> asyncio.Future:
+    return q.submit(x, deadline, what)
+
+
 def run(coro, timeout: float = 20):
     return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 async def start(
-    model: FakeModel, queue: asyncio.Queue, **kw
+    model: FakeModel, queue: RequestQueue, **kw
 ) -> tuple[Batcher, asyncio.Task, ThreadPoolExecutor]:
     ex = ThreadPoolExecutor(1)
     kw.setdefault("max_batch_size", 4)
@@ -56,15 +67,15 @@ async def start(
     return b, asyncio.create_task(b.run()), ex
 
 
-async def stop(queue: asyncio.Queue, task: asyncio.Task, ex: ThreadPoolExecutor) -> None:
-    await queue.put(STOP)
+async def stop(queue: RequestQueue, task: asyncio.Task, ex: ThreadPoolExecutor) -> None:
+    queue.put_stop()
     await asyncio.wait_for(task, 10)
     ex.shutdown()
 
 
 def test_batches_fill_to_max_images_and_each_request_gets_its_own_slice() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         futs = [submit(q, image(i)) for i in range(10)]  # queued before the batcher starts
         b, task, ex = await start(model, q, max_batch_size=4)
@@ -81,7 +92,7 @@ def test_batches_fill_to_max_images_and_each_request_gets_its_own_slice() -> Non
 
 def test_requests_are_never_split_across_batches() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         futs = [submit(q, image(v, n)) for v, n in ((1, 3), (2, 3), (3, 1), (4, 2))]
         b, task, ex = await start(model, q, max_batch_size=4)
@@ -97,7 +108,7 @@ def test_requests_are_never_split_across_batches() -> None:
 
 def test_under_load_a_batch_waits_for_more_until_the_oldest_waited_max_delay() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -111,30 +122,32 @@ def test_under_load_a_batch_waits_for_more_until_the_oldest_waited_max_delay() -
         return model, elapsed
 
     model, elapsed = run(main())
+    # One batch of three, run once the oldest had waited the delay (a batch that waited for ever
+    # would hang the test; a busy machine only makes the wait longer, so only the lower bound).
     assert model.batches == [3]
-    assert 0.28 <= elapsed < 1.5
+    assert elapsed >= 0.28
 
 
 def test_a_full_batch_runs_without_waiting_for_the_delay() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         loop = asyncio.get_running_loop()
         futs = [submit(q, image(i)) for i in range(4)]
         t0 = loop.time()
-        b, task, ex = await start(model, q, max_batch_size=4, max_delay_s=5.0)
+        b, task, ex = await start(model, q, max_batch_size=4, max_delay_s=120.0)
         await asyncio.gather(*futs)
         elapsed = loop.time() - t0
         await stop(q, task, ex)
         return model, elapsed
 
-    model, elapsed = run(main())
-    assert model.batches == [4] and elapsed < 1.0
+    model, elapsed = run(main(), timeout=100)
+    assert model.batches == [4] and elapsed < 60  # far from the 120 s delay, however busy the machine
 
 
 def test_idle_fast_path_runs_a_lone_request_at_once() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=2.0)
         loop = asyncio.get_running_loop()
@@ -153,7 +166,7 @@ def test_idle_fast_path_runs_a_lone_request_at_once() -> None:
 
 def test_one_bad_request_fails_alone_and_its_batch_mates_succeed() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         futs = [submit(q, image(1)), submit(q, image(-1)), submit(q, image(3))]
         b, task, ex = await start(model, q, max_batch_size=8)
@@ -173,7 +186,7 @@ def test_one_bad_request_fails_alone_and_its_batch_mates_succeed() -> None:
 
 def test_nan_or_inf_images_fail_their_own_request_before_the_model_sees_them() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         bad = image(2, n=2)
         bad[1, 0, 1, 0] = np.nan  # second image of a 2-image request
@@ -206,22 +219,21 @@ def test_nan_or_inf_images_fail_their_own_request_before_the_model_sees_them() -
 
 def test_full_queue_rejects_at_once_with_resource_exhausted() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue(maxsize=2)
+        q = new_queue(2)
         submit(q, image(1))
         submit(q, image(2))
-        t0 = time.perf_counter()
         with pytest.raises(ServeError) as info:
-            submit(q, image(3))
-        return info.value, time.perf_counter() - t0, q.qsize()
+            submit(q, image(3))  # synchronous: the caller learns it without waiting for the queue
+        return info.value, q.qsize()
 
-    err, elapsed, depth = run(main())
+    err, depth = run(main())
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry" in err.message
-    assert elapsed < 0.05 and depth == 2  # rejected immediately, nothing queued beyond the bound
+    assert depth == 2  # nothing queued beyond the bound
 
 
 def test_expired_and_cancelled_requests_are_dropped_before_inference() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel(delay_s=0.3)
         loop = asyncio.get_running_loop()
         b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.0)
@@ -243,10 +255,10 @@ def test_expired_and_cancelled_requests_are_dropped_before_inference() -> None:
 
 def test_stop_answers_everything_queued_before_it() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel(delay_s=0.01)
         futs = [submit(q, image(i)) for i in range(7)]
-        await q.put(STOP)
+        q.put_stop()
         b, task, ex = await start(model, q, max_batch_size=2)
         await asyncio.wait_for(task, 10)
         ex.shutdown()
@@ -258,7 +270,7 @@ def test_stop_answers_everything_queued_before_it() -> None:
 
 def test_only_idle_lone_requests_cheaper_than_a_thread_hop_run_inline() -> None:
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         model = FakeModel()
         b, task, ex = await start(model, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=2)
         await submit(q, image(1, n=2))  # idle, within the limit: inline
@@ -277,7 +289,7 @@ def test_inline_runs_use_their_own_batch_function() -> None:
     """The server gives inline runs a single-threaded onnxruntime session; the thread the others."""
 
     async def main():
-        q: asyncio.Queue = asyncio.Queue()
+        q = new_queue()
         threaded, solo = FakeModel(), FakeModel()
         b, task, ex = await start(
             threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1, run_inline=solo
@@ -293,7 +305,7 @@ def test_inline_runs_use_their_own_batch_function() -> None:
 
 
 def test_inline_limit_from_load_time_measurements() -> None:
-    from server.served import _inline_limit
+    from server.runtime.loader import _inline_limit
 
     lenet = {1: 20e-6, 64: 800e-6}  # ~12.4 us per extra image
     assert _inline_limit(lenet, 64, 100e-6) == 7
@@ -303,7 +315,7 @@ def test_inline_limit_from_load_time_measurements() -> None:
 
 
 def test_top_k_orders_by_probability_on_every_path() -> None:
-    from server.postprocess import top_k
+    from server.runtime.postprocess import top_k
 
     probs = np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]], dtype=np.float32)
     assert top_k(probs[:1], 1) == ([[1]], [[pytest.approx(0.6)]])

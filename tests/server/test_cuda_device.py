@@ -15,21 +15,24 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from cnnstack.cli import ConfigError
 from cnnstack.contract import RepositoryError, scan_repository
 from protos.inference import model_config_pb2 as mc
-from server import cuda
-from server.batcher import STOP, Batcher, batch_sizes, submit
 from server.config import ServerConfig
-from server.devices import instance_devices, instance_groups
-from server.placement import (
+from server.runtime import cuda
+from server.runtime.batcher import Batcher, batch_sizes
+from server.runtime.cuda import CPU, CUDA, DeviceError
+from server.runtime.devices import instance_devices, instance_groups
+from server.runtime.loader import ServingSettings, load_version, warmup_batch_sizes
+from server.runtime.placement import (
     RECORD_KEY,
     conv_placement_problem,
     describe,
     profiled_placement,
     recorded_placement,
 )
-from server.runtime import CPU, CUDA, DeviceError, create_session, session_options
-from server.served import ServingSettings, load_version, warmup_batch_sizes
+from server.runtime.queue import QueuePolicy, RequestQueue
+from server.runtime.sessions import create_session, session_options
 from tests.server.gpu_helpers import conv_model
 from tests.server.helpers import publish
 
@@ -118,17 +121,40 @@ def test_the_probe_says_what_is_wrong(tmp_path, wrong: dict, expected: str) -> N
         assert "has no libonnxruntime_providers_cuda.so" in reason  # the fake has no capi/ folder
 
 
-def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(tmp_path, caplog) -> None:
+def test_resolve_device_cuda_raises_auto_falls_back_and_every_gpu_is_probed(
+    tmp_path, caplog, monkeypatch
+) -> None:
+    monkeypatch.setattr(cuda, "driver_error", lambda: None)  # as on a host with the NVIDIA driver
     assert cuda.resolve_device("cuda", (0, 1), ort_module=FakeOrt(tmp_path)) == CUDA
     broken = FakeOrt(tmp_path, fail_on=1)
     with pytest.raises(
         DeviceError, match=r"--device cuda: .*GPU 1 .*invalid device ordinal 1.*--device auto"
     ):
         cuda.resolve_device("cuda", (0, 1), ort_module=broken)
-    with caplog.at_level(logging.WARNING, logger="server.cuda"):
+    with caplog.at_level(logging.WARNING, logger="server.runtime.cuda"):
         assert cuda.resolve_device("auto", (0, 1), ort_module=broken) == CPU
-    assert "device auto: using CPU, because" in caplog.text and "GPU 1" in caplog.text
+    assert "device auto: serving on CPU, because" in caplog.text and "GPU 1" in caplog.text
     assert cuda.resolve_device("cpu", ort_module=broken) == CPU
+
+
+@pytest.mark.parametrize("cpu_build", [True, False])
+def test_where_cuda_cannot_be_tried_nothing_is_preloaded_or_probed(
+    tmp_path, caplog, monkeypatch, cpu_build: bool
+) -> None:
+    """The CPU install (no CUDA provider), or the GPU install on a host without the NVIDIA driver:
+    one plain line says why auto serves on CPU; no preload, no CUDA session; cuda fails with it."""
+    fake = FakeOrt(tmp_path, available=[CPU] if cpu_build else [CUDA, CPU])
+    fake.preload_dlls = lambda: pytest.fail("preloaded NVIDIA libraries")
+    monkeypatch.setattr(cuda, "pip_library_dirs", lambda: [tmp_path])  # as if NVIDIA wheels were here
+    monkeypatch.setattr(cuda, "driver_error", lambda: None if cpu_build else "libcuda.so.1: cannot open")
+    expected = "is the CPU build, without the CUDA execution provider" if cpu_build else "no NVIDIA driver"
+    with caplog.at_level(logging.INFO, logger="server.runtime.cuda"):
+        assert cuda.resolve_device("auto", (0,), ort_module=fake) == CPU
+    (record,) = [r for r in caplog.records if r.name == "server.runtime.cuda"]
+    assert record.levelno == logging.INFO and "device auto: serving on CPU, because" in record.message
+    assert expected in record.message and fake.sessions == []
+    with pytest.raises(DeviceError, match=f"--device cuda: .*{expected}"):
+        cuda.resolve_device("cuda", (0,), ort_module=fake)
 
 
 def test_preloading_keeps_onnxruntimes_prints_off_stdout(tmp_path, monkeypatch, capsys) -> None:
@@ -190,12 +216,14 @@ def test_a_cuda_server_refuses_or_reports_a_model_with_a_convolution_on_cpu(
     tmp_path, monkeypatch, caplog, strict: bool
 ) -> None:
     """The rule at load: the sessions are real CPU ones posing as CUDA (no GPU here)."""
-    import server.runtime
-    import server.served
+    import server.runtime.loader
+    import server.runtime.sessions
 
-    real = server.runtime.create_session
-    monkeypatch.setattr(server.runtime, "create_session", lambda path, provider, *a: real(path, CPU, 1))
-    monkeypatch.setattr(server.served, "warmup_batch_sizes", lambda m, p: [1, m])  # CPU-fast warm-up
+    real = server.runtime.sessions.create_session
+    monkeypatch.setattr(
+        server.runtime.sessions, "create_session", lambda path, provider, *a: real(path, CPU, 1)
+    )
+    monkeypatch.setattr(server.runtime.loader, "warmup_batch_sizes", lambda m, p: [1, m])  # CPU-fast warm-up
     model, meta = conv_model()
     publish(tmp_path, "conv", 1, model, meta)
     rm = scan_repository(tmp_path)["conv"]
@@ -206,7 +234,7 @@ def test_a_cuda_server_refuses_or_reports_a_model_with_a_convolution_on_cpu(
         ):
             load_version("conv", rm.config, rm.versions[1], s)
         return
-    with caplog.at_level(logging.INFO, logger="server.served"):
+    with caplog.at_level(logging.INFO, logger="server.runtime.loader"):
         loaded = load_version("conv", rm.config, rm.versions[1], s)
     assert (
         "not on CUDAExecutionProvider" in caplog.text and "serving it anyway (--device auto)" in caplog.text
@@ -227,7 +255,7 @@ def test_warm_up_covers_every_batch_size_the_batcher_produces() -> None:
         return [x]
 
     async def drive() -> None:
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = RequestQueue(QueuePolicy.simple(10_000))
         with ThreadPoolExecutor(1) as ex:
             task = asyncio.create_task(
                 Batcher(queue, run_batch, ex, max_batch_size=max_batch, max_delay_s=0.002).run()
@@ -235,11 +263,11 @@ def test_warm_up_covers_every_batch_size_the_batcher_produces() -> None:
             rng = random.Random(0)
             for _ in range(40):
                 futures = [
-                    submit(queue, np.zeros((rng.randint(1, max_batch), 1, 1, 1), np.float32))
+                    queue.submit(np.zeros((rng.randint(1, max_batch), 1, 1, 1), np.float32))
                     for _ in range(rng.randint(1, 6))
                 ]
                 await asyncio.gather(*futures)
-            await queue.put(STOP)
+            queue.put_stop()
             await task
 
     asyncio.run(drive())
@@ -289,6 +317,7 @@ def test_gpu_flags_and_their_env_vars() -> None:
     )
     assert env.gpu_ids == (2,) and env.device == "cuda" and env.cudnn_conv_algo_search == "HEURISTIC"
     for bad in ("0,0", "-1", "a", ""):
-        assert ServerConfig(repository=Path("."), gpus=bad).problems(), bad
+        with pytest.raises(ConfigError, match="--gpus"):
+            ServerConfig(repository=Path("."), gpus=bad)
     with pytest.raises(SystemExit):
         ServerConfig.from_args(["--repository", ".", "--cudnn-conv-algo-search", "FAST"], {})

@@ -30,6 +30,7 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # What the exit message names: a library the loader cannot load, or the missing provider itself.
 MISSING = re.compile(
     r"lib[\w+-]+\.so\.\d+ (?:\(the NVIDIA driver\) )?cannot be loaded|no CUDAExecutionProvider"
+    r"|no NVIDIA driver: libcuda\.so\.1|the CPU build, without the CUDA execution provider"
 )
 
 
@@ -135,8 +136,7 @@ def test_device_cuda_without_cuda_exits_2_naming_what_is_missing(conv_repo, spaw
     server = spawn("--repository", str(conv_repo[0]), "--metrics-port", "-1", "--device", "cuda")
     assert server.exit_code() == 2
     (line,) = [ln for ln in server.log().splitlines() if "cannot start:" in ln]
-    assert "--device cuda: the CUDA execution provider did not" in line or "no CUDAExecutionProvider" in line
-    assert MISSING.search(line), line
+    assert "--device cuda: " in line and MISSING.search(line), line
     assert line.rstrip().endswith("use --device auto to fall back to CPU")
     assert server.events == []  # no listening line: nothing was bound
 
@@ -148,7 +148,7 @@ def test_device_auto_without_cuda_says_why_and_serves_on_the_cpu(conv_repo, spaw
     assert listening["provider"] == CPU and listening["models"] == [
         {"name": "conv", "versions": [1], "provider": CPU}
     ]
-    (line,) = [ln for ln in server.log().splitlines() if "device auto: using CPU, because" in ln]
+    (line,) = [ln for ln in server.log().splitlines() if "device auto: serving on CPU, because" in ln]
     assert MISSING.search(line), line
     metrics = urllib.request.urlopen(
         f"http://127.0.0.1:{listening['metrics_port']}/metrics", timeout=10

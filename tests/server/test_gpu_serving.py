@@ -10,8 +10,9 @@ import pytest
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from protos.inference import model_config_pb2 as mc
-from server.placement import conv_placement_problem
-from server.runtime import CUDA, node_placement
+from server.runtime.cuda import CUDA
+from server.runtime.placement import conv_placement_problem
+from server.runtime.sessions import node_placement
 from tests.server.gpu_helpers import conv_model, reference, why_no_cuda_provider
 from tests.server.helpers import publish, server_config
 

@@ -1,6 +1,6 @@
-"""The gRPC bad-input matrix over REST: every case gets the HTTP status of its gRPC verdict and the
-same message, as JSON ``{"error": ...}``, with binary and with JSON tensors; REST's own format
-errors are 400; the server keeps serving and counts the rejections under protocol="http"."""
+"""REST's own format errors (the shared matrix over every wire is test_bad_input.py): each is a 400
+naming what was wrong, as JSON ``{"error": ...}``; the server keeps serving and counts the
+rejections under protocol="http"."""
 
 from __future__ import annotations
 
@@ -10,14 +10,12 @@ import grpc
 import numpy as np
 import pytest
 
-from server.errors import http_status
-from tests.server.bad_inputs import CLASSIFY_CASES, KSERVE_CASES, MAX_BATCH, MAX_MESSAGE, classify, kserve
-from tests.server.helpers import RunningServer, publish, server_config, tiny_model
+from tests.server.bad_inputs import kserve
+from tests.server.helpers import RunningServer
 from tests.server.http_helpers import (
     HEADER_LENGTH,
     Reply,
     binary_body,
-    classify_as_rest,
     classify_path,
     infer_path,
     kserve_as_rest,
@@ -26,25 +24,6 @@ from tests.server.http_helpers import (
 
 pytestmark = pytest.mark.integration
 
-# Where REST carries the same request differently, its message says so in REST's terms.
-REST_MESSAGES = {
-    ("classify", "wrong byte count"): "750 values, expected 784",
-    ("json", "wrong byte count"): "25 data values, expected 784",
-    ("classify", "over the size limit"): "byte limit",
-}
-# A body over --max-message-bytes is 413 over HTTP (gRPC: RESOURCE_EXHAUSTED from grpc-core).
-REST_STATUS = {("classify", "over the size limit"): 413}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bad-http") / "repo"
-    data, tm = tiny_model()
-    publish(root, "tiny", 1, data, tm.meta)
-    s = RunningServer(server_config(root, max_batch_size=MAX_BATCH, max_message_bytes=MAX_MESSAGE))
-    yield s
-    s.stop(1.0)
-
 
 def assert_error(reply: Reply, status: int, message: str) -> None:
     assert reply.status == status, reply.body[:500]
@@ -52,33 +31,9 @@ def assert_error(reply: Reply, status: int, message: str) -> None:
     assert message in reply.json()["error"]
 
 
-def still_serving(server: RunningServer) -> None:
+def still_serving(bad_input_server: RunningServer) -> None:
     path, body, headers = kserve_as_rest(kserve(), binary=True)
-    reply = request(server.http_url + path, body, headers)
-    # Binary inputs, no output asked for in binary: every output comes back as JSON data.
-    assert reply.status == 200 and HEADER_LENGTH not in reply.headers
-    assert [o["name"] for o in reply.json()["outputs"]] == ["logits", "probabilities"]
-
-
-@pytest.mark.parametrize("encoding", ["binary", "json"])
-@pytest.mark.parametrize("case", list(KSERVE_CASES))
-def test_v2_infer_rejects_like_grpc(server, case: str, encoding: str) -> None:
-    req, code, message = KSERVE_CASES[case]
-    path, body, headers = kserve_as_rest(req, binary=encoding == "binary")
-    reply = request(server.http_url + path, body, headers)
-    assert_error(reply, http_status(code), REST_MESSAGES.get((encoding, case), message))
-    still_serving(server)
-
-
-@pytest.mark.parametrize("case", list(CLASSIFY_CASES))
-def test_classify_rejects_like_grpc(server, case: str) -> None:
-    req, code, message = CLASSIFY_CASES[case]
-    path, body, headers = classify_as_rest(req)
-    reply = request(server.http_url + path, body, headers)
-    status = REST_STATUS.get(("classify", case), http_status(code))
-    assert_error(reply, status, REST_MESSAGES.get(("classify", case), message))
-    ok = request(server.http_url + classify_path("tiny"), *classify_as_rest(classify())[1:])
-    assert ok.status == 200 and len(ok.json()["results"]) == 1
+    assert request(bad_input_server.http_url + path, body, headers).status == 200
 
 
 def _good_input() -> dict:
@@ -126,6 +81,14 @@ FORMAT_CASES = {
         {},
         "classification must be between 1 and 10",
     ),
+    "JSON nested 100000 deep": (b"[" * 100_000 + b"]" * 100_000, {}, "nests deeper than 32 levels"),
+    "data nested 1000 deep": (
+        json.dumps({"inputs": [{**_good_input(), "data": [[[[0.5]]]]}]})
+        .encode()
+        .replace(b"[[[[0.5]]]]", b"[" * 1000 + b"0.5" + b"]" * 1000),
+        {},
+        "nests deeper than 32 levels",
+    ),
     "nested data of the wrong size": (
         json.dumps({"inputs": [{**_good_input(), "data": [[0.5] * 28] * 27}]}).encode(),
         {},
@@ -135,32 +98,36 @@ FORMAT_CASES = {
 
 
 @pytest.mark.parametrize("case", list(FORMAT_CASES))
-def test_v2_infer_format_errors_are_400(server, case: str) -> None:
+def test_v2_infer_format_errors_are_400(bad_input_server, case: str) -> None:
     body, headers, message = FORMAT_CASES[case]
-    assert_error(request(server.http_url + infer_path("tiny"), body, headers), 400, message)
-    still_serving(server)
+    assert_error(request(bad_input_server.http_url + infer_path("tiny"), body, headers), 400, message)
+    still_serving(bad_input_server)
 
 
-def test_a_bad_body_for_an_unknown_model_is_404_as_over_grpc(server) -> None:
-    assert_error(request(server.http_url + infer_path("nope"), b"{nope"), 404, "'nope' is not loaded")
+def test_a_bad_body_for_an_unknown_model_is_404_as_over_grpc(bad_input_server) -> None:
+    assert_error(
+        request(bad_input_server.http_url + infer_path("nope"), b"{nope"), 404, "'nope' is not loaded"
+    )
 
 
-def test_classify_body_that_is_no_image(server) -> None:
+def test_classify_body_that_is_no_image(bad_input_server) -> None:
     headers = {"Content-Type": "image/png"}
-    reply = request(server.http_url + classify_path("tiny"), b"GIF89a not really", headers)
+    reply = request(bad_input_server.http_url + classify_path("tiny"), b"GIF89a not really", headers)
     assert_error(reply, 400, "cannot decode as PNG or JPEG")
-    reply = request(server.http_url + classify_path("tiny") + "?top_k=x", b"...", headers)
+    reply = request(bad_input_server.http_url + classify_path("tiny") + "?top_k=x", b"...", headers)
     assert_error(reply, 400, "top_k must be an integer")
 
 
-def test_unknown_routes_and_methods_are_json_errors(server) -> None:
-    assert_error(request(server.http_url + "/v2/nothing/here"), 404, "Not Found")
-    assert_error(request(server.http_url + "/v2/models/tiny/infer"), 405, "Method Not Allowed")
-    assert_error(request(server.http_url + "/v2/models/tiny/versions/x/ready"), 400, "positive integer")
+def test_unknown_routes_and_methods_are_json_errors(bad_input_server) -> None:
+    assert_error(request(bad_input_server.http_url + "/v2/nothing/here"), 404, "Not Found")
+    assert_error(request(bad_input_server.http_url + "/v2/models/tiny/infer"), 405, "Method Not Allowed")
+    assert_error(
+        request(bad_input_server.http_url + "/v2/models/tiny/versions/x/ready"), 400, "positive integer"
+    )
 
 
-def test_rest_rejections_are_counted_under_http(server) -> None:
-    registry = server.handle.metrics.registry
+def test_rest_rejections_are_counted_under_http(bad_input_server) -> None:
+    registry = bad_input_server.handle.metrics.registry
 
     def count(model: str, code: grpc.StatusCode) -> float:
         labels = {
@@ -175,8 +142,8 @@ def test_rest_rejections_are_counted_under_http(server) -> None:
     codes = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OK)
     before = [count("", codes[0]), count("tiny", codes[1]), count("tiny", codes[2])]
     for body, model in ((b"{}", "nope"), (b"{nope", "tiny"), (b"[]", "tiny")):
-        request(server.http_url + infer_path(model), body)
-    still_serving(server)
+        request(bad_input_server.http_url + infer_path(model), body)
+    still_serving(bad_input_server)
     after = [count("", codes[0]), count("tiny", codes[1]), count("tiny", codes[2])]
     # A format error for a known model counts under that model, as its tensor errors do.
     assert [a - b for a, b in zip(after, before, strict=True)] == [1, 2, 1]

@@ -1,90 +1,29 @@
-"""HTTP under pressure and at shutdown: more concurrent requests than the queue holds get 503 at
-once while every admitted one succeeds; on shutdown, HTTP readiness turns 503 together with
-grpc.health.v1 NOT_SERVING, new requests get 503 (Connection: close) and the request in flight
-still gets its answer."""
+"""HTTP at shutdown: HTTP readiness turns 503 together with grpc.health.v1 NOT_SERVING, new
+requests get 503 (Connection: close) and the request in flight still gets its answer. (Overload
+over HTTP is tests/server/test_overload.py, beside gRPC's.)"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
 import time
 from concurrent.futures import Future
 
-import aiohttp
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.server.helpers import publish, server_config, tiny_model
-from tests.server.http_helpers import binary_body, infer_path, request
+from tests.server.http_helpers import binary_infer_body, infer_path, request
 
 pytestmark = pytest.mark.integration
 
-CONCURRENT = 64
-QUEUE = 4
-
 
 def infer_body(n: int = 1) -> tuple[bytes, dict[str, str]]:
-    x = np.random.default_rng(0).random((n, 1, 28, 28), dtype=np.float32)
-    header = {
-        "inputs": [
-            {
-                "name": "input",
-                "datatype": "FP32",
-                "shape": list(x.shape),
-                "parameters": {"binary_data_size": x.nbytes},
-            }
-        ],
-        "outputs": [{"name": "probabilities", "parameters": {"binary_data": True}}],
-    }
-    return binary_body(header, [x.tobytes()])
-
-
-async def _burst(url: str, body: bytes, headers: dict[str, str], n: int) -> list[tuple[int, str, float]]:
-    """``n`` requests at once; (status, error or "", seconds from the burst start) of each."""
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        start = time.perf_counter()
-
-        async def one() -> tuple[int, str, float]:
-            timeout = aiohttp.ClientTimeout(total=60)
-            async with session.post(url, data=body, headers=headers, timeout=timeout) as r:
-                payload = await r.read()
-                error = json.loads(payload)["error"] if r.status != 200 else ""
-                return r.status, error, time.perf_counter() - start
-
-        return await asyncio.gather(*(one() for _ in range(n)))
-
-
-def test_overload_over_http_is_503_at_once_and_admitted_requests_succeed(tmp_path, start_server) -> None:
-    root = tmp_path / "repo"
-    data, tm = tiny_model(hidden=300, width=1024)  # slow enough per image for the queue to fill
-    publish(root, "slow", 1, data, tm.meta)
-    server = start_server(server_config(root, max_batch_size=1, max_queue_size=QUEUE))
-    url = server.http_url + infer_path("slow")
-    body, headers = infer_body()
-    assert request(url, body, headers).status == 200  # model warm
-    results = asyncio.run(_burst(url, body, headers, CONCURRENT))
-    ok = [t for status, _, t in results if status == 200]
-    rejected = [(t, error) for status, error, t in results if status == 503]
-    assert len(ok) + len(rejected) == CONCURRENT  # nothing else: no 500, no timeouts
-    # The whole queue is admitted; one more only if the batcher took a request off it before the
-    # burst filled it, a race the burst may win (then exactly QUEUE are admitted).
-    assert len(ok) >= QUEUE and len(rejected) >= CONCURRENT // 2
-    assert all("overloaded" in error for _, error in rejected)
-    assert np.median([t for t, _ in rejected]) < np.median(ok)  # answered at once, not in turn
-    assert server.handle.state.admitted_failed == 0
-    assert request(url, body, headers).status == 200  # still serving normally
-    # Counted as over gRPC, under protocol="http".
-    labels = {
-        "rpc": "ModelInfer",
-        "protocol": "http",
-        "model": "slow",
-        "version": "1",
-        "code": "RESOURCE_EXHAUSTED",
-    }
-    assert server.handle.metrics.registry.get_sample_value("cnn_requests_total", labels) == len(rejected)
+    return binary_infer_body(
+        np.random.default_rng(0).random((n, 1, 28, 28), dtype=np.float32), binary_outputs=True
+    )
 
 
 def grpc_health(target: str) -> int:

@@ -114,7 +114,7 @@ def test_new_version_swaps_in_under_load_with_zero_failed_calls(tmp_path, start_
 
 
 def test_broken_versions_are_rejected_and_the_old_one_keeps_serving(tmp_path, start_server, caplog) -> None:
-    caplog.set_level(logging.ERROR, logger="server.models")
+    caplog.set_level(logging.ERROR, logger="server.runtime.manager")
     root = tmp_path / "repo"
     good, tm = tiny_model(seed=1)
     publish(root, "tiny", 1, good, tm.meta)

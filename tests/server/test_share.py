@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from server import share
 from server.app import grpc_options
 from server.config import ServerConfig
-from server.supervisor import reserve_port
-from server.worker import WorkerSpec
+from server.runtime import share
+from server.scaleout.supervisor import reserve_port
+from server.scaleout.worker import WorkerSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -59,7 +59,7 @@ def test_a_worker_gets_its_share_of_the_cores_and_starts_at_its_own_gpu(restore_
 
 
 def test_worker_gpus_place_each_workers_first_instance_on_its_own_gpu(restore_share) -> None:
-    from server.devices import instance_devices
+    from server.runtime.devices import instance_devices
 
     firsts = []
     for i in range(2):
@@ -137,7 +137,7 @@ def test_the_cuda_probe_model_is_what_onnx_helper_builds() -> None:
     # The server carries the probe as bytes ([serve] has no onnx); onnx (in [dev]) rebuilds it here.
     from onnx import TensorProto, helper, numpy_helper
 
-    from server.cuda import CONV_PROBE_MODEL, probe_arrays
+    from server.runtime.cuda import CONV_PROBE_MODEL, probe_arrays
 
     _, w, b, _ = probe_arrays()
     graph = helper.make_graph(
@@ -155,6 +155,6 @@ def test_the_cuda_probe_model_is_what_onnx_helper_builds() -> None:
 
 
 def test_the_server_imports_no_onnx(tmp_path: Path) -> None:
-    code = "import sys, server.__main__, server.app, server.supervisor, server.worker, loadtest.__main__; print('onnx' in sys.modules)"
+    code = "import sys, server.__main__, server.app, server.scaleout.supervisor, server.scaleout.worker, loadtest.__main__; print('onnx' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr[-2000:]

@@ -19,7 +19,7 @@ from cnnstack.serverproc import ServerProcess
 from protos.cnnstack.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.share import machine_cpus
+from server.runtime.share import machine_cpus
 from tests.server.helpers import publish, tiny_model
 from tests.server.worker_helpers import (
     X,
@@ -121,7 +121,7 @@ def load(
     wait_for_ready: bool = False,
 ):
     """One thread per channel, one call in flight each; returns (threads, results by (pid, code),
-    failures as (pid, time.monotonic() of the failure))."""
+    failures as (pid, time.monotonic() when the failed call was sent))."""
     results: Counter = Counter()
     failures: list[tuple[int, float]] = []
     lock = threading.Lock()
@@ -130,6 +130,7 @@ def load(
         stub = pb_grpc.ClassifierStub(ch)
         end = time.monotonic() + seconds
         while not stop.is_set() and time.monotonic() < end:
+            sent = time.monotonic()
             try:
                 stub.Classify(request(), timeout=30, wait_for_ready=wait_for_ready)
                 code = "OK"
@@ -138,7 +139,7 @@ def load(
             with lock:
                 results[(pid, code)] += 1
                 if code != "OK":
-                    failures.append((pid, time.monotonic()))
+                    failures.append((pid, sent))
 
     threads = [
         threading.Thread(target=client, args=(pid, ch)) for pid, chans in channels.items() for ch in chans
@@ -165,10 +166,10 @@ def test_a_killed_worker_fails_only_its_in_flight_calls_and_comes_back(tmp_path)
         try:
             time.sleep(1.0)
             mark = len(server.events)
-            killed_at = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             exited = wait_event(server, "worker_exited", after=mark)
             back = wait_event(server, "worker_started", after=mark)
+            back_seen = time.monotonic()
             time.sleep(0.5)
         finally:
             stop.set()
@@ -178,13 +179,13 @@ def test_a_killed_worker_fails_only_its_in_flight_calls_and_comes_back(tmp_path)
         assert exited["pid"] == victim and exited["returncode"] == -signal.SIGKILL
         assert back["index"] == exited["index"] and back["pid"] not in (victim, survivor)
         failed = {k: n for k, n in results.items() if k[1] != "OK"}
-        # Only calls the victim held failed, right at the kill: per connection it served, the call
-        # in flight and at most one more, sent on a reconnection that the kernel had queued on the
-        # victim's listener before that closed. The survivor's connections lost nothing.
+        # Only calls on the victim's connections failed, UNAVAILABLE: the ones in flight at the kill,
+        # and any sent on a reconnection the kernel had queued on its listener before that closed
+        # (how many depends on scheduling). The survivor's connections lost nothing, and no call
+        # sent once the replacement was listening failed: the victim was gone by then.
         assert set(pid for pid, _ in failed) <= {victim}, failed
         assert set(code for _, code in failed) <= {"UNAVAILABLE"}, failed
-        assert sum(failed.values()) <= 2 * len(channels[victim]), failed
-        assert all(t - killed_at < 2.0 for _, t in failures), failures
+        assert all(sent < back_seen for _, sent in failures), failures
         assert results[(survivor, "OK")] > 0 and results[(victim, "OK")] > 0
         # The new worker takes connections, and the dead one's live gauges left the shared folder.
         fresh = channels_per_worker(server.target, [survivor, back["pid"]])
@@ -313,3 +314,15 @@ def test_loadtest_connections_reach_both_workers(two_workers, tmp_path: Path) ->
     served = {pid: after[pid] - before[pid] for pid in after}
     assert all(n > 0 for n in served.values()), served
     assert sum(served.values()) == 320 + 1  # and the pre-flight request
+
+
+def test_the_workers_share_one_http_port_the_listening_line_names(two_workers) -> None:
+    """--http-port 0: the supervisor picks the port once and every worker serves it."""
+    from tests.server.http_helpers import request
+
+    server, _ = two_workers
+    port = server.listening["http_port"]
+    assert isinstance(port, int) and port not in (0, server.listening["port"])
+    for _ in range(20):  # new connections: the kernel hands them to either worker, both serve it
+        assert request(f"http://127.0.0.1:{port}/v2/health/ready").status == 200
+    assert request(f"http://127.0.0.1:{port}/v2/models/tiny").json()["name"] == "tiny"

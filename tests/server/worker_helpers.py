@@ -15,7 +15,7 @@ from cnnstack.serverproc import ServerProcess
 from protos.cnnstack.classifier.v1 import classifier_pb2 as pb
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc
-from server.kserve_service import PID_METADATA
+from server.api.kserve.grpc import PID_METADATA
 
 X = np.random.default_rng(0).random((1, 28, 28), dtype=np.float32)
 # Without it, channels to one target share one connection (grpc's global subchannel pool), and a

@@ -1,0 +1,318 @@
+"""The front door's cost: cnn-serve's requests/s at the four loads of the TorchServe comparison, over
+gRPC and HTTP binary, with 1 and 2 workers, beside the bare echo ceilings, all driven by h2load.
+
+Loads (KServe v2 ModelInfer, real test images of the model's shape):
+
+* lenet, 1 image per request, 1 in flight
+* lenet, 1 image per request, 64 in flight
+* lenet, 32 images per request, 64 in flight (images/s)
+* fmnist, 1 image per request, 64 in flight
+
+gRPC runs over ``--grpc-connections`` HTTP/2 connections (h2load ``-c``, the in-flight requests
+spread over them), HTTP/1.1 over one keep-alive connection per request in flight. Every server is
+alone on the machine while it is measured; rounds alternate the servers, and each figure is its
+median round. Besides requests/s: the server's CPU per request (user + system time of the server
+and its workers, from /proc, over the requests answered), the figure a busy machine moves least.
+
+The echo ceilings (bench/echo_server.py) answer the same methods with canned bytes: what the
+protocol stack alone costs. The TorchServe figures are the ones measured side by side with an
+earlier version of this server on a 2-core Intel Xeon (TorchServe 0.12, its best configuration per
+load, onnxruntime handler, batch 64, 2 ms delay): ratios against them mean something only on a
+comparable machine, so the bench prints the CPU model it ran on.
+
+    .venv/bin/python -m bench.front_door_bench --repository artifacts/repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import h2load_client
+from bench.serve_bench import cpu_seconds
+from bench.workers_bench import cpu_model, write_report
+from cnnstack.serverproc import ServerProcess
+from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path, load_images
+
+ROOT = Path(__file__).resolve().parents[1]
+LOADS = [("lenet", 1, 1), ("lenet", 1, 64), ("lenet", 32, 64), ("fmnist", 1, 64)]  # model, images, in flight
+SHAPES = {"lenet": (1, 28, 28), "fmnist": (1, 28, 28)}
+FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+# TorchServe 0.12 (2-core Intel Xeon): (1 worker, 2 workers) per load and protocol, req/s or img/s.
+TORCHSERVE = {
+    ("lenet", 1, 1): {"grpc": (286, 284), "http": (325, 322)},
+    ("lenet", 1, 64): {"grpc": (9609, 9295), "http": (11552, 10432)},
+    ("lenet", 32, 64): {"grpc": (26947, 43558), "http": (26623, 44397)},
+    ("fmnist", 1, 64): {"grpc": (4771, 5234), "http": (5070, 5016)},
+}
+
+
+@dataclass(frozen=True)
+class FrontDoorBench:
+    repository: Path
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    grpc_connections: int
+    workers: tuple[int, ...]
+    server_args: tuple[str, ...]
+    out_dir: Path
+
+
+class Echo:
+    """bench/echo_server.py as a child process, gRPC and HTTP."""
+
+    def __init__(self, images: int) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "bench.echo_server",
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--images",
+            str(images),
+        ]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        words = self.proc.stdout.readline().split()  # listening on HOST:PORT http PORT
+        self.target, self.http = words[2], f"127.0.0.1:{words[4]}"
+        self.pid = self.proc.pid
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its live children (the workers of a supervisor)."""
+    total = cpu_seconds(pid)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else []:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a worker that just exited
+            total += cpu_seconds(int(child))
+    return total
+
+
+def payloads(model: str, images: int) -> tuple[bytes, Any]:
+    shape = SHAPES[model]
+    source = str(FASHION_TEST) if FASHION_TEST.is_file() else "synthetic"
+    x = load_images(source, shape, images, seed=0)  # (images, C, H, W)
+    grpc_message = build_payloads("kserve", x, images, model, 0)[0]
+    http_payload = build_payloads("kserve", x, images, model, 0, encoding="binary", protocol="http")[0]
+    return grpc_message, http_payload
+
+
+def measure(cfg: FrontDoorBench, pid: int, grpc_target: str, http_target: str, load: tuple) -> dict:
+    """Both protocols at one load: {protocol: {"rate", "cpu_us", "p99_ms"}}."""
+    model, images, inflight = load
+    message, http = payloads(model, images)
+    out = {}
+    for protocol in ("grpc", "http"):
+        c0 = tree_cpu(pid)
+        if protocol == "grpc":
+            conns = min(cfg.grpc_connections, inflight)
+            r = h2load_client.run_h2load(
+                grpc_target,
+                KSERVE_METHOD,
+                message,
+                concurrency=inflight,
+                connections=conns,
+                duration_s=cfg.duration_s,
+                warmup_s=cfg.warmup_s,
+            )
+        else:
+            url = f"http://{http_target}{infer_path(model, 0)}"
+            r = h2load_client.run_h2load_http1(
+                url,
+                http.body,
+                http.headers,
+                concurrency=inflight,
+                duration_s=cfg.duration_s,
+                warmup_s=cfg.warmup_s,
+            )
+        spent = tree_cpu(pid) - c0
+        answered = r.requests_per_s * (cfg.duration_s + cfg.warmup_s)
+        if r.failed:
+            raise RuntimeError(f"{protocol} {load}: {r.failed} failed requests")
+        out[protocol] = {
+            "rate": r.requests_per_s * images,
+            "cpu_us": spent / max(answered, 1) * 1e6,
+            "p99_ms": r.latency_ms["p99_ms"],
+        }
+    return out
+
+
+def one_round(cfg: FrontDoorBench) -> dict[str, dict]:
+    """Every server at every load once: {server: {load key: measure()}}."""
+    results: dict[str, dict] = {}
+    for workers in cfg.workers:
+        args = ["--metrics-port", "-1", "--device", "cpu", "--workers", str(workers), *cfg.server_args]
+        with ServerProcess(*args, repository=cfg.repository) as s:
+            time.sleep(1.0)
+            results[f"ours {workers}w"] = {
+                str(load): measure(
+                    cfg,
+                    s.pid,
+                    s.target,
+                    s.listening["http_port"] and f"127.0.0.1:{s.listening['http_port']}",
+                    load,
+                )
+                for load in LOADS
+            }
+    for images in sorted({load[1] for load in LOADS}):
+        echo = Echo(images)
+        try:
+            for load in (ld for ld in LOADS if ld[1] == images):
+                results.setdefault("echo", {})[str(load)] = measure(
+                    cfg, echo.pid, echo.target, echo.http, load
+                )
+        finally:
+            echo.close()
+    return results
+
+
+def medians(rounds: list[dict[str, dict]]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for server in rounds[0]:
+        out[server] = {}
+        for load in rounds[0][server]:
+            out[server][load] = {
+                p: {
+                    k: statistics.median(r[server][load][p][k] for r in rounds)
+                    for k in ("rate", "cpu_us", "p99_ms")
+                }
+                for p in ("grpc", "http")
+            }
+    return out
+
+
+def markdown(doc: dict) -> str:
+    m, one, best = doc["medians"], doc["single"], doc["best"]
+    lines = [
+        f"CPU: {doc['cpu']}; {doc['rounds']} rounds of {doc['duration_s']:g} s; gRPC over {doc['grpc_connections']} connections",
+        "",
+        "| load | " + " | ".join(f"{s}: gRPC / HTTP" for s in m) + " | TorchServe best: gRPC / HTTP |",
+        "|---|" + "---:|" * (len(m) + 1),
+    ]
+    for load in LOADS:
+        k = str(load)
+        ts = TORCHSERVE[load]
+        row = [f"{load[0]}, {load[1]} img, {load[2]} in flight"]
+        row += [f"{m[s][k]['grpc']['rate']:,.0f} / {m[s][k]['http']['rate']:,.0f}" for s in m]
+        row.append(f"{max(ts['grpc']):,} / {max(ts['http']):,}")
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        "| load | server CPU per request, µs: " + " | ".join(f"{s}: gRPC / HTTP" for s in m) + " |",
+        "|---|" + "---:|" * len(m),
+    ]
+    for load in LOADS:
+        k = str(load)
+        lines.append(
+            f"| {load[0]}, {load[1]} img, {load[2]} | "
+            + " | ".join(f"{m[s][k]['grpc']['cpu_us']:.0f} / {m[s][k]['http']['cpu_us']:.0f}" for s in m)
+            + " |"
+        )
+    lines += [
+        "",
+        "| load | ours best / TorchServe best: gRPC, HTTP (goal >= 1.2) | ours 1 worker / TorchServe 1 worker: gRPC, HTTP (goal >= 1.0) |",
+        "|---|---:|---:|",
+    ]
+    for load in LOADS:
+        k = str(load)
+        lines.append(
+            f"| {load[0]}, {load[1]} img, {load[2]} | {best[k]['grpc']:.2f}, {best[k]['http']:.2f} | {one[k]['grpc']:.2f}, {one[k]['http']:.2f} |"
+        )
+    lines += ["", *doc["other_ratios"]]
+    return "\n".join(lines) + "\n"
+
+
+def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
+    m = medians(rounds)
+    ours = [s for s in m if s.startswith("ours")]
+    single = f"ours {min(cfg.workers)}w"
+    best, one = {}, {}
+    for load in LOADS:
+        k, ts = str(load), TORCHSERVE[load]
+        best[k] = {p: max(m[s][k][p]["rate"] for s in ours) / max(ts[p]) for p in ("grpc", "http")}
+        one[k] = {p: m[single][k][p]["rate"] / ts[p][0] for p in ("grpc", "http")}
+    other = []
+    grpc_64 = str(("lenet", 1, 64))
+    other.append(
+        f"gRPC server CPU per request at lenet c=64, ours 1 worker / echo: "
+        f"{m[single][grpc_64]['grpc']['cpu_us'] / m['echo'][grpc_64]['grpc']['cpu_us']:.2f}x (goal <= 1.5)"
+    )
+    if len(ours) > 1:
+        two = f"ours {max(cfg.workers)}w"
+        for load in LOADS[1:]:
+            k = str(load)
+            other.append(
+                f"{load}: {max(cfg.workers)} workers / 1: gRPC {m[two][k]['grpc']['rate'] / m[single][k]['grpc']['rate']:.2f}x, "
+                f"HTTP {m[two][k]['http']['rate'] / m[single][k]['http']['rate']:.2f}x (goal >= 1.6)"
+            )
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "rounds": cfg.rounds,
+        "duration_s": cfg.duration_s,
+        "grpc_connections": cfg.grpc_connections,
+        "medians": m,
+        "best": best,
+        "single": one,
+        "other_ratios": other,
+        "raw": rounds,
+        "load_average": os.getloadavg(),
+    }
+
+
+def parse_args(argv: list[str] | None) -> FrontDoorBench:
+    p = argparse.ArgumentParser(prog="python -m bench.front_door_bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", type=Path, default=ROOT / "artifacts/repository")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--grpc-connections", type=int, default=4)
+    p.add_argument("--workers", default="1,2", help="the server configurations, e.g. 1,2")
+    p.add_argument("--server-arg", action="append", default=[], help="an extra cnn-serve flag (repeatable)")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts/bench")
+    a = p.parse_args(argv)
+    if not h2load_client.available():
+        p.error("h2load is not installed: apt-get install -y nghttp2-client")
+    workers = tuple(int(w) for w in a.workers.split(","))
+    return FrontDoorBench(
+        a.repository,
+        a.rounds,
+        a.duration,
+        a.warmup,
+        a.grpc_connections,
+        workers,
+        tuple(a.server_arg),
+        a.out_dir,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    rounds = []
+    for i in range(cfg.rounds):
+        print(f"[front_door_bench] round {i + 1}/{cfg.rounds}", flush=True)
+        rounds.append(one_round(cfg))
+    doc = summarize(cfg, rounds)
+    md = markdown(doc)
+    write_report(cfg.out_dir, "front_door_bench", doc, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

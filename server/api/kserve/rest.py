@@ -1,0 +1,381 @@
+"""The KServe v2 REST wire format: an infer request body -> ``RestRequest``, outputs -> a body.
+
+JSON tensors (``data`` flat or nested) and the binary tensor data extension that
+``tritonclient.http`` uses by default: the body is a JSON header of
+``Inference-Header-Content-Length`` bytes followed by the inputs' raw bytes, each input saying its
+length in ``parameters.binary_data_size``. Outputs come back as binary when the request asks
+(``outputs[].parameters.binary_data``, or ``parameters.binary_data_output`` for every output),
+else as JSON ``data``. Checks of the tensors themselves are ``server.api.kserve.protocol``'s, as over gRPC.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from cnnstack.contract import TENSOR_DATATYPE
+from server.api.control import ModelControl
+from server.api.dataplane import Call, Inference, parse_version
+from server.api.http import (
+    JSON,
+    answer,
+    error_responder,
+    error_response,
+    inference_call,
+    json_response,
+    parse_json,
+)
+from server.api.kserve import protocol as v2
+from server.errors import ServeError, http_status, invalid
+from server.runtime.preprocess import array_from_bytes, array_from_values
+from server.runtime.version import ServedVersion
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+@dataclass(frozen=True, slots=True)
+class RestInput:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    data: Any = None  # JSON numbers
+    raw: memoryview | None = None  # binary tensor data
+
+
+@dataclass(frozen=True, slots=True)
+class RestOutput:
+    name: str
+    binary: bool
+    classification: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestRequest:
+    id: str | None
+    inputs: list[RestInput]
+    outputs: list[RestOutput] | None  # None: every output
+    binary_output: bool  # the default for outputs (``parameters.binary_data_output``)
+    priority: int = 0  # ``parameters.priority`` (0: the model's default level)
+    timeout_us: int = 0  # ``parameters.timeout``: how long it may wait in the queue (0: the model's)
+
+
+def _obj(value: Any, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise invalid(f"{what} must be a JSON object")
+    return value
+
+
+def _params(obj: dict, what: str) -> dict:
+    return _obj(obj.get("parameters", {}), f"{what} parameters")
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise invalid(f"{what} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
+    """(parsed JSON header, the binary part) of a request body."""
+    view = memoryview(body)
+    n = len(body)
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise invalid(
+                f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
+            )
+        n = int(header_length)
+    return parse_json(view[:n].tobytes()), view[n:]
+
+
+def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestInput, int]:
+    obj = _obj(obj, f"inputs[{index}]")
+    name, datatype, shape = obj.get("name"), obj.get("datatype"), obj.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
+        raise invalid(f"inputs[{index}] needs a string name and datatype and a shape list")
+    dims = tuple(_int(d, f"input {name!r} shape") for d in shape)
+    size = _params(obj, f"input {name!r}").get("binary_data_size")
+    if size is None:
+        if "data" not in obj:
+            raise invalid(f"input {name!r} has neither data nor parameters.binary_data_size")
+        return RestInput(name, datatype, dims, data=obj["data"]), offset
+    end = offset + _int(size, f"input {name!r} binary_data_size")
+    if end > len(binary):
+        raise invalid(f"input {name!r}: binary_data_size runs past the body's {len(binary)} binary bytes")
+    return RestInput(name, datatype, dims, raw=binary[offset:end]), end
+
+
+def _output(obj: Any, index: int, default_binary: bool) -> RestOutput:
+    obj = _obj(obj, f"outputs[{index}]")
+    name = obj.get("name")
+    if not isinstance(name, str):
+        raise invalid(f"outputs[{index}] needs a string name")
+    params = _params(obj, f"output {name!r}")
+    k = params.get("classification")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise invalid(f"output {name!r}: classification must be an integer, got {k!r}")
+    return RestOutput(name, bool(params.get("binary_data", default_binary)), k)
+
+
+def parse_request(body: bytes, header_length: str | None) -> RestRequest:
+    """Structure only (JSON shape, binary sizes); the tensors are checked against the model later."""
+    doc, binary = _split(body, header_length)
+    doc = _obj(doc, "the request")
+    params = _params(doc, "the request")
+    binary_output = bool(params.get("binary_data_output", False))
+    priority, timeout_us = v2.scheduling(params.get("priority"), params.get("timeout"))
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list):
+        raise invalid("the request needs an `inputs` list")
+    inputs, offset = [], 0
+    for i, obj in enumerate(raw_inputs):
+        inp, offset = _input(obj, i, binary, offset)
+        inputs.append(inp)
+    if offset != len(binary):
+        raise invalid(f"{len(binary) - offset} binary bytes after the JSON header belong to no input")
+    outputs = doc.get("outputs")
+    if outputs is not None and not isinstance(outputs, list):
+        raise invalid("`outputs` must be a list")
+    wanted = None if not outputs else [_output(o, i, binary_output) for i, o in enumerate(outputs)]
+    request_id = doc.get("id")
+    request_id = str(request_id) if request_id is not None else None
+    return RestRequest(request_id, inputs, wanted, binary_output, priority, timeout_us)
+
+
+def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
+    """The one input as (N, C, H, W) float32, checked as over gRPC; requested outputs checked too."""
+    v2.check_input_count(served, len(request.inputs))
+    inp = request.inputs[0]
+    shape = v2.check_input(served, inp.name, inp.datatype, inp.shape)
+    for out in request.outputs or ():
+        v2.check_output(served, out.name, out.classification)
+    if inp.raw is not None:
+        return array_from_bytes(inp.raw, shape, f"input {inp.name!r}")
+    return array_from_values(inp.data, shape, f"input {inp.name!r}", "data values")
+
+
+def encode_response(
+    request: RestRequest, served: ServedVersion, outputs: list[np.ndarray]
+) -> tuple[bytes, int | None]:
+    """(body, JSON header length when binary outputs follow it, else None)."""
+    names = served.output_names
+    wanted = request.outputs or [RestOutput(n, request.binary_output) for n in names]
+    tensors: list[dict[str, Any]] = []
+    raws: list[bytes] = []
+    for want in wanted:
+        out = outputs[names.index(want.name)]
+        if want.classification:
+            labels = v2.classification_labels(served, outputs, want.classification)
+            tensor: dict[str, Any] = {
+                "name": want.name,
+                "datatype": "BYTES",
+                "shape": [out.shape[0], want.classification],
+            }
+            raw = v2.bytes_tensor(labels) if want.binary else None
+            data: Any = [s.decode() for s in labels]
+        else:
+            tensor = {"name": want.name, "datatype": TENSOR_DATATYPE, "shape": list(out.shape)}
+            raw = np.ascontiguousarray(out, dtype="<f4").tobytes() if want.binary else None
+            data = out.ravel().tolist()
+        if raw is None:
+            tensor["data"] = data
+        else:
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            raws.append(raw)
+        tensors.append(tensor)
+    doc: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version)}
+    if request.id is not None:
+        doc["id"] = request.id
+    doc["outputs"] = tensors
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    return (header + b"".join(raws), len(header)) if raws else (header, None)
+
+
+def message_dict(msg: Message) -> dict[str, Any]:
+    """A protobuf message as the REST API's JSON, as Triton writes it: field names as in the
+    .proto, every field (zeros included, so ``stats["inference_stats"]["fail"]["count"]`` exists),
+    only the chosen member of a oneof, enums by name, and 64-bit integers as JSON numbers
+    (``json_format`` would make them strings, which clients reading shapes and counts do not expect)."""
+    out = {}
+    for f in msg.DESCRIPTOR.fields:
+        oneof = f.containing_oneof
+        if oneof is not None and msg.WhichOneof(oneof.name) != f.name:
+            continue
+        out[f.name] = _field(f, getattr(msg, f.name))
+    return out
+
+
+def _field(f: FieldDescriptor, value: Any) -> Any:
+    if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        value_field = f.message_type.fields_by_name["value"]
+        return {str(k): _scalar(value_field, v) for k, v in value.items()}
+    if _repeated(f):
+        return [_scalar(f, v) for v in value]
+    return _scalar(f, value)
+
+
+def _repeated(f: FieldDescriptor) -> bool:
+    # ``is_repeated`` is protobuf >= 5's spelling; ``label`` is deprecated there.
+    is_repeated = getattr(f, "is_repeated", None)
+    if is_repeated is not None:
+        return bool(is_repeated() if callable(is_repeated) else is_repeated)
+    return f.label == FieldDescriptor.LABEL_REPEATED
+
+
+def _scalar(f: FieldDescriptor, value: Any) -> Any:
+    if f.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_dict(value)
+    if f.type == FieldDescriptor.TYPE_ENUM:
+        return f.enum_type.values_by_number[value].name if value in f.enum_type.values_by_number else value
+    if f.type == FieldDescriptor.TYPE_BYTES:
+        return base64.b64encode(value).decode()
+    return value
+
+
+class KServeRest:
+    """KServe v2 over HTTP: health, server and model metadata, config, statistics, the repository
+    index, infer (JSON tensors or the binary extension)."""
+
+    def __init__(self, inference: Inference, control: ModelControl) -> None:
+        self.inference = inference
+        self.control = control
+        self.manager = inference.manager
+        self.state = inference.state
+        self._on_error = error_responder(inference.state)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        get, post = router.add_get, router.add_post
+        get("/v2", self.server_metadata)
+        get("/v2/health/live", self.live)
+        get("/v2/health/ready", self.ready)
+        post("/v2/repository/index", self.repository_index)
+        post("/v2/repository/models/{model}/load", self.load)
+        post("/v2/repository/models/{model}/unload", self.unload)
+        get("/v2/models/stats", self.statistics)
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            get(base, self.model_metadata)
+            get(f"{base}/ready", self.model_ready)
+            get(f"{base}/config", self.model_config)
+            get(f"{base}/stats", self.statistics)
+            post(f"{base}/infer", self.infer)
+
+    # ---- health and metadata ----
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self.state.serving:
+            return web.Response(status=200)
+        why = "shutting down" if self.state.stopping else "loading the model repository"
+        return error_response(503, f"server not ready: {why}")
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return json_response(v2.server_metadata())
+
+    def _resolve(self, request: web.Request) -> ServedVersion:
+        info = request.match_info
+        return self.manager.resolve(info["model"], parse_version(info.get("version", "")))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(v2.model_metadata(self.manager, self._resolve(request))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            served = self._resolve(request)
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        if served.accepting and not self.state.stopping:
+            return web.Response(status=200)
+        return error_response(503, f"model {served.name!r} version {served.version} is not ready")
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return answer(lambda: message_dict(self._resolve(request).config))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        info = request.match_info
+
+        def build() -> dict:
+            versions = v2.versions_for_statistics(
+                self.manager, info.get("model", ""), info.get("version", "")
+            )
+            return {"model_stats": [message_dict(v2.statistics(s)) for s in versions]}
+
+        return answer(build)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.read()
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        try:
+            doc = parse_json(body) if body.strip() else {}
+        except ServeError as e:
+            return error_response(400, e.message)
+        if not isinstance(doc, dict):
+            return error_response(400, 'the body must be empty or a JSON object like {"ready": true}')
+        ready = bool(doc.get("ready", False))
+        index = await v2.repository_index(self.manager, ready)
+        return json_response([message_dict(m) for m in index.models])
+
+    # ---- model control (the repository extension; an admin token when tokens are on) ----
+
+    async def load(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.load(request.match_info["model"], v2.config_parameter(params.get("config")))
+
+        return await self._control(request, act)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        async def act(params: dict) -> None:
+            await self.control.unload(request.match_info["model"])
+
+        return await self._control(request, act)
+
+    async def _control(self, request: web.Request, act: Callable[[dict], Awaitable[None]]) -> web.Response:
+        """Body: empty, or ``{"parameters": {...}}``; 200 with an empty body once done."""
+        try:
+            body = await request.read()
+            doc = parse_json(body) if body.strip() else {}
+            await act(_params(_obj(doc, "the request"), "the request"))
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
+        except ServeError as e:
+            return error_response(http_status(e.code), e.message)
+        return web.Response(status=200)
+
+    # ---- inference ----
+
+    async def infer(self, request: web.Request) -> web.Response:
+        return await inference_call(self.inference, "ModelInfer", request, self._infer, self._on_error)
+
+    async def _infer(self, request: web.Request, body: bytes, call: Call) -> web.Response:
+        model, version = request.match_info["model"], parse_version(request.match_info.get("version", ""))
+        header_length = request.headers.get(HEADER_LENGTH)
+        parsed = self.inference.parse(call, model, version, lambda: parse_request(body, header_length))
+        what = f"input {parsed.inputs[0].name!r}" if parsed.inputs else "input"
+        make_input = functools.partial(input_array, parsed)
+        served, outputs = await self.inference.run(
+            call,
+            model,
+            version,
+            make_input,
+            None,
+            what=what,
+            priority=parsed.priority,
+            timeout_us=parsed.timeout_us,
+        )
+        payload, json_length = encode_response(parsed, served, outputs)
+        if json_length is None:
+            return web.Response(body=payload, content_type=JSON)
+        headers = {HEADER_LENGTH: str(json_length)}
+        return web.Response(body=payload, content_type="application/octet-stream", headers=headers)
