@@ -29,7 +29,8 @@ from torch import nn
 
 from cnnstack.contract import ExportReport, ModelMeta
 from exporter.config import ExportConfig
-from exporter.pipeline import BadInput, ExportFailed, export_one, load_source
+from exporter.driver import ExportFailed, export_one
+from exporter.source import BadInput, load_source
 from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
 from trainer.models import get_model, list_models
 

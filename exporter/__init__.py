@@ -4,5 +4,3 @@ versioned, Triton-compatible model repository. ``cnn-export --help``.
 Importing the package is cheap and torch-free; the repository it publishes into and the report it
 writes are defined by ``cnnstack.contract``.
 """
-
-__version__ = "0.1.0"

@@ -26,7 +26,8 @@ def _err(msg: str) -> None:
 def export_all(cfg: ExportConfig) -> int:
     from tqdm import tqdm
 
-    from exporter.pipeline import BadInput, ExportFailed, export_one
+    from exporter.driver import ExportFailed, export_one
+    from exporter.source import BadInput
 
     assert cfg.repository is not None
     try:
@@ -74,7 +75,7 @@ def export_all(cfg: ExportConfig) -> int:
 
 
 def verify(cfg: ExportConfig) -> int:
-    from exporter.pipeline import BadInput
+    from exporter.source import BadInput
     from exporter.verify import verify_published
 
     try:

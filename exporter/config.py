@@ -1,10 +1,15 @@
-"""The exporter's one config, built only in ``main()`` from the command line."""
+"""The exporter's one config: a frozen dataclass that checks itself, built in ``main()`` from the
+command line with ``cnnstack.cli.parse_config`` (``cnn-export ...`` or ``cnn-export verify ...``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from cnnstack import cli
 
 DEFAULT_OPSET = 18
 MIN_PARITY_BATCH = 64
@@ -36,28 +41,76 @@ class ExportConfig:
     threads: int = 0  # torch and onnxruntime intra-op threads; 0 = their defaults
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sources", tuple(self.sources))  # argparse gives a list
+        cli.require(self.problems())
+
+    def problems(self) -> list[str]:
+        """One message per setting that cannot work, naming the flag to change."""
+        problems = []
+        if self.parity_batch < MIN_PARITY_BATCH:
+            problems.append(f"--parity-batch must be >= {MIN_PARITY_BATCH}, got {self.parity_batch}")
+        if self.parity_samples < 0 or self.batch1_samples < 1:
+            problems.append("--parity-samples must be >= 0 and --batch1-samples >= 1")
+        if self.threads < 0:
+            problems.append("--threads must be >= 0")
+        if self.atol <= 0:
+            problems.append("--atol must be > 0")
+        if self.max_accuracy_drop < 0:
+            problems.append("--max-accuracy-drop must be >= 0 (percentage points)")
+        if self.max_batch_size < 1:
+            problems.append("--max-batch-size must be >= 1")
+        if not 7 <= self.opset <= 23:
+            problems.append(f"--opset must be within 7..23, got {self.opset}")
+        return problems
+
+
+# The flags' defaults are the dataclass's: one place each.
+_DEFAULT = {f.name: f.default for f in dataclasses.fields(ExportConfig)}
+
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--parity-samples",
         type=int,
-        default=0,
+        default=_DEFAULT["parity_samples"],
         help="test images compared at the large batch (0 = whole test set)",
     )
     p.add_argument(
-        "--parity-batch", type=int, default=256, help=f"large parity batch (>= {MIN_PARITY_BATCH})"
+        "--parity-batch",
+        type=int,
+        default=_DEFAULT["parity_batch"],
+        help=f"large parity batch (>= {MIN_PARITY_BATCH})",
     )
-    p.add_argument("--batch1-samples", type=int, default=128, help="test images compared at batch 1")
-    p.add_argument("--atol", type=float, default=1e-4, help="parity gate on max abs diff of logits")
-    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="fp16/int8 gate, percentage points")
+    p.add_argument(
+        "--batch1-samples",
+        type=int,
+        default=_DEFAULT["batch1_samples"],
+        help="test images compared at batch 1",
+    )
+    p.add_argument(
+        "--atol", type=float, default=_DEFAULT["atol"], help="parity gate on max abs diff of logits"
+    )
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=_DEFAULT["max_accuracy_drop"],
+        help="fp16/int8 gate, percentage points",
+    )
     p.add_argument(
         "--data-dir", type=Path, default=None, help="dataset root (default: trainer's search path)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch/onnxruntime intra-op threads (0 = default)")
+    p.add_argument("--seed", type=int, default=_DEFAULT["seed"])
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=_DEFAULT["threads"],
+        help="torch/onnxruntime intra-op threads (0 = default)",
+    )
     p.add_argument(
         "--no-progress",
-        action="store_true",
+        dest="progress",
+        action="store_false",
         help="no progress bar (there is none when stderr is not a terminal)",
     )
 
@@ -68,10 +121,11 @@ def export_parser() -> argparse.ArgumentParser:
         description="Export checkpoints to ONNX behind a parity gate into a Triton model repository. "
         "`cnn-export verify REPO/NAME/VERSION --checkpoint CKPT` re-checks a published model.",
     )
+    p.set_defaults(command="export")
     p.add_argument("sources", nargs="+", type=Path, metavar="CHECKPOINT_OR_RUN_DIR")
     p.add_argument("--repository", "-r", type=Path, required=True, metavar="REPO")
     p.add_argument("--name", default=None, help="model name (default: run dir name or ARCH-DATASET)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=_DEFAULT["opset"])
     p.add_argument("--fp16", action="store_true", help="also publish NAME-fp16 (fp16 weights, fp32 I/O)")
     p.add_argument("--int8", action="store_true", help="also publish NAME-int8 (static QDQ, per-channel)")
     p.add_argument(
@@ -80,12 +134,27 @@ def export_parser() -> argparse.ArgumentParser:
         help="publish fp16/int8 even if accuracy drops more than --max-accuracy-drop (or is unknown)",
     )
     p.add_argument(
-        "--calibration-samples", type=int, default=256, help="training images for INT8 calibration"
+        "--calibration-samples",
+        type=int,
+        default=_DEFAULT["calibration_samples"],
+        help="training images for INT8 calibration",
     )
-    p.add_argument("--max-batch-size", type=int, default=64, help="config.pbtxt max_batch_size")
-    p.add_argument("--max-queue-delay-us", type=int, default=500, help="dynamic_batching max queue delay")
+    p.add_argument(
+        "--max-batch-size", type=int, default=_DEFAULT["max_batch_size"], help="config.pbtxt max_batch_size"
+    )
+    p.add_argument(
+        "--max-queue-delay-us",
+        type=int,
+        default=_DEFAULT["max_queue_delay_us"],
+        help="dynamic_batching max queue delay",
+    )
     p.add_argument("--report-dir", type=Path, default=None, help="where failed exports' reports go")
-    p.add_argument("--bench-seconds", type=float, default=1.0, help="CPU images/s measurement time per model")
+    p.add_argument(
+        "--bench-seconds",
+        type=float,
+        default=_DEFAULT["bench_seconds"],
+        help="CPU images/s measurement time per model",
+    )
     _add_common(p)
     return p
 
@@ -94,70 +163,15 @@ def verify_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cnn-export verify", description="Re-run the export checks on a published model version."
     )
-    p.add_argument("version_dir", type=Path, metavar="REPO/NAME/VERSION")
+    p.set_defaults(command="verify")
+    p.add_argument("sources", nargs=1, type=Path, metavar="REPO/NAME/VERSION")
     p.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT")
     _add_common(p)
     return p
 
 
-def parse_config(argv: list[str]) -> ExportConfig:
+def parse_config(argv: Sequence[str]) -> ExportConfig:
+    """``cnn-export``'s arguments as an ExportConfig (``verify ...``: the verify command's)."""
     if argv and argv[0] == "verify":
-        parser = verify_parser()
-        a = parser.parse_args(argv[1:])
-        cfg = ExportConfig(command="verify", sources=(a.version_dir,), checkpoint=a.checkpoint, **_common(a))
-    else:
-        parser = export_parser()
-        a = parser.parse_args(argv)
-        cfg = ExportConfig(
-            command="export",
-            sources=tuple(a.sources),
-            repository=a.repository,
-            name=a.name,
-            opset=a.opset,
-            fp16=a.fp16,
-            int8=a.int8,
-            force_precision=a.force_precision,
-            calibration_samples=a.calibration_samples,
-            max_batch_size=a.max_batch_size,
-            max_queue_delay_us=a.max_queue_delay_us,
-            report_dir=a.report_dir,
-            bench_seconds=a.bench_seconds,
-            **_common(a),
-        )
-    problems = validate(cfg)
-    if problems:
-        parser.error("; ".join(problems))
-    return cfg
-
-
-def _common(a: argparse.Namespace) -> dict:
-    return {
-        "parity_samples": a.parity_samples,
-        "parity_batch": a.parity_batch,
-        "batch1_samples": a.batch1_samples,
-        "atol": a.atol,
-        "max_accuracy_drop": a.max_accuracy_drop,
-        "data_dir": a.data_dir,
-        "seed": a.seed,
-        "threads": a.threads,
-        "progress": not a.no_progress,
-    }
-
-
-def validate(cfg: ExportConfig) -> list[str]:
-    problems = []
-    if cfg.parity_batch < MIN_PARITY_BATCH:
-        problems.append(f"--parity-batch must be >= {MIN_PARITY_BATCH}, got {cfg.parity_batch}")
-    if cfg.parity_samples < 0 or cfg.batch1_samples < 1:
-        problems.append("--parity-samples must be >= 0 and --batch1-samples >= 1")
-    if cfg.threads < 0:
-        problems.append("--threads must be >= 0")
-    if cfg.atol <= 0:
-        problems.append("--atol must be > 0")
-    if cfg.max_accuracy_drop < 0:
-        problems.append("--max-accuracy-drop must be >= 0 (percentage points)")
-    if cfg.max_batch_size < 1:
-        problems.append("--max-batch-size must be >= 1")
-    if not 7 <= cfg.opset <= 23:
-        problems.append(f"--opset must be within 7..23, got {cfg.opset}")
-    return problems
+        return cli.parse_config(ExportConfig, verify_parser(), argv[1:])
+    return cli.parse_config(ExportConfig, export_parser(), argv)

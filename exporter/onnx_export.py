@@ -16,6 +16,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
+import cnnstack
 from cnnstack.contract import INPUT_NAME, OUTPUT_NAMES, ModelMeta, Provenance
 
 TRACE_BATCH = 2  # a batch of 1 would let the tracer specialize the batch dim to a constant
@@ -121,14 +122,12 @@ def provenance(
     precision: str, test_accuracy: float | None, accuracy_source: str, source_sha256: str, exporter: str
 ) -> Provenance:
     """This exporter's provenance record for a graph (versions of the tools filled in)."""
-    from exporter import __version__
-
     return Provenance(
         precision=precision,
         test_accuracy=test_accuracy,
         test_accuracy_source=accuracy_source,
         source_sha256=source_sha256,
-        exporter_version=__version__,
+        exporter_version=cnnstack.version(),
         torch_exporter=exporter,
         torch_version=str(torch.__version__),
         onnx_version=onnx.__version__,

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
+import onnx
+
 from cnnstack.contract import MODEL_FILE, CheckResult, ModelMeta, Provenance
 from exporter import checks, onnx_export
 from exporter.config import ExportConfig
+from exporter.driver import gate_of
 from exporter.inputs import load_eval_data
-from exporter.pipeline import BadInput, build_wrapper, gate_of, load_source
+from exporter.source import BadInput, build_wrapper, load_source
 
 
 def verify_published(cfg: ExportConfig) -> dict[str, Any]:
     """The verify report; ``report["passed"]`` says whether every check passed. BadInput on bad paths."""
-    import onnx
-
     assert cfg.checkpoint is not None
     vdir = cfg.sources[0]
     model_path = vdir / MODEL_FILE

@@ -11,11 +11,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnstack.cli import ConfigError, parse_config
 from trainer import config as C
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 from trainer.presets import PRESETS, get_preset
 
 # (channels, image size, classes) per dataset, so --list-archs/--summary need no data on disk.
@@ -30,6 +33,17 @@ DATASET_SHAPES = {
 }
 EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+
+
+@dataclass(frozen=True)
+class TrainCommand(TrainConfig):
+    """What ``cnn-train`` was asked: train ``config()``, or only list the archs / show one's layers."""
+
+    list_archs: bool = False
+    summary: bool = False
+
+    def config(self) -> TrainConfig:
+        return TrainConfig(**{k: getattr(self, k) for k in _DEFAULTS})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,33 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
-    """Defaults < resumed run's config < preset < explicit flags, validated."""
-    explicit = {k: v for k, v in vars(args).items() if k in _DEFAULTS}
-    values: dict[str, Any] = {}
+def layered_defaults(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The value of each flag not given: TrainConfig's default < the resumed run's < the preset's."""
+    explicit = {k: v for k, v in vars(parser.parse_args(argv)).items() if k in _DEFAULTS}
+    values: dict[str, Any] = dict(_DEFAULTS)
     if explicit.get("resume"):
         values.update(resumed_config(explicit["resume"]))
         values.update(resume=explicit["resume"], overwrite=False)
-        if "out" not in explicit:  # continue in place
-            path = Path(explicit["resume"])
-            values["out"] = str(path if path.is_dir() else path.parent)
+        path = Path(explicit["resume"])
+        values["out"] = str(path if path.is_dir() else path.parent)  # continue in place
     if explicit.get("preset"):
         preset = dict(get_preset(explicit["preset"]).values)
         if explicit.get("arch", preset.get("arch")) != preset.get("arch"):
             # The preset's model knobs describe its own arch; another --arch keeps only the recipe.
             preset = {k: v for k, v in preset.items() if k not in C.MODEL_KNOBS}
-        values.update(preset)
-        values["preset"] = explicit["preset"]
-    values.update(explicit)
-    from trainer.data import list_datasets
-    from trainer.models import list_models
-
-    cfg_arch, cfg_dataset = values.get("arch", _DEFAULTS["arch"]), values.get("dataset", _DEFAULTS["dataset"])
-    if cfg_arch not in list_models():
-        parser.error(f"unknown arch '{cfg_arch}'; choose one of: {', '.join(list_models())}")
-    if cfg_dataset not in list_datasets():
-        parser.error(f"unknown dataset '{cfg_dataset}'; choose one of: {', '.join(list_datasets())}")
-    return TrainConfig(**values)
+        values.update(preset, preset=explicit["preset"])
+    return values
 
 
 def resumed_config(resume: str) -> dict[str, Any]:
@@ -168,8 +171,8 @@ def resumed_config(resume: str) -> dict[str, Any]:
 
     path = Path(resume)
     ckpt = load_checkpoint(path / "checkpoint.pt" if path.is_dir() else path)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in (ckpt.get("config") or {}).items() if k in known}
+    config = ckpt.get("config") or {}
+    return {k: v for k, v in config.items() if k in _DEFAULTS}  # settings a later version added: dropped
 
 
 def list_archs(dataset: str) -> str:
@@ -191,45 +194,55 @@ def arch_summary(cfg: TrainConfig) -> str:
     return summarize(model, (c, s, s))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def after_divergence(cfg: TrainConfig) -> str:
+    """What was kept of a run whose loss diverged, and what to try."""
+    ckpt = Path(cfg.out) / "checkpoint.pt"
+    kept = (
+        f"the last good checkpoint is kept in {ckpt}"
+        if ckpt.is_file()
+        else "no epoch finished, so no checkpoint was written"
+    )
+    return (
+        f"training stopped, {kept}. The learning rate is probably too high: "
+        f"try a lower --lr (e.g. {cfg.lr / 10:g}), a --warmup-epochs, or --precision fp32"
+    )
+
+
+def parse_command(argv: Sequence[str] | None) -> TrainCommand:
+    """The flags over the layered defaults, validated; a problem is a usage error (exit 2)."""
     from trainer.checkpoint import CheckpointError
-    from trainer.data import DatasetError
+
+    parser = build_parser()
+    try:
+        parser.set_defaults(**layered_defaults(parser, argv))
+    except (ConfigError, CheckpointError) as e:  # an unknown --preset, an unreadable --resume
+        parser.error(str(e))
+    return parse_config(TrainCommand, parser, argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    command = parse_command(argv)
+    if command.list_archs:
+        print(list_archs(command.dataset))
+        return 0
+    if command.summary:
+        print(arch_summary(command))
+        return 0
+    cfg = command.config()
     from trainer.engine import NonFiniteLossError
-    from trainer.outputs import OutputDirError
-    from trainer.resume import ResumeError
+    from trainer.train import INPUT_ERRORS
+    from trainer.train import main as train_main
 
     try:
-        cfg = make_config(args, parser)
-        if args.list_archs:
-            print(list_archs(cfg.dataset))
-            return 0
-        if args.summary:
-            print(arch_summary(cfg))
-            return 0
-        from trainer.train import main as train_main
-
         train_main(cfg)
-    except (ConfigError, OutputDirError, ResumeError, CheckpointError, DatasetError, ValueError) as e:
+    except INPUT_ERRORS as e:
         print(f"cnn-train: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except NonFiniteLossError as e:
-        ckpt = Path(cfg.out) / "checkpoint.pt"
-        kept = (
-            f"the last good checkpoint is kept in {ckpt}"
-            if ckpt.is_file()
-            else "no epoch finished, so no checkpoint was written"
-        )
-        print(
-            f"cnn-train: error: {e}; training stopped, {kept}. The learning rate is probably too high: "
-            f"try a lower --lr (e.g. {cfg.lr / 10:g}), a --warmup-epochs, or --precision fp32",
-            file=sys.stderr,
-        )
+        print(f"cnn-train: error: {e}; {after_divergence(cfg)}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        out = args.out if "out" in args else "DIR"
-        print(f"\ncnn-train: interrupted; continue with --resume {out}", file=sys.stderr)
+        print(f"\ncnn-train: interrupted; continue with --resume {cfg.out}", file=sys.stderr)
         return EXIT_INTERRUPTED
     return 0
 

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cnnstack.cli import parse_config, require
 from cnnstack.contract import atomic_write_text, json_text
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -42,29 +43,52 @@ VARIANTS = (
 DEFAULT_LR = {"lenet5": 0.1, "alexnet": 0.05}
 
 
-def base_config(args: argparse.Namespace) -> TrainConfig:
-    """The ablation baseline: d2l-style plain SGD at a constant lr, Xavier init, no augmentation, fp32."""
-    return TrainConfig(
-        arch=args.arch,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        max_train=args.max_train,
-        activation="relu",
-        pool="max",
-        batchnorm=False,
-        init="xavier",
-        epochs=args.epochs,
-        batch_size=128,
-        optimizer="sgd",
-        lr=args.lr if args.lr is not None else DEFAULT_LR[args.arch],
-        momentum=0.0,
-        schedule="constant",
-        precision="fp32",
-        seed=args.seed,
-        threads=args.threads,
-        quiet=True,
-        overwrite=True,  # the variant folders belong to this grid; the grid itself is checked in main()
-    )
+@dataclass(frozen=True)
+class AblateConfig:
+    """The grid's settings (``python -m trainer.ablate --help``); the baseline is built from them."""
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    arch: str = "lenet5"
+    epochs: int = 5
+    max_train: int | None = None
+    lr: float | None = None  # None: DEFAULT_LR of the arch
+    seed: int = 0
+    threads: int | None = None
+    out: str = "runs/ablation"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        require(
+            []
+            if self.arch in DEFAULT_LR
+            else [f"--arch '{self.arch}' is not one of: {', '.join(DEFAULT_LR)}"]
+        )
+        self.baseline()  # a TrainConfig checks itself: one ConfigError naming every flag to change
+
+    def baseline(self) -> TrainConfig:
+        """d2l-style plain SGD at a constant lr, Xavier init, no augmentation, fp32."""
+        return TrainConfig(
+            arch=self.arch,
+            dataset=self.dataset,
+            data_dir=self.data_dir,
+            max_train=self.max_train,
+            activation="relu",
+            pool="max",
+            batchnorm=False,
+            init="xavier",
+            epochs=self.epochs,
+            batch_size=128,
+            optimizer="sgd",
+            lr=self.lr if self.lr is not None else DEFAULT_LR[self.arch],
+            momentum=0.0,
+            schedule="constant",
+            precision="fp32",
+            seed=self.seed,
+            threads=self.threads,
+            quiet=True,
+            overwrite=True,  # the variant folders belong to this grid; the grid itself is checked in main()
+        )
 
 
 def run_variant(base: TrainConfig, variant: Variant, out: Path) -> dict[str, Any]:
@@ -133,25 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from trainer.data import DatasetError
+    cfg = parse_config(AblateConfig, build_parser(), argv)
+    from trainer.train import INPUT_ERRORS
 
-    out = Path(args.out)
-    if (out / "ablation.json").exists() and not args.overwrite:
+    out = Path(cfg.out)
+    if (out / "ablation.json").exists() and not cfg.overwrite:
         print(
             f"ablate: error: {out} already holds an ablation grid; pass --overwrite or another --out",
             file=sys.stderr,
         )
         return 2
+    base = cfg.baseline()
     try:
-        base = base_config(args)
         rows = []
         for variant in VARIANTS:
             row = run_variant(base, variant, out)
             rows.append(row)
             acc = "diverged" if row["diverged"] else f"test_acc {row['test_acc']:.4f}"
             print(f"[ablate] {variant.name:<13} {acc}", flush=True)
-    except (ConfigError, DatasetError, ValueError, OSError) as e:
+    except INPUT_ERRORS as e:
         print(f"ablate: error: {e}", file=sys.stderr)
         return 2
     table = to_markdown(rows, base)

@@ -1,5 +1,10 @@
 """Checkpoint schema (version 1): a plain dict, written atomically, validated on load.
 
+``Checkpoint`` is the one place that builds that dict (``to_dict``, ``save``) and reads it back
+(``load``), RNG state included (``capture_rng`` / ``restore_rng``). Tools that only read a model
+(the exporter, ``trainer.visualize``) use ``load_checkpoint`` (the validated dict) and
+``build_model``.
+
 Keys::
 
     schema_version  int, == SCHEMA_VERSION
@@ -29,18 +34,23 @@ Optional keys the trainer adds (readers must not require them)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from cnnstack.contract import ModelMeta, atomic_write
 
 SCHEMA_VERSION = 1
 REQUIRED_KEYS = ("schema_version", "arch", "model_args", "meta", "state_dict")
+# Written only when the run has them (readers must not require them).
+OPTIONAL_KEYS = ("history", "train_state_dict", "ema_updates", "scaler", "precision", "world_size")
 
 
 class CheckpointError(ValueError):
@@ -59,6 +69,73 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+@dataclass
+class Checkpoint:
+    """One checkpoint, its keys as fields (see the schema above)."""
+
+    arch: str
+    model_args: dict[str, Any]
+    meta: ModelMeta
+    state_dict: dict[str, Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    torch_version: str = field(default_factory=lambda: str(torch.__version__))
+    git_commit: str | None = None
+    rng: dict[str, Any] | None = None
+    history: list[dict[str, Any]] | None = None
+    train_state_dict: dict[str, Tensor] | None = None
+    ema_updates: int | None = None
+    scaler: dict[str, Any] | None = None
+    precision: str | None = None
+    world_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's dict: ``schema_version`` first, the optional keys only when set."""
+        # Not dataclasses.asdict: it would deep-copy every tensor.
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["meta"] = self.meta.to_dict()
+        d = {k: v for k, v in d.items() if v is not None or k not in OPTIONAL_KEYS}
+        return {"schema_version": SCHEMA_VERSION, **d}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        save_checkpoint(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        """``load_checkpoint`` (validated; a CheckpointError naming the file), as a Checkpoint."""
+        d = load_checkpoint(path)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in d.items() if k in known}  # keys a later version adds are dropped
+        return cls(**{**values, "meta": ModelMeta.from_dict(d["meta"])})
+
+    @staticmethod
+    def capture_rng(device: torch.device) -> dict[str, Any]:
+        """The global random streams (torch, Python's, the device's) for an exact resume."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(device)
+        return state
+
+    def restore_rng(self, device: torch.device) -> None:
+        """Put back the streams ``capture_rng`` saw (nothing when the checkpoint has none)."""
+        if not self.rng:
+            return
+        torch.set_rng_state(self.rng["torch"])
+        if "python" in self.rng:
+            version, internal, gauss = self.rng["python"]
+            random.setstate((version, tuple(internal), gauss))  # setstate takes a tuple, not a list
+        if device.type == "cuda" and "cuda" in self.rng:
+            torch.cuda.set_rng_state(self.rng["cuda"], device)
+
+
+def cpu_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Weights on CPU in plain contiguous layout (channels_last is a training-time choice)."""
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
 def save_checkpoint(path: str | os.PathLike[str], ckpt: dict[str, Any]) -> None:

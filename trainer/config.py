@@ -1,4 +1,6 @@
-"""The training configuration: one frozen dataclass, built in ``trainer.__main__.main`` from the CLI.
+"""The training configuration: one frozen dataclass, built in ``trainer.__main__.main`` from the CLI
+with ``cnnstack.cli.parse_config``; it checks itself and raises one ``ConfigError`` naming every
+problem.
 
 Components receive the fields they need; the checkpoint stores ``dataclasses.asdict(cfg)`` (a plain
 dict, never a pickled namespace), which is also how ``--resume`` reads the original settings back.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+
+from cnnstack.cli import require
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "constant")
@@ -24,10 +28,6 @@ KNOB_ARCHS: dict[str, tuple[str, ...]] = {
     "fmnist_net": ("width", "dropout", "wide_stem"),
 }
 MODEL_KNOBS = ("activation", "pool", "batchnorm", "dropout", "width", "fc_width", "wide_stem")
-
-
-class ConfigError(ValueError):
-    """Settings that cannot work together; the message says which flag to change."""
 
 
 @dataclass(frozen=True)
@@ -80,51 +80,60 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        def choose(field: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ConfigError(
-                    f"--{field.replace('_', '-')} '{value}' is not one of: {', '.join(allowed)}"
-                )
+        require(self.problems())
 
-        choose("optimizer", OPTIMIZERS)
-        choose("schedule", SCHEDULES)
-        choose("init", INITS)
-        choose("device", DEVICES)
-        choose("precision", PRECISIONS)
-        choose("augment", AUGMENTS)
-        positive = {
-            "epochs": self.epochs,
-            "batch_size": self.batch_size,
-            "eval_batch_size": self.eval_batch_size,
-        }
-        for name, value in positive.items():
-            if value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    def problems(self) -> list[str]:
+        """One message per setting that cannot work, naming the flag to change."""
+        # The registries import torch: read at validation, not at import.
+        from trainer.data import list_datasets
+        from trainer.models import ACTIVATIONS, POOLS, list_models
+
+        problems = []
+        if self.arch not in list_models():
+            problems.append(f"unknown arch '{self.arch}'; choose one of: {', '.join(list_models())}")
+        if self.dataset not in list_datasets():
+            problems.append(f"unknown dataset '{self.dataset}'; choose one of: {', '.join(list_datasets())}")
+        for name, allowed in [
+            ("optimizer", OPTIMIZERS),
+            ("schedule", SCHEDULES),
+            ("init", INITS),
+            ("device", DEVICES),
+            ("precision", PRECISIONS),
+            ("augment", AUGMENTS),
+            ("activation", ACTIVATIONS),
+            ("pool", POOLS),
+        ]:
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                problems.append(f"{_flag(name)} '{value}' is not one of: {', '.join(allowed)}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_train", "width", "fc_width"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{_flag(name)} must be >= 1, got {value}")
+        for name in ("label_smoothing", "ema_decay", "dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                problems.append(f"{_flag(name)} must be in [0, 1), got {value}")
         if not self.lr > 0:
-            raise ConfigError(f"--lr must be > 0, got {self.lr}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+            problems.append(f"--lr must be > 0, got {self.lr}")
         if self.warmup_epochs < 0 or self.warmup_epochs > self.epochs:
-            raise ConfigError(
-                f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}"
-            )
-        if self.max_train is not None and self.max_train < 1:
-            raise ConfigError(f"--max-train must be >= 1, got {self.max_train}")
+            problems.append(f"--warmup-epochs must be in [0, epochs={self.epochs}], got {self.warmup_epochs}")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
-            raise ConfigError("--nesterov needs --optimizer sgd and --momentum > 0")
+            problems.append("--nesterov needs --optimizer sgd and --momentum > 0")
+        return problems + self._knob_problems()
+
+    def _knob_problems(self) -> list[str]:
+        """Model knobs given for an arch whose builder has no such argument."""
         given = [k for k in MODEL_KNOBS if getattr(self, k) is not None]
         allowed = KNOB_ARCHS.get(self.arch, ())
         bad = [k for k in given if k not in allowed]
-        if bad:
-            flags = ", ".join(f"--{k.replace('_', '-')}" for k in bad)
-            takers = sorted(a for a, knobs in KNOB_ARCHS.items() if all(k in knobs for k in bad))
-            raise ConfigError(
-                f"{flags} cannot be set for arch '{self.arch}'"
-                + (f"; it applies to: {', '.join(takers)}" if takers else "")
-            )
+        if not bad:
+            return []
+        takers = sorted(a for a, knobs in KNOB_ARCHS.items() if all(k in knobs for k in bad))
+        return [
+            f"{', '.join(map(_flag, bad))} cannot be set for arch '{self.arch}'"
+            + (f"; it applies to: {', '.join(takers)}" if takers else "")
+        ]
 
     def model_knobs(self) -> dict[str, Any]:
         """The arch keyword arguments given explicitly (the rest stay at the builder's defaults)."""
@@ -133,8 +142,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Rebuild from a checkpoint's ``config``; keys this version does not know are dropped."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cnnstack.cli import ConfigError
 from trainer.cuda import c_compiler
 from trainer.data import DatasetInfo, Split, augment, to_float
 from trainer.distributed import DistInfo, all_reduce_sum
@@ -81,6 +82,37 @@ class ModelEMA:
             e.copy_(c)
 
 
+@dataclass(frozen=True)
+class EpochPlan:
+    """What every epoch of a run reads besides the model: built once (``train.setup``)."""
+
+    info: DatasetInfo  # the images' normalization
+    epochs: int
+    batch_size: int  # per process; an epoch's last partial batch is dropped
+    seed: int
+    aug_info: DatasetInfo | None = None  # what data.augment reads; None: no augmentation
+    precision: str = "fp32"
+    channels_last: bool = False
+    dist_info: DistInfo = DistInfo()
+    progress: str = "off"  # progress.mode_for: bar, lines or off
+
+
+@dataclass
+class TrainState:
+    """What a training step uses and changes."""
+
+    model: nn.Module  # the model, or its DDP / compiled wrapper
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: ModelEMA | None = None
+    scaler: torch.amp.GradScaler | None = None  # fp16 only
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -101,30 +133,115 @@ def shard_permutation(n: int, generator: torch.Generator, dist_info: DistInfo) -
     return perm[: per_rank * dist_info.world_size][dist_info.rank :: dist_info.world_size]
 
 
-def train_one_epoch(
-    model: nn.Module,
-    criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    train: Split,
-    info: DatasetInfo,
-    *,
-    epoch: int,
-    epochs: int,
-    batch_size: int,
-    seed: int,
-    aug_info: DatasetInfo | None,
-    precision: str,
-    channels_last: bool,
-    dist_info: DistInfo,
-    ema: ModelEMA | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    progress: str = "off",
-) -> EpochStats:
-    """One pass over this rank's shard of the training set (``train`` already on the device).
+class EpochBatches:
+    """This rank's batches of one epoch, on the training device: a seeded shuffle of its shard,
+    gathered, normalized and augmented in one batched call per batch.
 
-    ``batch_size`` is per process; the last partial batch is dropped so every step has the same shape
-    (BatchNorm, torch.compile and DDP all prefer it).
+    Every batch has ``plan.batch_size`` images (BatchNorm, torch.compile and DDP all prefer one shape).
+    """
+
+    def __init__(self, train: Split, plan: EpochPlan, epoch: int) -> None:
+        device = train.x.device
+        self.train, self.plan = train, plan
+        order = torch.Generator().manual_seed(epoch_seed(plan.seed, epoch))
+        self.order = shard_permutation(len(train), order, plan.dist_info).to(device)
+        self.aug_gen = torch.Generator(device=device).manual_seed(
+            epoch_seed(plan.seed, epoch, 1 + plan.dist_info.rank)
+        )
+        # Pad with black (0 in pixel space is -mean/std after normalization), like torchvision's RandomCrop.
+        info = plan.info
+        self.black = -sum(m / s for m, s in zip(info.mean, info.std, strict=True)) / info.channels
+
+    def __len__(self) -> int:
+        return len(self.order) // self.plan.batch_size
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        b, plan = self.plan.batch_size, self.plan
+        for step in range(len(self)):
+            idx = self.order[step * b : (step + 1) * b]  # (B,)
+            x = to_float(self.train.x[idx], plan.info)  # (B, C, H, W) float32, normalized
+            if plan.aug_info is not None:
+                x = augment(x, plan.aug_info, generator=self.aug_gen, fill=self.black)
+            if plan.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.train.y[idx]  # (B,)
+
+
+class EpochTally:
+    """The epoch's sums, kept on the device (no host sync per step); non-finite steps left out."""
+
+    def __init__(self, device: torch.device, skipping: bool) -> None:
+        self.skipping = skipping  # with a GradScaler: non-finite steps are skipped, not fatal
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.counted = torch.zeros((), dtype=torch.int64, device=device)  # images of finite steps
+        self.images = 0
+        self.bad = torch.zeros((), dtype=torch.float32, device=device)  # without a scaler: non-finite losses
+        self.streak = torch.zeros((), dtype=torch.int64, device=device)  # with one: skipped steps in a row
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, logits: Tensor, y: Tensor) -> None:
+        finite = torch.isfinite(loss)
+        self.loss_sum += torch.where(finite, loss.double() * len(y), 0.0)
+        self.correct += torch.where(finite, (logits.argmax(1) == y).sum(), 0)
+        self.counted += torch.where(finite, len(y), 0)
+        self.images += len(y)
+        if self.skipping:
+            self.skipped += (~finite).long()
+            self.streak = torch.where(finite, 0, self.streak + 1)
+        else:
+            self.bad += (~finite).float()
+
+    def diverged(self, dist_info: DistInfo) -> bool:
+        """Whether any rank saw a NaN/Inf loss (with a scaler: MAX_SKIPPED_IN_A_ROW skipped steps in a
+        row); a host sync."""
+        stop = (self.streak >= MAX_SKIPPED_IN_A_ROW).float() if self.skipping else self.bad
+        return all_reduce_sum(stop, dist_info).item() > 0
+
+    def error(self, epoch: int, step: int, lr: float) -> NonFiniteLossError:
+        detail = (
+            f"; {MAX_SKIPPED_IN_A_ROW}+ fp16 steps in a row skipped by GradScaler" if self.skipping else ""
+        )
+        return NonFiniteLossError(epoch, step, lr, detail)
+
+    def stats(self, seconds: float, dist_info: DistInfo) -> EpochStats:
+        """Means over every rank's finite steps."""
+        sums = torch.stack(
+            [self.loss_sum, self.correct.double(), self.counted.double(), self.skipped.double()]
+        )
+        loss_sum, correct, counted, skipped = all_reduce_sum(sums, dist_info).tolist()
+        images = self.images * dist_info.world_size
+        return EpochStats(
+            loss_sum / max(counted, 1), correct / max(counted, 1), images, seconds, int(skipped)
+        )
+
+
+def train_step(state: TrainState, x: Tensor, y: Tensor, precision: str) -> tuple[Tensor, Tensor]:
+    """Forward, backward, optimizer and schedule step, EMA update; the (detached) loss and the logits."""
+    with autocast(x.device, precision):
+        logits = state.model(x)  # (B, K)
+        loss = state.criterion(logits, y)
+    state.optimizer.zero_grad(set_to_none=True)
+    if state.scaler is not None:
+        # An Inf loss can still have finite gradients (label smoothing on a -Inf logit): NaN
+        # gradients make sure GradScaler skips the step. No host sync: a device-side select.
+        finite = torch.isfinite(loss.detach())
+        state.scaler.scale(loss * torch.where(finite, 1.0, math.nan)).backward()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+    else:
+        loss.backward()
+        state.optimizer.step()
+    state.scheduler.step()
+    if state.ema is not None:
+        model = state.model
+        state.ema.update(model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model)
+    return loss.detach(), logits
+
+
+def train_one_epoch(state: TrainState, train: Split, plan: EpochPlan, *, epoch: int) -> EpochStats:
+    """One pass over this rank's shard of the training set (``train`` already on the device).
 
     A NaN/Inf loss stops training (NonFiniteLossError), except with a GradScaler (fp16): there an
     overflow is what the scaler is for, so the step is skipped (the scale halves) and counted, and
@@ -132,80 +249,24 @@ def train_one_epoch(
     accuracy are left out of the epoch's means.
     """
     device = train.x.device
-    model.train()
-    perm = shard_permutation(len(train), torch.Generator().manual_seed(epoch_seed(seed, epoch)), dist_info)
-    perm = perm.to(device)
-    aug_gen = torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch, 1 + dist_info.rank))
-    steps = len(perm) // batch_size
-    black = -sum(m / s for m, s in zip(info.mean, info.std, strict=True)) / info.channels
+    state.model.train()
+    batches = EpochBatches(train, plan, epoch)
+    tally = EpochTally(device, skipping=state.scaler is not None)
     # A host sync per step is free on CPU; on an accelerator check for NaN every few steps only.
-    check_every = 1 if device.type == "cpu" and not dist_info.enabled else 25
-    raw_model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    bad = torch.zeros((), dtype=torch.float32, device=device)  # without a scaler: non-finite losses
-    streak = torch.zeros((), dtype=torch.int64, device=device)  # with one: skipped steps in a row
-    skipped = torch.zeros((), dtype=torch.int64, device=device)
+    check_every = 1 if device.type == "cpu" and not plan.dist_info.enabled else 25
+    bar = Progress(len(batches), f"epoch {epoch}/{plan.epochs}", plan.progress)
     start = time.perf_counter()
-    bar = Progress(steps, f"epoch {epoch}/{epochs}", progress)  # progress.mode_for: bar, lines or off
-    for step in range(steps):
-        idx = perm[step * batch_size : (step + 1) * batch_size]  # (B,)
-        x = to_float(train.x[idx], info)  # (B, C, H, W) float32, normalized
-        if aug_info is not None:
-            # Pad with black (0 in pixel space is -mean/std after normalization), like torchvision's RandomCrop.
-            x = augment(x, aug_info, generator=aug_gen, fill=black)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = train.y[idx]  # (B,)
-        with autocast(device, precision):
-            logits = model(x)  # (B, K)
-            loss = criterion(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        finite = torch.isfinite(loss.detach())
-        if scaler is not None:
-            # An Inf loss can still have finite gradients (label smoothing on a -Inf logit): NaN
-            # gradients make sure GradScaler skips the step. No host sync: a device-side select.
-            scaler.scale(loss * torch.where(finite, 1.0, math.nan)).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update(raw_model)
-        with torch.no_grad():
-            loss_d = loss.detach()
-            loss_sum += torch.where(finite, loss_d.double() * len(idx), 0.0)
-            correct += torch.where(finite, (logits.argmax(1) == y).sum(), 0)
-            if scaler is not None:
-                skipped += (~finite).long()
-                streak = torch.where(finite, 0, streak + 1)
-            else:
-                bad += (~finite).float()
-        checkpoint_step = (step + 1) % check_every == 0 or step + 1 == steps
-        stop = (streak >= MAX_SKIPPED_IN_A_ROW).float() if scaler is not None else bad
-        if checkpoint_step and all_reduce_sum(stop, dist_info).item() > 0:
+    for step, (x, y) in enumerate(batches, 1):
+        loss, logits = train_step(state, x, y, plan.precision)
+        tally.add(loss, logits, y)
+        if (step % check_every == 0 or step == len(batches)) and tally.diverged(plan.dist_info):
             bar.close()
-            detail = f"; {MAX_SKIPPED_IN_A_ROW}+ fp16 steps in a row skipped by GradScaler" if scaler else ""
-            raise NonFiniteLossError(epoch, step + 1, optimizer.param_groups[0]["lr"], detail)
-        due = bar.due()
-        bar.advance(1, f"loss {loss_d.item():.4f} lr {optimizer.param_groups[0]['lr']:.3g}" if due else "")
+            raise tally.error(epoch, step, state.lr)
+        bar.advance(1, f"loss {loss.item():.4f} lr {state.lr:.3g}" if bar.due() else "")
     bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start
-    totals = all_reduce_sum(torch.stack([loss_sum, correct.double(), skipped.double()]), dist_info)
-    images = steps * batch_size * dist_info.world_size
-    counted = images - int(totals[2]) * batch_size  # images of the steps whose loss was finite
-    return EpochStats(
-        loss=float(totals[0]) / max(counted, 1),
-        acc=float(totals[1]) / max(counted, 1),
-        images=images,
-        seconds=seconds,
-        skipped=int(totals[2]),
-    )
+    return tally.stats(time.perf_counter() - start, plan.dist_info)
 
 
 @dataclass
@@ -230,18 +291,13 @@ def _batches(n: int, batch_size: int, dist_info: DistInfo) -> Iterator[tuple[int
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
-    test: Split,
-    info: DatasetInfo,
-    *,
-    batch_size: int,
-    precision: str,
-    channels_last: bool,
-    dist_info: DistInfo,
-    tta_flip: bool = False,
+    model: nn.Module, test: Split, plan: EpochPlan, *, batch_size: int, tta_flip: bool = False
 ) -> EvalResult:
-    """Cross-entropy, accuracy and confusion matrix on ``test`` (already on the device), all ranks merged."""
-    device = test.x.device
+    """Cross-entropy, accuracy and confusion matrix on ``test`` (already on the device), all ranks merged.
+
+    ``plan`` gives the normalization, precision, memory format and ranks; ``batch_size`` is per process.
+    """
+    device, info, dist_info = test.x.device, plan.info, plan.dist_info
     model.eval()
     k = info.num_classes
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -249,10 +305,10 @@ def evaluate(
     correct_tta = torch.zeros((), dtype=torch.int64, device=device)
     for s, e in _batches(len(test), batch_size, dist_info):
         x = to_float(test.x[s:e], info)  # (b, C, H, W)
-        if channels_last:
+        if plan.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = test.y[s:e]  # (b,)
-        with autocast(device, precision):
+        with autocast(device, plan.precision):
             logits = model(x).float()  # (b, K)
             if tta_flip:
                 logits_tta = (logits + model(x.flip(-1)).float()) / 2
@@ -286,11 +342,11 @@ def compile_model(
     if device.type == "cpu" and not (
         os.environ.get("CXX") or any(map(shutil.which, ("c++", "g++", "clang++")))
     ):
-        raise ValueError(
+        raise ConfigError(
             "--compile on a CPU needs a C++ compiler (Inductor builds C++): install g++ or drop --compile"
         )
     if device.type == "cuda" and c_compiler() is None:
-        raise ValueError(
+        raise ConfigError(
             "--compile on CUDA needs a C compiler (Triton builds its kernel launchers): install gcc or drop --compile"
         )
     os.environ.setdefault(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnstack.cli import ConfigError
 from trainer.config import PRECISIONS
 from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.engine import autocast
@@ -109,7 +110,7 @@ def resolve_precision(
     if requested not in PRECISIONS:
         raise ValueError(f"precision '{requested}' is not one of: {', '.join(PRECISIONS)}")
     if requested == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 needs CUDA (on CPU use bf16 or fp32)")
+        raise ConfigError("--precision fp16 needs CUDA (on CPU use bf16 or fp32)")
     if requested != "auto":
         return Choice(requested, "as asked")
     if device.type == "cuda":

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.config import ConfigError
+from cnnstack.cli import ConfigError
 
 
 @dataclass(frozen=True)

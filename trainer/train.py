@@ -5,7 +5,8 @@
     [run_epoch: train_one_epoch -> evaluate; save] x epochs
     summarize -> write_outputs
 
-``main(cfg)`` is also the programmatic entry point (the ablation grid and the tests call it).
+``setup`` returns a ``trainer.run.Run``; ``main(cfg)`` is also the programmatic entry point (the
+ablation grid and the tests call it).
 """
 
 from __future__ import annotations
@@ -14,43 +15,52 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cnnstack.contract import ModelMeta
+from cnnstack.cli import ConfigError
 from trainer import plots
-from trainer.checkpoint import SCHEMA_VERSION, git_commit, save_checkpoint
+from trainer.checkpoint import CheckpointError, git_commit
 from trainer.config import TrainConfig
 from trainer.cuda import configure_cuda, why_no_cuda
-from trainer.data import DatasetInfo, Split, load_dataset
-from trainer.distributed import DistInfo, barrier, cleanup, device_for, init_distributed
-from trainer.engine import EvalResult, ModelEMA, compile_model, evaluate, train_one_epoch
+from trainer.data import DatasetError, DatasetInfo, Split, load_dataset
+from trainer.distributed import DistInfo, barrier, device_for, process_group
+from trainer.engine import (
+    EpochPlan,
+    EvalResult,
+    ModelEMA,
+    TrainState,
+    compile_model,
+    evaluate,
+    train_one_epoch,
+)
 from trainer.hostmem import tune_malloc
 from trainer.models import count_parameters, get_model
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.outputs import (
+    OutputDirError,
     check_output_dir,
-    cpu_state_dict,
-    rng_state,
-    run_summary,
     write_confusion_csv,
     write_json,
     write_metrics_jsonl,
 )
 from trainer.precision import cpu_supports_bf16, resolve_precision
 from trainer.progress import mode_for
-from trainer.resume import load_resume_checkpoint, restore
+from trainer.resume import ResumeError, load_resume_checkpoint, restore
+from trainer.run import Run
+
+# What a user's input (flags, files, --out, --resume) can cause: a message and exit 2, no traceback.
+INPUT_ERRORS = (ConfigError, OutputDirError, ResumeError, CheckpointError, DatasetError)
 
 
 def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise ConfigError(
             f"--device cuda was asked for but torch.cuda.is_available() is False: {why_no_cuda()}"
         )
     return requested
@@ -110,47 +120,6 @@ def log(msg: str, dist_info: DistInfo) -> None:
         print(msg, flush=True)
 
 
-@dataclass
-class Run:
-    """What every epoch shares: the data, the model and what trains it, the history so far."""
-
-    cfg: TrainConfig
-    out: Path
-    device: torch.device
-    dist_info: DistInfo
-    info: DatasetInfo
-    train: Split
-    test: Split
-    batch_size: int  # per process
-    model: nn.Module  # unwrapped: what checkpoints hold
-    model_args: dict[str, Any]
-    precision: str
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    ema: ModelEMA | None
-    scaler: torch.amp.GradScaler | None
-    criterion: nn.Module
-    malloc_tuned: bool
-    train_model: nn.Module  # the model, or its DDP / compiled wrapper
-    compile_s: float | None = None
-    start_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_acc: float = -1.0
-
-    @property
-    def eval_model(self) -> nn.Module:
-        return self.ema.module if self.ema is not None else self.model
-
-    @property
-    def meta(self) -> ModelMeta:
-        i = self.info
-        return ModelMeta(self.cfg.arch, i.name, i.input_shape, i.mean, i.std, i.class_names)
-
-    @property
-    def tta_flip(self) -> bool:
-        return self.cfg.tta_flip and self.info.hflip
-
-
 def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train ``cfg``; returns the summary (also written to ``cfg.out``/summary.json on rank 0).
 
@@ -165,15 +134,12 @@ def main(cfg: TrainConfig, on_epoch_start: Callable[[int], None] | None = None) 
         check_output_dir(out, resuming=cfg.resume is not None, overwrite=cfg.overwrite)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    dist_info = init_distributed(device_type)
-    try:
+    with process_group(device_type) as dist_info:
         device = device_for(device_type, dist_info)
         cuda_line = configure_cuda(device)  # cudnn.benchmark, TF32
         if cuda_line:
             log(cuda_line, dist_info)
         return _run(cfg, out, device, dist_info, t0, on_epoch_start)
-    finally:
-        cleanup(dist_info)
 
 
 def _run(
@@ -186,12 +152,11 @@ def _run(
 ) -> dict[str, Any]:
     run = setup(cfg, out, device, dist_info)
     commit = git_commit() if dist_info.is_main else None
-    progress = mode_for(cfg.quiet, dist_info.is_main)
     result = None
     for epoch in range(run.start_epoch + 1, cfg.epochs + 1):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        result = run_epoch(run, epoch, progress)
+        result = run_epoch(run, epoch)
         if dist_info.is_main:
             save(run, epoch, result, commit)
     barrier(dist_info)
@@ -200,7 +165,7 @@ def _run(
             f"nothing to do: {cfg.resume} already trained {run.start_epoch} of {cfg.epochs} epochs", dist_info
         )
         return {"test_acc": run.history[-1]["test_acc"] if run.history else None, "epochs": run.start_epoch}
-    summary = run_summary(run, result, t0)
+    summary = run.summary(result, t0)
     if dist_info.is_main:
         write_outputs(run, result, summary, t0)
     return summary
@@ -212,13 +177,15 @@ def _run(
 def setup(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo) -> Run:
     """Data, model, precision and optimizer, resumed from ``cfg.resume`` if asked, ready to train."""
     if cfg.batch_size % dist_info.world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes")
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size} must divide by the {dist_info.world_size} processes"
+        )
     batch_size = cfg.batch_size // dist_info.world_size  # per process
     malloc_tuned = tune_malloc() if cfg.tune_malloc else False  # before the big allocations
     info, train, test = load_data_announced(cfg, device, dist_info)
     steps_per_epoch = (len(train) // dist_info.world_size) // batch_size
     if steps_per_epoch == 0:
-        raise ValueError(
+        raise ConfigError(
             f"--batch-size {cfg.batch_size} is larger than the training set ({len(train)} images)"
         )
     if (cfg.tta_flip or "flip" in cfg.augment) and not info.hflip:
@@ -233,30 +200,28 @@ def setup(cfg: TrainConfig, out: Path, device: torch.device, dist_info: DistInfo
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # stubs lack it
     optimizer = build_optimizer(model, cfg)
-    run = Run(
-        cfg,
-        out,
-        device,
-        dist_info,
-        info,
-        train,
-        test,
-        batch_size,
+    state = TrainState(
         model,
-        model_args,
-        precision,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, cfg, steps_per_epoch),
+        nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        optimizer,
+        build_scheduler(optimizer, cfg, steps_per_epoch),
         ema=ModelEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
         scaler=torch.amp.GradScaler("cuda") if precision == "fp16" else None,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-        malloc_tuned=malloc_tuned,
-        train_model=model,
     )
+    plan = EpochPlan(
+        info,
+        cfg.epochs,
+        batch_size,
+        cfg.seed,
+        aug_info=augmentation(cfg.augment, info),
+        precision=precision,
+        channels_last=cfg.channels_last,
+        dist_info=dist_info,
+        progress=mode_for(cfg.quiet, dist_info.is_main),
+    )
+    run = Run(cfg, out, device, info, train, test, model, model_args, state, plan, malloc_tuned)
     if ckpt is not None:
-        run.start_epoch, run.history = restore(
-            ckpt, model, optimizer, run.scheduler, run.ema, run.scaler, device
-        )
+        run.start_epoch, run.history = restore(ckpt, state, device)
         run.best_acc = max((r["test_acc"] for r in run.history), default=-1.0)
         log(f"resumed from {cfg.resume} after epoch {run.start_epoch}", dist_info)
     wrap_for_training(run)
@@ -310,54 +275,30 @@ def choose_precision(
 
 def wrap_for_training(run: Run) -> None:
     """DistributedDataParallel across processes, then ``--compile``: what the steps call."""
-    if run.dist_info.enabled:
-        device = run.device
-        run.train_model = nn.parallel.DistributedDataParallel(
+    plan, device = run.plan, run.device
+    if plan.dist_info.enabled:
+        run.state.model = nn.parallel.DistributedDataParallel(
             run.model, device_ids=[device.index] if device.type == "cuda" else None
         )
     if run.cfg.compile:
-        log("torch.compile: compiling the training step (once, before the timed epochs)", run.dist_info)
-        run.train_model, run.compile_s = compile_model(
-            run.train_model, run.train, run.info, run.batch_size, run.precision, run.cfg.channels_last
+        log("torch.compile: compiling the training step (once, before the timed epochs)", plan.dist_info)
+        run.state.model, run.compile_s = compile_model(
+            run.state.model, run.train, run.info, plan.batch_size, plan.precision, plan.channels_last
         )
-        log(f"torch.compile: ready in {run.compile_s:.1f} s", run.dist_info)
+        log(f"torch.compile: ready in {run.compile_s:.1f} s", plan.dist_info)
 
 
 # ---------------------------------------------------------------- the epochs
 
 
-def run_epoch(run: Run, epoch: int, progress: str) -> EvalResult:
+def run_epoch(run: Run, epoch: int) -> EvalResult:
     """Train one epoch, evaluate (flip TTA after the last), log it; its record joins the history."""
     cfg = run.cfg
-    lr = run.optimizer.param_groups[0]["lr"]
-    stats = train_one_epoch(
-        run.train_model,
-        run.criterion,
-        run.optimizer,
-        run.scheduler,
-        run.train,
-        run.info,
-        epoch=epoch,
-        epochs=cfg.epochs,
-        batch_size=run.batch_size,
-        seed=cfg.seed,
-        aug_info=augmentation(cfg.augment, run.info),
-        precision=run.precision,
-        channels_last=cfg.channels_last,
-        dist_info=run.dist_info,
-        ema=run.ema,
-        scaler=run.scaler,
-        progress=progress,
-    )
+    lr = run.state.lr
+    stats = train_one_epoch(run.state, run.train, run.plan, epoch=epoch)
+    last = epoch == cfg.epochs
     result = evaluate(
-        run.eval_model,
-        run.test,
-        run.info,
-        batch_size=cfg.eval_batch_size,
-        precision=run.precision,
-        channels_last=cfg.channels_last,
-        dist_info=run.dist_info,
-        tta_flip=run.tta_flip and epoch == cfg.epochs,
+        run.eval_model, run.test, run.plan, batch_size=cfg.eval_batch_size, tta_flip=run.tta_flip and last
     )
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -380,41 +321,18 @@ def run_epoch(run: Run, epoch: int, progress: str) -> EvalResult:
         + (f"  test_acc_tta {result.acc_tta:.4f}" if result.acc_tta is not None else "")
         + f"  lr {lr:.4g}  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f}s"
         + (f"  {stats.skipped} fp16 step(s) skipped" if stats.skipped else ""),
-        run.dist_info,
+        run.plan.dist_info,
     )
     return result
 
 
 def save(run: Run, epoch: int, result: EvalResult, commit: str | None) -> None:
     """checkpoint.pt (and best.pt when this epoch is the best so far), metrics.jsonl."""
-    cfg = run.cfg
-    ckpt: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "arch": cfg.arch,
-        "model_args": run.model_args,
-        "meta": run.meta.to_dict(),
-        "state_dict": cpu_state_dict(run.eval_model),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "epoch": epoch,
-        "metrics": dict(run.history[-1]),
-        "config": cfg.to_dict(),
-        "torch_version": str(torch.__version__),
-        "git_commit": commit,
-        "rng": rng_state(run.device),
-        "history": run.history,
-        "precision": run.precision,
-        "world_size": run.dist_info.world_size,
-    }
-    if run.ema is not None:
-        ckpt["train_state_dict"] = cpu_state_dict(run.model)
-        ckpt["ema_updates"] = run.ema.updates
-    if run.scaler is not None:
-        ckpt["scaler"] = run.scaler.state_dict()
-    save_checkpoint(run.out / "checkpoint.pt", ckpt)
+    ckpt = run.checkpoint(epoch, commit)
+    ckpt.save(run.out / "checkpoint.pt")
     if result.acc > run.best_acc:
         run.best_acc = result.acc
-        save_checkpoint(run.out / "best.pt", ckpt)
+        ckpt.save(run.out / "best.pt")
     write_metrics_jsonl(run.out / "metrics.jsonl", run.history)
 
 
@@ -433,5 +351,5 @@ def write_outputs(run: Run, result: EvalResult, summary: dict[str, Any], t0: flo
         f"done: test_acc {result.acc:.4f}"
         + (f" (flip TTA {result.acc_tta:.4f})" if result.acc_tta is not None else "")
         + f" best {run.best_acc:.4f}  wall {summary['wall_time_s']:.1f}s  outputs in {out}",
-        run.dist_info,
+        run.plan.dist_info,
     )

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cnnstack.cli import ConfigError, parse_config, require
 from cnnstack.contract import ModelMeta
 from trainer.checkpoint import CheckpointError, build_model, checkpoint_meta, load_checkpoint
 from trainer.data import DatasetError, DatasetInfo, load_dataset, to_float
@@ -35,6 +36,9 @@ class VisualizeConfig:
     data_dir: str | None = None
     max_channels: int = 64  # wide layers (ResNet/DenseNet) show their first channels only
 
+    def __post_init__(self) -> None:
+        require([] if self.max_channels >= 1 else ["--max-channels must be >= 1"])
+
 
 def load_input(meta: ModelMeta, index: int, data_dir: str | None) -> tuple[torch.Tensor, str]:
     """Test image ``index`` of the model's dataset as (C, H, W) uint8, and a caption."""
@@ -46,12 +50,12 @@ def load_input(meta: ModelMeta, index: int, data_dir: str | None) -> tuple[torch
         x = make_synthetic(1, meta.num_classes, c, h, seed=index).x[0]
         return x, f"generated input (dataset {meta.dataset} not found)"
     if not 0 <= index < len(test):
-        raise ValueError(
+        raise ConfigError(
             f"--index {index} is out of range: the {meta.dataset} test split has {len(test)} images"
         )
     label = meta.class_names[int(test.y[index])]
     if tuple(test.x.shape[1:]) != meta.input_shape:
-        raise ValueError(
+        raise DatasetError(
             f"{meta.dataset} test images are {tuple(test.x.shape[1:])}, the model expects {meta.input_shape}"
         )
     return test.x[index], f"{meta.dataset} test[{index}], label {label}"
@@ -128,7 +132,7 @@ def visualize(cfg: VisualizeConfig) -> list[Path]:
     )
     maps, logits = conv_outputs(model, to_float(image[None], info))  # (1, C, H, W) in
     if not maps:
-        raise ValueError(f"{meta.arch} has no Conv2d layers to visualize")
+        raise ConfigError(f"{meta.arch} has no Conv2d layers to visualize")
     predicted = meta.class_names[int(logits.argmax(1))]
     caption = f"{meta.arch}: {caption}, predicted {predicted}"
 
@@ -145,24 +149,21 @@ def visualize(cfg: VisualizeConfig) -> list[Path]:
     return paths
 
 
-def parse_args(argv: list[str] | None) -> VisualizeConfig:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer.visualize", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint file or run directory (best.pt / checkpoint.pt)")
     p.add_argument("--index", type=int, default=0, help="test image index (default 0)")
     p.add_argument("--out", default=None, help="output directory (default <run dir>/featuremaps)")
     p.add_argument("--data-dir", default=None, help="dataset folder, if not in the default place")
     p.add_argument("--max-channels", type=int, default=64, help="channels shown per layer (default 64)")
-    a = p.parse_args(argv)
-    if a.max_channels < 1:
-        p.error("--max-channels must be >= 1")
-    return VisualizeConfig(a.checkpoint, a.index, a.out, a.data_dir, a.max_channels)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = parse_config(VisualizeConfig, build_parser(), argv)
     try:
         paths = visualize(cfg)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ConfigError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for path in paths:

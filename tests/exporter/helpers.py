@@ -16,7 +16,7 @@ from torch import nn
 
 from cnnstack.contract import ModelMeta
 from exporter.__main__ import main
-from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+from trainer.checkpoint import Checkpoint, save_checkpoint
 from trainer.models import get_model
 
 # Fast settings: a parity batch of 64 (the smallest the gate allows), few batch-1 images, short timing.
@@ -66,26 +66,14 @@ def make_model(arch: str, meta: ModelMeta, seed: int = 0) -> nn.Module:
 
 
 def write_checkpoint(path: Path, model: nn.Module, meta: ModelMeta, **overrides) -> Path:
-    ckpt = {
-        "schema_version": SCHEMA_VERSION,
-        "arch": meta.arch,
-        "model_args": {
-            "in_channels": meta.channels,
-            "num_classes": meta.num_classes,
-            "image_size": meta.image_size,
-        },
-        "meta": meta.to_dict(),
-        "state_dict": model.state_dict(),
-        "optimizer": None,
-        "scheduler": None,
-        "epoch": 1,
-        "metrics": {"test_acc": 0.5},
-        "config": {},
-        "torch_version": str(torch.__version__),
-        "git_commit": None,
+    """A checkpoint of ``model`` after one epoch; ``overrides`` replace keys of the file's dict."""
+    model_args = {
+        "in_channels": meta.channels,
+        "num_classes": meta.num_classes,
+        "image_size": meta.image_size,
     }
-    ckpt.update(overrides)
-    save_checkpoint(path, ckpt)
+    ckpt = Checkpoint(meta.arch, model_args, meta, model.state_dict(), epoch=1, metrics={"test_acc": 0.5})
+    save_checkpoint(path, {**ckpt.to_dict(), **overrides})
     return path
 
 

@@ -11,8 +11,7 @@ from torch import nn
 from trainer import engine
 from trainer.cuda import c_compiler, configure_cuda, why_no_cuda
 from trainer.data import load_dataset
-from trainer.distributed import DistInfo
-from trainer.engine import NonFiniteLossError, train_one_epoch
+from trainer.engine import EpochPlan, NonFiniteLossError, TrainState, train_one_epoch
 from trainer.models import get_model
 
 
@@ -35,23 +34,8 @@ def epoch(criterion: nn.Module, scaler: torch.amp.GradScaler | None) -> tuple[en
     model = get_model("lenet5", in_channels=1, num_classes=10, image_size=28, batchnorm=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    stats = train_one_epoch(
-        model,
-        criterion,
-        optimizer,
-        scheduler,
-        train,
-        info,
-        epoch=1,
-        epochs=1,
-        batch_size=32,
-        seed=0,
-        aug_info=None,
-        precision="fp32",
-        channels_last=False,
-        dist_info=DistInfo(),
-        scaler=scaler,
-    )
+    state = TrainState(model, criterion, optimizer, scheduler, scaler=scaler)
+    stats = train_one_epoch(state, train, EpochPlan(info, epochs=1, batch_size=32, seed=0), epoch=1)
     return stats, model
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from trainer.__main__ import build_parser, main, make_config
+from trainer.__main__ import main, parse_command
 from trainer.checkpoint import load_checkpoint
 from trainer.models import get_model, list_models
 from trainer.presets import list_presets
@@ -41,8 +41,7 @@ TINY = [
 
 
 def config_of(argv: list[str]):  # type: ignore[no-untyped-def]
-    parser = build_parser()
-    return make_config(parser.parse_args(argv), parser)
+    return parse_command(argv).config()
 
 
 def test_preset_fills_defaults_and_explicit_flags_win() -> None:

@@ -66,3 +66,27 @@ def test_torchrun_two_processes_train_and_only_rank0_writes(tmp_path: Path) -> N
     assert ckpt["world_size"] == 2 and ckpt["scheduler"]["last_epoch"] == 2 * 16
     leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
     assert leftovers == [], leftovers  # no half-written temp files from a second writer
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through Linux's /proc")
+@pytest.mark.parametrize("how", ["returns", "raises"])
+def test_torchrun_ranks_leave_no_gloo_thread_behind(how: str, tmp_path: Path) -> None:
+    """Returned or raised, ``trainer.train.main`` has joined gloo's threads before its caller goes on.
+
+    A gloo thread still alive while the interpreter exits may free a Python-made tensor then, and
+    CPython aborts it ("terminate called without an active exception"): torchrun exits 1 after a
+    run that trained. That is a race; the threads outliving ``main`` are what makes it possible.
+    """
+    probe = Path(__file__).with_name("torchrun_teardown.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd += [str(probe), str(tmp_path / "run"), how]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout
+    for r in reports:
+        assert r["raised"] == (how == "raises")
+        assert r["started"], "init_process_group started no thread: the probe cannot see gloo's"
+        assert r["alive"] == [], f"rank {r['rank']}: threads of the process group outlived main()"

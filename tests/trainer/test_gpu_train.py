@@ -14,8 +14,7 @@ from trainer import train
 from trainer.config import TrainConfig
 from trainer.cuda import configure_cuda, why_no_cuda
 from trainer.data import load_dataset
-from trainer.distributed import DistInfo
-from trainer.engine import evaluate, train_one_epoch
+from trainer.engine import EpochPlan, TrainState, evaluate, train_one_epoch
 from trainer.models import get_model
 
 pytestmark = pytest.mark.gpu
@@ -47,25 +46,11 @@ def test_a_small_cnn_learns_on_cuda_channels_last(precision: str) -> None:
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     seen: list[torch.Tensor] = []
     handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0]) if not seen else None)
+    state = TrainState(model, nn.CrossEntropyLoss(), optimizer, scheduler, scaler=scaler)
+    plan = EpochPlan(info, epochs=3, batch_size=64, seed=0, precision=precision, channels_last=True)
     losses = []
     for e in (1, 2, 3):
-        stats = train_one_epoch(
-            model,
-            nn.CrossEntropyLoss(),
-            optimizer,
-            scheduler,
-            train_split,
-            info,
-            epoch=e,
-            epochs=3,
-            batch_size=64,
-            seed=0,
-            aug_info=None,
-            precision=precision,
-            channels_last=True,
-            dist_info=DistInfo(),
-            scaler=scaler,
-        )
+        stats = train_one_epoch(state, train_split, plan, epoch=e)
         losses.append(stats.loss)
     handle.remove()
     assert losses[-1] < 0.7 * losses[0], losses
@@ -77,9 +62,7 @@ def test_a_small_cnn_learns_on_cuda_channels_last(precision: str) -> None:
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     if scaler is not None:
         assert scaler.get_scale() > 0 and stats.skipped < 10
-    result = evaluate(
-        model, test_split, info, batch_size=256, precision=precision, channels_last=True, dist_info=DistInfo()
-    )
+    result = evaluate(model, test_split, plan, batch_size=256)
     assert result.acc > 0.5
 
 

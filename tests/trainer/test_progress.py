@@ -4,17 +4,23 @@ warm-up step, timed apart from the epochs, leaving the run exactly as it was."""
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
+from trainer import progress as progress_module
 from trainer import train
 from trainer.data import load_dataset
 from trainer.progress import Progress, mode_for
 
 
-def test_lines_mode_prints_where_a_bar_would_not_show(capsys: pytest.CaptureFixture[str]) -> None:
+def test_lines_mode_prints_where_a_bar_would_not_show(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stopped clock: the line shows the seconds elapsed, which on a busy machine need not round to 0.
+    monkeypatch.setattr(progress_module, "time", SimpleNamespace(monotonic=lambda: 100.0))
     progress = Progress(4, "epoch 1/2", "lines", every_s=0.0)
     for step in range(4):
         progress.advance(1, f"loss {1.0 / (step + 1):.2f}" if progress.due() else "")

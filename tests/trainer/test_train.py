@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cnnstack.cli import ConfigError
 from trainer import precision, train
 from trainer.checkpoint import build_model, checkpoint_meta, load_checkpoint
-from trainer.config import ConfigError, TrainConfig
+from trainer.config import TrainConfig
 from trainer.data import load_dataset, to_float
 from trainer.hostmem import user_chose_allocator
 from trainer.optim import lr_factor

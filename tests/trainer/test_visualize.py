@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from cnnstack.contract import ModelMeta
-from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+from trainer.checkpoint import Checkpoint
 from trainer.data import load_dataset
 from trainer.models import get_model
 from trainer.visualize import conv_outputs, main, mosaic
@@ -22,16 +22,7 @@ def _lenet_checkpoint(path: Path, dataset: str = "synthetic") -> tuple[Path, nn.
     torch.manual_seed(0)
     model = get_model("lenet5", **model_args)
     meta = ModelMeta("lenet5", dataset, info.input_shape, info.mean, info.std, info.class_names)
-    ckpt = {
-        "schema_version": SCHEMA_VERSION,
-        "arch": "lenet5",
-        "model_args": model_args,
-        "meta": meta.to_dict(),
-        "state_dict": model.state_dict(),
-        "epoch": 0,
-        "metrics": {},
-    }
-    save_checkpoint(path, ckpt)
+    Checkpoint("lenet5", model_args, meta, model.state_dict()).save(path)
     return path, model
 
 

@@ -7,9 +7,18 @@ import importlib
 import pkgutil
 
 from trainer.models._api import count_parameters, get_model, get_model_builder, list_models, register_model
+from trainer.models._blocks import ACTIVATIONS, POOLS
 
 for _mod in pkgutil.iter_modules(__path__):
     if not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["count_parameters", "get_model", "get_model_builder", "list_models", "register_model"]
+__all__ = [
+    "ACTIVATIONS",
+    "POOLS",
+    "count_parameters",
+    "get_model",
+    "get_model_builder",
+    "list_models",
+    "register_model",
+]

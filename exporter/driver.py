@@ -1,4 +1,5 @@
-"""Export of one checkpoint, as plain stage functions read top to bottom:
+"""The export driver: one checkpoint exported, checked and published, as plain stage functions
+read top to bottom:
 
     load_source -> export (fp32) -> check_onnx -> parity -> ort optimizations -> accuracy/speed
     -> fp16 / int8 variants (accuracy gate) -> publish (atomic, versioned)
@@ -11,7 +12,6 @@ contract's ``ExportReport``; each stage fills its part.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnxruntime
+import torch
+from tqdm import tqdm
 
+import cnnstack
 from cnnstack.contract import (
     CheckResult,
     DataInfo,
     ExportInfo,
     ExportReport,
-    ModelMeta,
     ModelSection,
     ModelSignature,
     Provenance,
@@ -40,12 +44,10 @@ from cnnstack.contract import (
 from exporter import checks, onnx_export, quantize
 from exporter.config import ExportConfig
 from exporter.inputs import EvalData, load_calibration, load_eval_data
+from exporter.source import BadInput, Source, build_wrapper, default_name, load_source
+from trainer.models import count_parameters
 
 BENCH_BATCH = 64
-
-
-class BadInput(ValueError):
-    """The source cannot be exported (not a checkpoint, clashing name...); nothing was written."""
 
 
 class ExportFailed(RuntimeError):
@@ -53,15 +55,6 @@ class ExportFailed(RuntimeError):
         super().__init__(f"check '{check}' failed: {message}")
         self.check = check
         self.report = report
-
-
-@dataclass
-class Source:
-    path: Path  # the checkpoint file actually read (run dirs resolved to best.pt / checkpoint.pt)
-    given: Path  # what the user passed
-    ckpt: dict[str, Any]
-    meta: ModelMeta
-    sha256: str
 
 
 @dataclass
@@ -88,8 +81,6 @@ class ExportResult:
 
 def say(name: str, what: str) -> None:
     """One line before each step that can take seconds: an export is never silent."""
-    from tqdm import tqdm
-
     tqdm.write(f"[{name}] {what}", file=sys.stderr)  # above the progress bar, if any
 
 
@@ -97,59 +88,7 @@ def gate_of(cfg: ExportConfig) -> checks.Gate:
     return checks.Gate(cfg.parity_batch, cfg.batch1_samples, cfg.atol, cfg.threads)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    if path.is_dir():
-        # The last epoch first: best.pt is picked by test accuracy, and reporting the test accuracy of a
-        # model selected on the test set would flatter it. An explicit file path exports best.pt.
-        for name in ("checkpoint.pt", "best.pt"):
-            if (path / name).is_file():
-                return path / name
-    return path  # load_checkpoint names the problem
-
-
-def load_source(path: Path) -> Source:
-    from trainer.checkpoint import CheckpointError, checkpoint_meta, load_checkpoint
-
-    file = resolve_checkpoint(path)
-    try:
-        ckpt = load_checkpoint(file)
-        meta = checkpoint_meta(ckpt)
-    except CheckpointError as e:
-        raise BadInput(str(e)) from e
-    return Source(file, path, ckpt, meta, sha256_file(file))
-
-
-def build_wrapper(src: Source) -> onnx_export.NormalizedClassifier:
-    from trainer.checkpoint import build_model
-
-    try:
-        model = build_model(src.ckpt)
-    except (ValueError, RuntimeError, TypeError, KeyError) as e:  # unknown arch, state_dict mismatch
-        raise BadInput(f"{src.path}: cannot rebuild '{src.ckpt.get('arch')}' from its metadata: {e}") from e
-    return onnx_export.wrap(model, src.meta)
-
-
-def default_name(src: Source) -> str:
-    if src.given.is_dir():
-        return sanitize_name(src.given.resolve().name)
-    return sanitize_name(f"{src.meta.arch}-{src.meta.dataset}")
-
-
 def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> ExportReport:
-    import onnx
-    import onnxruntime
-    import torch
-
-    import exporter
-
     metrics = {k: v for k, v in (src.ckpt.get("metrics") or {}).items() if isinstance(v, (int, float, str))}
     meta = src.meta
     return ExportReport(
@@ -161,7 +100,7 @@ def base_report(src: Source, name: str, params: int, cfg: ExportConfig) -> Expor
             ModelSignature.of(meta), meta.dataset, meta.class_names, src.ckpt.get("model_args"), params
         ),
         versions={
-            "exporter": exporter.__version__,
+            "exporter": cnnstack.version(),
             "torch": torch.__version__,
             "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__,
@@ -258,8 +197,6 @@ def export_variant(
     calib: tuple[np.ndarray, str],
 ) -> Candidate:
     """Build, check and score NAME-fp16 / NAME-int8 against FP32; gate on the accuracy drop."""
-    import onnx
-
     base = onnx.ModelProto.FromString(fp32.model_bytes)
     exporter_used = Provenance.from_onnx_props(onnx_export.read_metadata(base)).torch_exporter
     t = time.perf_counter()
@@ -399,8 +336,6 @@ def _publish_all(
 
 def export_one(given: Path, cfg: ExportConfig) -> ExportResult:
     """Everything for one checkpoint. Raises BadInput (nothing written) or ExportFailed (nothing published)."""
-    from trainer.models import count_parameters
-
     t0 = time.perf_counter()
     src = load_source(given)
     name = sanitize_name(cfg.name) if cfg.name else default_name(src)
