@@ -31,7 +31,7 @@ from cnnstack.contract import ExportReport, ModelMeta
 from exporter.config import ExportConfig
 from exporter.driver import ExportFailed, export_one
 from exporter.source import BadInput, load_source
-from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+from trainer.checkpoint import Checkpoint
 from trainer.models import get_model, list_models
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,17 +75,8 @@ def untrained_checkpoint(arch: str, dataset: str, data_dir: Path | None, out: Pa
             model(to_float(train.x[:256], info))
     model.eval()
     path = out / "untrained" / f"{arch}.pt"
-    ckpt = {
-        "schema_version": SCHEMA_VERSION,
-        "arch": arch,
-        "model_args": args,
-        "meta": meta.to_dict(),
-        "state_dict": model.state_dict(),
-        "epoch": 0,
-        "metrics": {},
-        "config": {"note": "untrained (bench/export_matrix.py)"},
-    }
-    save_checkpoint(path, ckpt)
+    note = {"note": "untrained (bench/export_matrix.py)"}
+    Checkpoint(arch, args, meta, model.state_dict(), config=note).save(path)
     return path
 
 

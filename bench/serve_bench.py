@@ -69,7 +69,7 @@ class BenchConfig:
 
 def write_untrained_checkpoint(name: str, path: Path) -> None:
     from cnnstack.contract import ModelMeta
-    from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+    from trainer.checkpoint import Checkpoint
     from trainer.data import FASHION_MNIST_CLASSES, STATS
     from trainer.models import get_model
 
@@ -78,19 +78,8 @@ def write_untrained_checkpoint(name: str, path: Path) -> None:
     args = {"in_channels": shape[0], "num_classes": len(classes), "image_size": shape[1]}
     model = get_model(arch, **args).eval()
     meta = ModelMeta(arch, dataset, shape, *STATS[dataset], class_names=classes)
-    ckpt = {
-        "schema_version": SCHEMA_VERSION,
-        "arch": arch,
-        "model_args": args,
-        "meta": meta.to_dict(),
-        "state_dict": model.state_dict(),
-        "optimizer": None,
-        "scheduler": None,
-        "epoch": 0,
-        "metrics": {},
-        "config": {"note": "untrained, for serve_bench"},
-    }
-    save_checkpoint(path, ckpt)
+    note = {"note": "untrained, for serve_bench"}
+    Checkpoint(arch, args, meta, model.state_dict(), config=note).save(path)
 
 
 def prepare_repository(cfg: BenchConfig) -> Path:

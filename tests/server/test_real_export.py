@@ -18,7 +18,7 @@ def test_serves_a_lenet5_exported_by_cnn_export(tmp_path, start_server) -> None:
     torch = pytest.importorskip("torch")
     export_main = pytest.importorskip("exporter.__main__").main
     from cnnstack.contract import ModelMeta
-    from trainer.checkpoint import SCHEMA_VERSION, save_checkpoint
+    from trainer.checkpoint import Checkpoint
     from trainer.data import load_dataset
     from trainer.models import get_model
 
@@ -27,23 +27,8 @@ def test_serves_a_lenet5_exported_by_cnn_export(tmp_path, start_server) -> None:
     torch.manual_seed(0)
     model = get_model("lenet5", in_channels=1, num_classes=10, image_size=28).eval()
     ckpt = tmp_path / "lenet.pt"
-    save_checkpoint(
-        ckpt,
-        {
-            "schema_version": SCHEMA_VERSION,
-            "arch": "lenet5",
-            "model_args": {"in_channels": 1, "num_classes": 10, "image_size": 28},
-            "meta": meta.to_dict(),
-            "state_dict": model.state_dict(),
-            "optimizer": None,
-            "scheduler": None,
-            "epoch": 1,
-            "metrics": {"test_acc": 0.1},
-            "config": {},
-            "torch_version": str(torch.__version__),
-            "git_commit": None,
-        },
-    )
+    args = {"in_channels": 1, "num_classes": 10, "image_size": 28}
+    Checkpoint("lenet5", args, meta, model.state_dict(), epoch=1, metrics={"test_acc": 0.1}).save(ckpt)
     repo = tmp_path / "repo"
     fast = [
         "--parity-samples",
