@@ -123,7 +123,10 @@ async def serve_http(host: str, port: int, model: str, images: int):  # noqa: AN
     body, headers = canned_rest_response(model, images)
 
     async def infer(request: web.Request) -> web.Response:
-        await request.read()
+        try:
+            await request.read()
+        except ConnectionError:  # the load client stopped mid-request: nothing to answer
+            return web.Response(status=408)
         return web.Response(body=body, headers=headers)
 
     app = web.Application(client_max_size=256 << 20)

@@ -122,6 +122,40 @@ def test_numbers_must_match_the_shape_and_be_numbers() -> None:
     rejects(rest.input_array, words, served(), match="must be numbers")
 
 
+def test_a_repeated_binary_header_binds_each_request_to_its_own_bytes() -> None:
+    """The parsed header is reused between requests (a client sends the same one each time); the
+    tensors are each request's own, and a bad body is refused however often its header was seen."""
+    header = {"inputs": [{**INPUT, "parameters": {"binary_data_size": X.nbytes}}]}
+    first, length = binary(header, X.tobytes())
+    second, _ = binary(header, (X + 10).tobytes())
+    a = rest.input_array(rest.parse_request(first, length), served())
+    b = rest.input_array(rest.parse_request(second, length), served())
+    np.testing.assert_array_equal(a, X)
+    np.testing.assert_array_equal(b, X + 10)
+    short, _ = binary(header, X.tobytes()[:-4])
+    rejects(rest.parse_request, short, length, match="runs past the body")
+    rejects(rest.parse_request, first + b"xx", length, match="2 binary bytes after the JSON header")
+
+
+def test_binary_outputs_header_matches_the_tensors_and_echoes_the_id() -> None:
+    outs = outputs_for(X)
+    for request_id in (None, "r7", "r8"):
+        header = {"inputs": [{**INPUT, "parameters": {"binary_data_size": X.nbytes}}]}
+        if request_id is not None:
+            header["id"] = request_id
+        header["parameters"] = {"binary_data_output": True}
+        req = rest.parse_request(*binary(header, X.tobytes()))
+        body, length = rest.encode_response(req, served(), outs)
+        assert length is not None
+        doc = json.loads(body[:length])
+        assert doc.get("id") == request_id
+        sizes = [o["parameters"]["binary_data_size"] for o in doc["outputs"]]
+        assert [o["shape"] for o in doc["outputs"]] == [[2, 4], [2, 4]] and sizes == [32, 32]
+        raw = body[length:]
+        np.testing.assert_array_equal(np.frombuffer(raw[:32], "<f4").reshape(2, 4), outs[0])
+        np.testing.assert_array_equal(np.frombuffer(raw[32:], "<f4").reshape(2, 4), outs[1])
+
+
 def outputs_for(x: np.ndarray) -> list[np.ndarray]:
     logits = x.reshape(x.shape[0], -1)  # (N, 4): one logit per pixel
     e = np.exp(logits - logits.max(axis=1, keepdims=True))

@@ -76,19 +76,27 @@ def build_response(
 ) -> ks.ModelInferResponse:
     names = served.output_names
     response = ks.ModelInferResponse(model_name=served.name, model_version=str(served.version), id=request.id)
-    wanted = request.outputs or [ks.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names]
+    if not request.outputs:  # every output, as raw FP32 (the common request: nothing to look up)
+        for name, out in zip(names, outputs, strict=False):
+            response.outputs.add(name=name, datatype=TENSOR_DATATYPE, shape=out.shape)
+        response.raw_output_contents.extend(_raw(out) for out in outputs[: len(names)])
+        return response
     raw = []
-    for req_out in wanted:
+    for req_out in request.outputs:
         out = outputs[names.index(req_out.name)]
         k = _classification(req_out)
         if k:
             response.outputs.add(name=req_out.name, datatype="BYTES", shape=[out.shape[0], k])
             raw.append(v2.bytes_tensor(v2.classification_labels(served, outputs, k)))
         else:
-            response.outputs.add(name=req_out.name, datatype=TENSOR_DATATYPE, shape=list(out.shape))
-            raw.append(np.ascontiguousarray(out, dtype="<f4").tobytes())
+            response.outputs.add(name=req_out.name, datatype=TENSOR_DATATYPE, shape=out.shape)
+            raw.append(_raw(out))
     response.raw_output_contents.extend(raw)
     return response
+
+
+def _raw(out: np.ndarray) -> bytes:
+    return np.ascontiguousarray(out, dtype="<f4").tobytes()
 
 
 class KServeService(ks_grpc.GRPCInferenceServiceServicer):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import functools
 import json
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,8 @@ from server.runtime.preprocess import array_from_bytes, array_from_values
 from server.runtime.version import ServedVersion
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+CACHED_HEADERS = 256  # distinct JSON headers of binary requests kept parsed
+CACHED_HEADER_BYTES = 4096  # longer headers are parsed every time
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +51,8 @@ class RestInput:
     datatype: str
     shape: tuple[int, ...]
     data: Any = None  # JSON numbers
-    raw: memoryview | None = None  # binary tensor data
+    size: int | None = None  # ``parameters.binary_data_size``: the input is binary
+    raw: memoryview | None = None  # binary tensor data (set once bound to a body)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,8 +65,8 @@ class RestOutput:
 @dataclass(frozen=True, slots=True)
 class RestRequest:
     id: str | None
-    inputs: list[RestInput]
-    outputs: list[RestOutput] | None  # None: every output
+    inputs: tuple[RestInput, ...]
+    outputs: tuple[RestOutput, ...] | None  # None: every output
     binary_output: bool  # the default for outputs (``parameters.binary_data_output``)
     priority: int = 0  # ``parameters.priority`` (0: the model's default level)
     timeout_us: int = 0  # ``parameters.timeout``: how long it may wait in the queue (0: the model's)
@@ -84,20 +88,20 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:
-    """(parsed JSON header, the binary part) of a request body."""
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    """(the JSON header's bytes, the binary part) of a request body."""
     view = memoryview(body)
-    n = len(body)
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise invalid(
-                f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
-            )
-        n = int(header_length)
-    return parse_json(view[:n].tobytes()), view[n:]
+    if header_length is None:
+        return body, view[len(body) :]
+    if not header_length.isdigit() or int(header_length) > len(body):
+        raise invalid(
+            f"{HEADER_LENGTH} must be an integer <= the body's {len(body)} bytes, got {header_length!r}"
+        )
+    n = int(header_length)
+    return view[:n].tobytes(), view[n:]
 
 
-def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestInput, int]:
+def _input(obj: Any, index: int) -> RestInput:
     obj = _obj(obj, f"inputs[{index}]")
     name, datatype, shape = obj.get("name"), obj.get("datatype"), obj.get("shape")
     if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list):
@@ -107,11 +111,8 @@ def _input(obj: Any, index: int, binary: memoryview, offset: int) -> tuple[RestI
     if size is None:
         if "data" not in obj:
             raise invalid(f"input {name!r} has neither data nor parameters.binary_data_size")
-        return RestInput(name, datatype, dims, data=obj["data"]), offset
-    end = offset + _int(size, f"input {name!r} binary_data_size")
-    if end > len(binary):
-        raise invalid(f"input {name!r}: binary_data_size runs past the body's {len(binary)} binary bytes")
-    return RestInput(name, datatype, dims, raw=binary[offset:end]), end
+        return RestInput(name, datatype, dims, data=obj["data"])
+    return RestInput(name, datatype, dims, size=_int(size, f"input {name!r} binary_data_size"))
 
 
 def _output(obj: Any, index: int, default_binary: bool) -> RestOutput:
@@ -128,27 +129,54 @@ def _output(obj: Any, index: int, default_binary: bool) -> RestOutput:
 
 def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     """Structure only (JSON shape, binary sizes); the tensors are checked against the model later."""
-    doc, binary = _split(body, header_length)
-    doc = _obj(doc, "the request")
+    header, binary = _split(body, header_length)
+    # A client sends the same JSON header with every request of one shape (tritonclient does), so
+    # a header followed by binary data is parsed once; a JSON-only body carries its tensors.
+    cacheable = header_length is not None and len(header) <= CACHED_HEADER_BYTES
+    return _bind(_cached_structure(header) if cacheable else _structure(header), binary)
+
+
+def _structure(header: bytes) -> RestRequest:
+    """A request's JSON header -> its structure, binary inputs not yet bound to their bytes."""
+    doc = _obj(parse_json(header), "the request")
     params = _params(doc, "the request")
     binary_output = bool(params.get("binary_data_output", False))
     priority, timeout_us = v2.scheduling(params.get("priority"), params.get("timeout"))
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list):
         raise invalid("the request needs an `inputs` list")
-    inputs, offset = [], 0
-    for i, obj in enumerate(raw_inputs):
-        inp, offset = _input(obj, i, binary, offset)
-        inputs.append(inp)
-    if offset != len(binary):
-        raise invalid(f"{len(binary) - offset} binary bytes after the JSON header belong to no input")
+    inputs = tuple(_input(obj, i) for i, obj in enumerate(raw_inputs))
     outputs = doc.get("outputs")
     if outputs is not None and not isinstance(outputs, list):
         raise invalid("`outputs` must be a list")
-    wanted = None if not outputs else [_output(o, i, binary_output) for i, o in enumerate(outputs)]
+    wanted = None if not outputs else tuple(_output(o, i, binary_output) for i, o in enumerate(outputs))
     request_id = doc.get("id")
     request_id = str(request_id) if request_id is not None else None
     return RestRequest(request_id, inputs, wanted, binary_output, priority, timeout_us)
+
+
+# Failures are not cached (lru_cache stores results only): a bad header is parsed, and refused, each time.
+_cached_structure = functools.lru_cache(maxsize=CACHED_HEADERS)(_structure)
+
+
+def _bind(request: RestRequest, binary: memoryview) -> RestRequest:
+    """``request`` with each binary input's bytes, in order, from ``binary``; all of it must be used."""
+    inputs, offset = [], 0
+    for inp in request.inputs:
+        if inp.size is None:
+            inputs.append(inp)
+            continue
+        end = offset + inp.size
+        if end > len(binary):
+            raise invalid(
+                f"input {inp.name!r}: binary_data_size runs past the body's {len(binary)} binary bytes"
+            )
+        inputs.append(RestInput(inp.name, inp.datatype, inp.shape, size=inp.size, raw=binary[offset:end]))
+        offset = end
+    if offset != len(binary):
+        raise invalid(f"{len(binary) - offset} binary bytes after the JSON header belong to no input")
+    r = request
+    return RestRequest(r.id, tuple(inputs), r.outputs, r.binary_output, r.priority, r.timeout_us)
 
 
 def input_array(request: RestRequest, served: ServedVersion) -> np.ndarray:
@@ -168,36 +196,77 @@ def encode_response(
 ) -> tuple[bytes, int | None]:
     """(body, JSON header length when binary outputs follow it, else None)."""
     names = served.output_names
-    wanted = request.outputs or [RestOutput(n, request.binary_output) for n in names]
+    wanted = request.outputs or tuple(RestOutput(n, request.binary_output) for n in names)
+    picked = [outputs[names.index(want.name)] for want in wanted]
+    if all(want.binary and not want.classification for want in wanted):
+        # The common binary answer: its JSON header depends only on names and shapes.
+        key = (served.name, served.version, tuple(w.name for w in wanted), tuple(o.shape for o in picked))
+        header = _binary_header(*key) if request.id is None else _binary_header.__wrapped__(*key, request.id)
+        return header + b"".join(_raw(o) for o in picked), len(header)
     tensors: list[dict[str, Any]] = []
     raws: list[bytes] = []
-    for want in wanted:
-        out = outputs[names.index(want.name)]
+    for want, out in zip(wanted, picked, strict=True):
         if want.classification:
             labels = v2.classification_labels(served, outputs, want.classification)
-            tensor: dict[str, Any] = {
-                "name": want.name,
-                "datatype": "BYTES",
-                "shape": [out.shape[0], want.classification],
-            }
-            raw = v2.bytes_tensor(labels) if want.binary else None
-            data: Any = [s.decode() for s in labels]
+            shape = [out.shape[0], want.classification]
+            if want.binary:
+                raws.append(v2.bytes_tensor(labels))
+                tensors.append(_binary_tensor(want.name, "BYTES", shape, len(raws[-1])))
+            else:
+                tensors.append(
+                    {
+                        "name": want.name,
+                        "datatype": "BYTES",
+                        "shape": shape,
+                        "data": [s.decode() for s in labels],
+                    }
+                )
+        elif want.binary:
+            raws.append(_raw(out))
+            tensors.append(_binary_tensor(want.name, TENSOR_DATATYPE, list(out.shape), len(raws[-1])))
         else:
-            tensor = {"name": want.name, "datatype": TENSOR_DATATYPE, "shape": list(out.shape)}
-            raw = np.ascontiguousarray(out, dtype="<f4").tobytes() if want.binary else None
-            data = out.ravel().tolist()
-        if raw is None:
-            tensor["data"] = data
-        else:
-            tensor["parameters"] = {"binary_data_size": len(raw)}
-            raws.append(raw)
-        tensors.append(tensor)
-    doc: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version)}
-    if request.id is not None:
-        doc["id"] = request.id
-    doc["outputs"] = tensors
-    header = json.dumps(doc, separators=(",", ":")).encode()
+            tensors.append(
+                {
+                    "name": want.name,
+                    "datatype": TENSOR_DATATYPE,
+                    "shape": list(out.shape),
+                    "data": out.ravel().tolist(),
+                }
+            )
+    header = _header(served.name, served.version, request.id, tensors)
     return (header + b"".join(raws), len(header)) if raws else (header, None)
+
+
+def _raw(out: np.ndarray) -> bytes:
+    return np.ascontiguousarray(out, dtype="<f4").tobytes()
+
+
+def _binary_tensor(name: str, datatype: str, shape: list[int], size: int) -> dict[str, Any]:
+    return {"name": name, "datatype": datatype, "shape": shape, "parameters": {"binary_data_size": size}}
+
+
+def _header(model: str, version: int, request_id: str | None, tensors: list[dict[str, Any]]) -> bytes:
+    doc: dict[str, Any] = {"model_name": model, "model_version": str(version)}
+    if request_id is not None:
+        doc["id"] = request_id
+    doc["outputs"] = tensors
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@functools.lru_cache(maxsize=CACHED_HEADERS)
+def _binary_header(
+    model: str,
+    version: int,
+    names: tuple[str, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    request_id: str | None = None,
+) -> bytes:
+    """The JSON header of FP32 outputs all sent binary (cached without a request id: one per shape)."""
+    tensors = [
+        _binary_tensor(name, TENSOR_DATATYPE, list(shape), 4 * math.prod(shape))
+        for name, shape in zip(names, shapes, strict=True)
+    ]
+    return _header(model, version, request_id, tensors)
 
 
 def message_dict(msg: Message) -> dict[str, Any]:
