@@ -294,17 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         stack.callback(server.stop)
         try:
-            if cfg.target is None:
-                server.start(1, Space((1,), (0,)))
             bases = {
                 m: server.base_config(m)
                 for m in (Settings(1, 0, variant=v).model(cfg.model) for v in variants_of(cfg))
             }
+            default = defaults_of(bases[cfg.model])
+            space = space_of(cfg, default)
+            # Started with the space's ceilings: the server's flags cap what a loaded config asks.
+            server.start(default.workers, space)
         except Exception as e:
             print(f"cnn-tune: cannot use the server or model: {type(e).__name__}: {e}", file=sys.stderr)
             return 1
-        default = defaults_of(bases[cfg.model])
-        space = space_of(cfg, default)
         percentile = percentile_key(cfg.percentile)
         print(
             f"cnn-tune {cfg.model}: p{cfg.percentile:g} <= {cfg.latency_threshold_ms:g} ms, "

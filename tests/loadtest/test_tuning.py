@@ -153,6 +153,14 @@ def test_cnn_tune_measures_every_candidate_and_writes_the_winner(tmp_path: Path)
     # Brute force: every candidate, the defaults (max batch 64, delay 2000 us) among the values searched.
     assert doc["space_size"] == 6 and len(doc["candidates"]) == 6, doc
     assert all(c["requests_per_s"] > 0 for c in doc["candidates"]), doc
+    # What the server ran is what each candidate asked (its flags did not cap the batch or delay).
+    for c in doc["candidates"]:
+        asked = c["settings"]
+        assert c["effective"] == {
+            "max_batch_size": asked["max_batch_size"],
+            "max_queue_delay_us": asked["max_queue_delay_us"],
+            "instances": asked["instances"],
+        }, c
     assert any("batch 1," in label for label in labels) and any("batch 8," in label for label in labels)
     assert doc["default"]["settings"]["max_batch_size"] == before.max_batch_size
     after = parse_config((root / "tiny" / CONFIG_FILE).read_text())
