@@ -171,20 +171,8 @@ class Guarded(asyncio.Protocol):
         start = max(0, len(self._head) - 3)  # the end marker may straddle two reads
         self._head += data
         end = self._head.find(HEADER_END, start)
-        if end < 0:
-            if len(self._head) > self.limits.max_header_bytes:
-                limit = self.limits.max_header_bytes
-                self._refuse(
-                    431,
-                    "Request Header Fields Too Large",
-                    f"request headers over {limit} bytes",
-                    "headers_too_large",
-                )
-                return None
-            return b""
-        head, rest = self._head[: end + 2], self._head[end + 4 :]
-        self._head = b""
-        if len(head) > self.limits.max_header_bytes:
+        # (the headers so far, or the whole of them once their end is here)
+        if (end + 2 if end >= 0 else len(self._head)) > self.limits.max_header_bytes:
             limit = self.limits.max_header_bytes
             self._refuse(
                 431,
@@ -193,6 +181,10 @@ class Guarded(asyncio.Protocol):
                 "headers_too_large",
             )
             return None
+        if end < 0:
+            return b""
+        head, rest = self._head[: end + 2], self._head[end + 4 :]
+        self._head = b""
         if _CHUNKED.search(head):
             self._chunked = _Chunks()
             return self._start_body(rest)
