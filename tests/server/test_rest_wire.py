@@ -18,6 +18,7 @@ from protos.inference import grpc_service_pb2 as ks
 from server.api.classifier import rest as classify_rest
 from server.api.kserve import protocol as v2
 from server.api.kserve import rest
+from server.api.kserve.json_messages import message_dict
 from server.errors import ServeError
 from server.runtime.postprocess import ranked
 
@@ -214,12 +215,12 @@ def test_unknown_outputs_and_bad_classification_counts_are_refused_before_runnin
 
 def test_messages_become_triton_json_with_zeros_numbers_and_enum_names() -> None:
     stats = ks.ModelStatistics(name="m", version="3", inference_count=2**40)
-    doc = rest.message_dict(stats)
+    doc = message_dict(stats)
     assert doc["inference_count"] == 2**40 and isinstance(doc["inference_count"], int)
     assert doc["inference_stats"]["fail"]["count"] == 0  # zeros are there
     from protos.inference import model_config_pb2 as mc
 
-    config = rest.message_dict(
+    config = message_dict(
         mc.ModelConfig(instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU)])
     )
     assert config["instance_group"][0]["kind"] == "KIND_CPU"

@@ -79,7 +79,7 @@ def build_response(
     if not request.outputs:  # every output, as raw FP32 (the common request: nothing to look up)
         for name, out in zip(names, outputs, strict=False):
             response.outputs.add(name=name, datatype=TENSOR_DATATYPE, shape=out.shape)
-        response.raw_output_contents.extend(_raw(out) for out in outputs[: len(names)])
+        response.raw_output_contents.extend(v2.fp32_bytes(out) for out in outputs[: len(names)])
         return response
     raw = []
     for req_out in request.outputs:
@@ -90,13 +90,9 @@ def build_response(
             raw.append(v2.bytes_tensor(v2.classification_labels(served, outputs, k)))
         else:
             response.outputs.add(name=req_out.name, datatype=TENSOR_DATATYPE, shape=out.shape)
-            raw.append(_raw(out))
+            raw.append(v2.fp32_bytes(out))
     response.raw_output_contents.extend(raw)
     return response
-
-
-def _raw(out: np.ndarray) -> bytes:
-    return np.ascontiguousarray(out, dtype="<f4").tobytes()
 
 
 class KServeService(ks_grpc.GRPCInferenceServiceServicer):

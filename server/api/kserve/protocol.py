@@ -95,6 +95,11 @@ def classification_labels(served: ServedVersion, outputs: list[np.ndarray], k: i
     ]
 
 
+def fp32_bytes(out: np.ndarray) -> bytes:
+    """An FP32 tensor's raw form (gRPC ``raw_output_contents``, REST binary data): little-endian."""
+    return np.ascontiguousarray(out, dtype="<f4").tobytes()
+
+
 def bytes_tensor(items: list[bytes]) -> bytes:
     """A BYTES tensor's raw form: each element as a 4-byte little-endian length, then its bytes."""
     return b"".join(struct.pack("<I", len(b)) + b for b in items)

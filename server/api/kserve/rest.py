@@ -10,7 +10,6 @@ else as JSON ``data``. Checks of the tensors themselves are ``server.api.kserve.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import math
@@ -20,8 +19,6 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.message import Message
 
 from cnnstack.contract import TENSOR_DATATYPE
 from server.api.control import ModelControl
@@ -36,6 +33,7 @@ from server.api.http import (
     parse_json,
 )
 from server.api.kserve import protocol as v2
+from server.api.kserve.json_messages import message_dict
 from server.errors import ServeError, http_status, invalid
 from server.runtime.preprocess import array_from_bytes, array_from_values
 from server.runtime.version import ServedVersion
@@ -202,7 +200,7 @@ def encode_response(
         # The common binary answer: its JSON header depends only on names and shapes.
         key = (served.name, served.version, tuple(w.name for w in wanted), tuple(o.shape for o in picked))
         header = _binary_header(*key) if request.id is None else _binary_header.__wrapped__(*key, request.id)
-        return header + b"".join(_raw(o) for o in picked), len(header)
+        return header + b"".join(v2.fp32_bytes(o) for o in picked), len(header)
     tensors: list[dict[str, Any]] = []
     raws: list[bytes] = []
     for want, out in zip(wanted, picked, strict=True):
@@ -222,7 +220,7 @@ def encode_response(
                     }
                 )
         elif want.binary:
-            raws.append(_raw(out))
+            raws.append(v2.fp32_bytes(out))
             tensors.append(_binary_tensor(want.name, TENSOR_DATATYPE, list(out.shape), len(raws[-1])))
         else:
             tensors.append(
@@ -235,10 +233,6 @@ def encode_response(
             )
     header = _header(served.name, served.version, request.id, tensors)
     return (header + b"".join(raws), len(header)) if raws else (header, None)
-
-
-def _raw(out: np.ndarray) -> bytes:
-    return np.ascontiguousarray(out, dtype="<f4").tobytes()
 
 
 def _binary_tensor(name: str, datatype: str, shape: list[int], size: int) -> dict[str, Any]:
@@ -267,47 +261,6 @@ def _binary_header(
         for name, shape in zip(names, shapes, strict=True)
     ]
     return _header(model, version, request_id, tensors)
-
-
-def message_dict(msg: Message) -> dict[str, Any]:
-    """A protobuf message as the REST API's JSON, as Triton writes it: field names as in the
-    .proto, every field (zeros included, so ``stats["inference_stats"]["fail"]["count"]`` exists),
-    only the chosen member of a oneof, enums by name, and 64-bit integers as JSON numbers
-    (``json_format`` would make them strings, which clients reading shapes and counts do not expect)."""
-    out = {}
-    for f in msg.DESCRIPTOR.fields:
-        oneof = f.containing_oneof
-        if oneof is not None and msg.WhichOneof(oneof.name) != f.name:
-            continue
-        out[f.name] = _field(f, getattr(msg, f.name))
-    return out
-
-
-def _field(f: FieldDescriptor, value: Any) -> Any:
-    if f.message_type is not None and f.message_type.GetOptions().map_entry:
-        value_field = f.message_type.fields_by_name["value"]
-        return {str(k): _scalar(value_field, v) for k, v in value.items()}
-    if _repeated(f):
-        return [_scalar(f, v) for v in value]
-    return _scalar(f, value)
-
-
-def _repeated(f: FieldDescriptor) -> bool:
-    # ``is_repeated`` is protobuf >= 5's spelling; ``label`` is deprecated there.
-    is_repeated = getattr(f, "is_repeated", None)
-    if is_repeated is not None:
-        return bool(is_repeated() if callable(is_repeated) else is_repeated)
-    return f.label == FieldDescriptor.LABEL_REPEATED
-
-
-def _scalar(f: FieldDescriptor, value: Any) -> Any:
-    if f.type == FieldDescriptor.TYPE_MESSAGE:
-        return message_dict(value)
-    if f.type == FieldDescriptor.TYPE_ENUM:
-        return f.enum_type.values_by_number[value].name if value in f.enum_type.values_by_number else value
-    if f.type == FieldDescriptor.TYPE_BYTES:
-        return base64.b64encode(value).decode()
-    return value
 
 
 class KServeRest:
