@@ -80,12 +80,14 @@ def test_torchrun_ranks_leave_no_gloo_thread_behind(how: str, tmp_path: Path) ->
     """
     probe = Path(__file__).with_name("torchrun_teardown.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd += [str(probe), str(tmp_path / "run"), how]
+    reports_dir = tmp_path / "reports"
+    reports_dir.mkdir()
+    cmd += [str(probe), str(tmp_path / "run"), str(reports_dir), how]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout
+    reports = [json.loads(p.read_text()) for p in sorted(reports_dir.glob("rank-*.json"))]
+    assert sorted(r["rank"] for r in reports) == [0, 1], proc.stdout[-3000:]
     for r in reports:
         assert r["raised"] == (how == "raises")
         assert r["started"], "init_process_group started no thread: the probe cannot see gloo's"

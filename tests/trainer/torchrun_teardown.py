@@ -1,8 +1,9 @@
 """One torchrun rank for ``test_ddp.py``: train with ``trainer.train.main``, then say which of the
 threads that ``init_process_group`` started (gloo's worker and I/O threads) are still alive.
 
-``python -m torch.distributed.run ... torchrun_teardown.py OUT returns|raises`` prints one JSON line
-per rank: ``{"rank", "raised", "started", "alive"}`` (thread ids). ``raises`` stops the run from the
+``python -m torch.distributed.run ... torchrun_teardown.py OUT REPORTS returns|raises`` writes one JSON
+file per rank, ``REPORTS/rank-N.json``: ``{"rank", "raised", "started", "alive"}`` (thread ids). Files,
+not stdout: torchrun merges the ranks' stdout, and two lines written at once may come out as one. ``raises`` stops the run from the
 ``on_epoch_start`` hook before epoch 2 and looks while the exception is still held, as a caller
 handling it would. Threads alive at that point are threads alive when the interpreter exits.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
@@ -28,7 +30,7 @@ def thread_ids() -> set[int]:
     return {int(t) for t in os.listdir("/proc/self/task")}
 
 
-def main(out: str, how: str) -> None:
+def main(out: str, reports: str, how: str) -> None:
     started: set[int] = set()
     init_process_group = dist.init_process_group
 
@@ -59,9 +61,12 @@ def main(out: str, how: str) -> None:
     except StopRun:
         raised = True
         alive = thread_ids() & started
-    report = {"rank": int(os.environ["RANK"]), "raised": raised, "started": sorted(started)}
-    print(json.dumps({**report, "alive": sorted(alive)}), flush=True)
+    rank = int(os.environ["RANK"])
+    report = {"rank": rank, "raised": raised, "started": sorted(started), "alive": sorted(alive)}
+    path = Path(reports) / f"rank-{rank}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(report))
+    path.with_suffix(".tmp").replace(path)  # whole or absent: the test reads it after torchrun exits
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3])
