@@ -38,8 +38,13 @@ REQUEST: ContextVar[RequestFields | None] = ContextVar("cnn_serve_request", defa
 
 
 def event(name: str, **fields: Any) -> None:
-    """One JSON line ``{"event": name, ...}`` on stdout, flushed at once."""
-    print(json.dumps({"event": name, **fields}), flush=True)
+    """One JSON line ``{"event": name, ...}`` on stdout, flushed at once.
+
+    One ``write`` of the line with its newline: ``print`` writes the newline apart, and under
+    ``PYTHONUNBUFFERED`` two workers sharing stdout could then glue two events into one line.
+    """
+    sys.stdout.write(json.dumps({"event": name, **fields}) + "\n")
+    sys.stdout.flush()
 
 
 class JsonFormatter(logging.Formatter):

@@ -15,7 +15,7 @@ import pytest
 
 from bench.otlp_sink import OtlpSink
 from cnnstack.serverproc import ServerProcess
-from server.logs import REQUEST, JsonFormatter
+from server.logs import REQUEST, JsonFormatter, event
 from tests.server.test_tracing import TRACE_ID, grpc_infer, http_infer, traceparent
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,29 @@ def record(message: str, exc_info=None, **extra) -> logging.LogRecord:
     rec = logging.LogRecord("server.x", logging.WARNING, __file__, 1, message, (), exc_info)
     rec.__dict__.update(extra)
     return rec
+
+
+class Writes:
+    """A stdout that records each ``write`` call, as an unbuffered stream passes them to the OS."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_an_event_line_is_one_write_so_workers_sharing_stdout_never_glue_lines(monkeypatch) -> None:
+    out = Writes()
+    monkeypatch.setattr(sys, "stdout", out)
+    event("listening", grpc_port=1, http_port=2)
+    event("stopped", drained=3)
+    assert len(out.calls) == 2 and all(c.endswith("\n") and c.count("\n") == 1 for c in out.calls)
+    assert [json.loads(c)["event"] for c in out.calls] == ["listening", "stopped"]
 
 
 def test_json_lines_carry_the_request_being_handled() -> None:
