@@ -15,18 +15,20 @@ median round. Besides requests/s: the server's CPU per request (user + system ti
 and its workers, from /proc, over the requests answered), the figure a busy machine moves least.
 
 The echo ceilings (bench/echo_server.py) answer the same methods with canned bytes: what the
-protocol stack alone costs. The TorchServe figures are the ones measured side by side with an
-earlier version of this server on a 2-core Intel Xeon (TorchServe 0.12, its best configuration per
-load, onnxruntime handler, batch 64, 2 ms delay): ratios against them mean something only on a
-comparable machine, so the bench prints the CPU model it ran on.
+protocol stack alone costs. The ratios are taken against TorchServe's best configuration per
+load: with ``--peer FILE``, the figures bench/torchserve_peer.py measured (on this machine, if
+they are to mean much); without it, the ones measured side by side with an earlier version of
+this server on a 2-core Intel Xeon (TorchServe 0.12, onnxruntime handler, batch 64, 2 ms delay).
+The table names the CPU of each side.
 
-    .venv/bin/python -m bench.front_door_bench --repository artifacts/repository
+    .venv/bin/python -m bench.front_door_bench --repository artifacts/repository \
+        --peer artifacts/bench/torchserve_peer.json
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import json
 import os
 import statistics
 import subprocess
@@ -35,6 +37,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench import h2load_client
 from bench.serve_bench import cpu_seconds
@@ -46,12 +50,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LOADS = [("lenet", 1, 1), ("lenet", 1, 64), ("lenet", 32, 64), ("fmnist", 1, 64)]  # model, images, in flight
 SHAPES = {"lenet": (1, 28, 28), "fmnist": (1, 28, 28)}
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-# TorchServe 0.12 (2-core Intel Xeon): (1 worker, 2 workers) per load and protocol, req/s or img/s.
-TORCHSERVE = {
-    ("lenet", 1, 1): {"grpc": (286, 284), "http": (325, 322)},
-    ("lenet", 1, 64): {"grpc": (9609, 9295), "http": (11552, 10432)},
-    ("lenet", 32, 64): {"grpc": (26947, 43558), "http": (26623, 44397)},
-    ("fmnist", 1, 64): {"grpc": (4771, 5234), "http": (5070, 5016)},
+# TorchServe 0.12 on a 2-core Intel Xeon: [1 worker, 2 workers] per load and protocol, req/s or
+# img/s. The peer's figures when no --peer file (bench/torchserve_peer.py, run here) is given.
+XEON_TORCHSERVE = {
+    "peer": "TorchServe 0.12",
+    "cpu": "a 2-core Intel Xeon (not this machine)",
+    "figures": {
+        str(("lenet", 1, 1)): {"grpc": [286, 284], "http": [325, 322]},
+        str(("lenet", 1, 64)): {"grpc": [9609, 9295], "http": [11552, 10432]},
+        str(("lenet", 32, 64)): {"grpc": [26947, 43558], "http": [26623, 44397]},
+        str(("fmnist", 1, 64)): {"grpc": [4771, 5234], "http": [5070, 5016]},
+    },
 }
 
 
@@ -65,6 +74,7 @@ class FrontDoorBench:
     workers: tuple[int, ...]
     server_args: tuple[str, ...]
     out_dir: Path
+    peer: dict[str, Any]  # {"peer", "cpu", "figures": {load key: {protocol: [1 worker, 2 workers]}}}
 
 
 class Echo:
@@ -94,19 +104,26 @@ class Echo:
 
 
 def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live children (the workers of a supervisor)."""
-    total = cpu_seconds(pid)
-    children = Path(f"/proc/{pid}/task/{pid}/children")
-    for child in children.read_text().split() if children.exists() else []:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a worker that just exited
-            total += cpu_seconds(int(child))
-    return total
+    """CPU seconds of ``pid`` and its live descendants (a supervisor's workers; TorchServe's Java
+    front end and its Python workers, which Java's threads start: every thread's children count)."""
+    try:
+        total = cpu_seconds(pid)
+        kids = [
+            int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()
+        ]
+    except (FileNotFoundError, ProcessLookupError):  # a process that just exited
+        return 0.0
+    return total + sum(tree_cpu(k) for k in kids)
+
+
+def payloads_images(model: str, images: int) -> np.ndarray:
+    """The first ``images`` real test images (synthetic without the dataset), (images, C, H, W)."""
+    source = str(FASHION_TEST) if FASHION_TEST.is_file() else "synthetic"
+    return load_images(source, SHAPES[model], images, seed=0)
 
 
 def payloads(model: str, images: int) -> tuple[bytes, Any]:
-    shape = SHAPES[model]
-    source = str(FASHION_TEST) if FASHION_TEST.is_file() else "synthetic"
-    x = load_images(source, shape, images, seed=0)  # (images, C, H, W)
+    x = payloads_images(model, images)  # (images, C, H, W)
     grpc_message = build_payloads("kserve", x, images, model, 0)[0]
     http_payload = build_payloads("kserve", x, images, model, 0, encoding="binary", protocol="http")[0]
     return grpc_message, http_payload
@@ -200,16 +217,17 @@ def markdown(doc: dict) -> str:
     m, one, best = doc["medians"], doc["single"], doc["best"]
     lines = [
         f"CPU: {doc['cpu']}; {doc['rounds']} rounds of {doc['duration_s']:g} s; gRPC over {doc['grpc_connections']} connections",
+        f"Peer: {doc['peer']['peer']} on {doc['peer']['cpu']}",
         "",
-        "| load | " + " | ".join(f"{s}: gRPC / HTTP" for s in m) + " | TorchServe best: gRPC / HTTP |",
+        "| load | " + " | ".join(f"{s}: gRPC / HTTP" for s in m) + " | peer best: gRPC / HTTP |",
         "|---|" + "---:|" * (len(m) + 1),
     ]
     for load in LOADS:
         k = str(load)
-        ts = TORCHSERVE[load]
+        ts = doc["peer"]["figures"][k]
         row = [f"{load[0]}, {load[1]} img, {load[2]} in flight"]
         row += [f"{m[s][k]['grpc']['rate']:,.0f} / {m[s][k]['http']['rate']:,.0f}" for s in m]
-        row.append(f"{max(ts['grpc']):,} / {max(ts['http']):,}")
+        row.append(f"{max(ts['grpc']):,.0f} / {max(ts['http']):,.0f}")
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
@@ -225,7 +243,7 @@ def markdown(doc: dict) -> str:
         )
     lines += [
         "",
-        "| load | ours best / TorchServe best: gRPC, HTTP (goal >= 1.2) | ours 1 worker / TorchServe 1 worker: gRPC, HTTP (goal >= 1.0) |",
+        "| load | ours best / peer best: gRPC, HTTP (goal >= 1.2) | ours 1 worker / peer 1 worker: gRPC, HTTP (goal >= 1.0) |",
         "|---|---:|---:|",
     ]
     for load in LOADS:
@@ -243,7 +261,8 @@ def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
     single = f"ours {min(cfg.workers)}w"
     best, one = {}, {}
     for load in LOADS:
-        k, ts = str(load), TORCHSERVE[load]
+        k = str(load)
+        ts = cfg.peer["figures"][k]
         best[k] = {p: max(m[s][k][p]["rate"] for s in ours) / max(ts[p]) for p in ("grpc", "http")}
         one[k] = {p: m[single][k][p]["rate"] / ts[p][0] for p in ("grpc", "http")}
     other = []
@@ -266,6 +285,7 @@ def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
         "rounds": cfg.rounds,
         "duration_s": cfg.duration_s,
         "grpc_connections": cfg.grpc_connections,
+        "peer": cfg.peer,
         "medians": m,
         "best": best,
         "single": one,
@@ -285,10 +305,12 @@ def parse_args(argv: list[str] | None) -> FrontDoorBench:
     p.add_argument("--workers", default="1,2", help="the server configurations, e.g. 1,2")
     p.add_argument("--server-arg", action="append", default=[], help="an extra cnn-serve flag (repeatable)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts/bench")
+    p.add_argument("--peer", type=Path, help="bench/torchserve_peer.py's JSON report: the peer's figures")
     a = p.parse_args(argv)
     if not h2load_client.available():
         p.error("h2load is not installed: apt-get install -y nghttp2-client")
     workers = tuple(int(w) for w in a.workers.split(","))
+    peer = json.loads(a.peer.read_text()) if a.peer else XEON_TORCHSERVE
     return FrontDoorBench(
         a.repository,
         a.rounds,
@@ -298,6 +320,7 @@ def parse_args(argv: list[str] | None) -> FrontDoorBench:
         workers,
         tuple(a.server_arg),
         a.out_dir,
+        peer,
     )
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+import socketserver
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,52 @@ def test_h2load_http1_posts_kserve_rest_requests_and_reads_their_status(tmp_path
         server.stop(1.0)
     assert r.failed == 0 and r.requests > 50
     assert 0 < r.latency_ms["p50_ms"] <= r.latency_ms["p99_ms"]
+
+
+class BlankReasonHandler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 keep-alive as TorchServe writes it: ``200 `` with a blank reason, ``404 Not Found``."""
+
+    def handle(self) -> None:
+        while True:
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                chunk = self.rfile.readline()
+                if not chunk:
+                    return
+                head += chunk
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            self.rfile.read(length)
+            status = b"200 " if head.startswith(b"POST /ok ") else b"404 Not Found"
+            self.wfile.write(
+                b"HTTP/1.1 " + status + b"\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\n[]"
+            )
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not h2load_client.available(), reason="h2load not installed (apt-get install nghttp2-client)"
+)
+def test_a_blank_reason_phrase_counts_as_200_only_when_asked() -> None:
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), BlankReasonHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def run(path: str, blank_ok: bool) -> h2load_client.H2loadResult:
+        return h2load_client.run_h2load_http1(
+            base + path, b"x" * 10, {}, concurrency=2, duration_s=0.3, warmup_s=0.1, timeout_s=30,
+            blank_reason_is_ok=blank_ok,
+        )  # fmt: skip
+
+    try:
+        r = run("/ok", True)
+        with pytest.raises(RuntimeError, match="no HTTP 200"):
+            run("/ok", False)  # h2load logs status 0 for a blank reason
+        with pytest.raises(RuntimeError, match="no HTTP 200"):
+            run("/missing", True)  # a real error stays an error
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert r.failed == 0 and r.requests > 10

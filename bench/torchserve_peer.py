@@ -1,0 +1,395 @@
+"""TorchServe on this machine, at the front door's loads (bench/front_door_bench.py), so the ratios
+against the fastest peer compare two servers on one CPU instead of against figures from another.
+
+TorchServe runs the same ONNX files as cnn-serve through bench/torchserve_handler.py (onnxruntime,
+one thread per Python worker, raw float32 bodies, TorchServe's own batching: ``batchSize`` 64,
+``maxBatchDelay`` 2 ms), with 1 and 2 workers per model, over gRPC (``Predictions``) and REST
+(``POST /predictions/MODEL``), driven by the same h2load loads as cnn-serve. Before each load one
+request on each protocol must answer the ONNX file's own top-1 for a real test image. TorchServe
+lives in a virtual environment of its own (it pulls torch, and its Java front end needs a JDK):
+
+    python3 -m venv /opt/torchserve && /opt/torchserve/bin/pip install torchserve==0.12.0 \\
+        torch-model-archiver==0.12.0 torch onnxruntime numpy pyyaml   # + a JDK: openjdk-17-jre-headless
+    .venv/bin/python -m bench.torchserve_peer --venv /opt/torchserve --repository artifacts/repository
+    .venv/bin/python -m bench.front_door_bench --peer artifacts/bench/torchserve_peer.json
+
+The last command prints cnn-serve's table with the ratios taken against this file's figures.
+h2load reads HTTP statuses, not gRPC's trailers: a gRPC request TorchServe failed would count as
+answered, which can only flatter TorchServe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bench import h2load_client
+from bench.front_door_bench import LOADS, payloads_images, tree_cpu
+from bench.workers_bench import cpu_model, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+HANDLER = Path(__file__).with_name("torchserve_handler.py")
+METHOD = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+PORTS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+
+
+@dataclass(frozen=True)
+class PeerBench:
+    venv: Path
+    repository: Path
+    rounds: int
+    duration_s: float
+    warmup_s: float
+    grpc_connections: int
+    workers: tuple[int, ...]
+    batch_size: int
+    max_batch_delay_ms: int
+    out_dir: Path
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n])
+
+
+def predictions_request(model: str, body: bytes) -> bytes:
+    """TorchServe's ``PredictionsRequest{model_name = 1; map<string, bytes> input = 3}`` with one
+    input ``data``, serialized by hand: two fields do not need TorchServe's .proto files here."""
+    return _field(1, model.encode()) + _field(3, _field(1, b"data") + _field(2, body))
+
+
+def prediction_of(response: bytes) -> bytes:
+    """``PredictionResponse.prediction`` (field 1, bytes): the handler's JSON answer."""
+    if not response.startswith(b"\x0a"):
+        raise ValueError(f"not a PredictionResponse: {response[:40]!r}")
+    length, shift, i = 0, 0, 1
+    while True:
+        length |= (response[i] & 0x7F) << shift
+        shift, i = shift + 7, i + 1
+        if not response[i - 1] & 0x80:
+            return response[i : i + length]
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` ports free now (TorchServe takes fixed ports from its config file)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def archive(cfg: PeerBench, model: str, store: Path) -> None:
+    """``MODEL.mar`` in ``store``: the repository's newest ONNX file of ``model`` with the handler."""
+    versions = sorted(
+        (p for p in (cfg.repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    cmd = [str(cfg.venv / "bin/torch-model-archiver"), "--model-name", model, "--version", "1.0"]
+    cmd += ["--serialized-file", str(versions[-1] / "model.onnx"), "--handler", str(HANDLER)]
+    subprocess.run([*cmd, "--export-path", str(store), "--force"], check=True)
+
+
+def write_properties(cfg: PeerBench, workers: int, store: Path, ports: dict[str, int]) -> Path:
+    models = {
+        m: {
+            "1.0": {
+                "defaultVersion": True,
+                "marName": f"{m}.mar",
+                "minWorkers": workers,
+                "maxWorkers": workers,
+                "batchSize": cfg.batch_size,
+                "maxBatchDelay": cfg.max_batch_delay_ms,
+                "responseTimeout": 120,
+            }
+        }
+        for m in sorted({load[0] for load in LOADS})
+    }
+    lines = [f"{k}_address=http://127.0.0.1:{ports[k]}" for k in ("inference", "management", "metrics")]
+    lines += [f"{k}_port={ports[k]}" for k in ("grpc_inference", "grpc_management")]
+    lines += ["disable_token_authorization=true", f"model_store={store}", f"models={json.dumps(models)}"]
+    lines.append("load_models=" + ",".join(f"{m}.mar" for m in models))
+    path = store.parent / f"config-{workers}w.properties"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def torchserve(cfg: PeerBench, workers: int, store: Path) -> Iterator[tuple[int, dict[str, int]]]:
+    """TorchServe with ``workers`` workers per model, READY; yields (launcher pid, ports)."""
+    ports = dict(zip(PORTS, free_ports(len(PORTS)), strict=True))
+    props = write_properties(cfg, workers, store, ports)
+    logs = store.parent / "logs"
+    env = {**os.environ, "PATH": f"{cfg.venv / 'bin'}:{os.environ['PATH']}", "LOG_LOCATION": str(logs)}
+    env["METRICS_LOCATION"] = str(logs)
+    cmd = [str(cfg.venv / "bin/torchserve"), "--foreground", "--ncs", "--ts-config", str(props)]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=store.parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(ports["management"], workers, proc, logs)
+        yield proc.pid, ports
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the launcher's whole session (the launcher leaves Java running when it is
+    stopped), then SIGKILL to whatever of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(60)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def wait_ready(
+    management: int, workers: int, proc: subprocess.Popen, logs: Path, timeout_s: float = 180.0
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    models = sorted({load[0] for load in LOADS})
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"torchserve exited with {proc.returncode} while starting: see {logs}/ts_log.log"
+            )
+        with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+            states = [
+                w["status"]
+                for m in models
+                for w in json.loads(
+                    urllib.request.urlopen(f"http://127.0.0.1:{management}/models/{m}").read()
+                )[0]["workers"]
+            ]
+            if states.count("READY") == workers * len(models):
+                return
+        time.sleep(0.5)
+    raise RuntimeError(
+        f"torchserve's workers were not READY within {timeout_s:g} s: see {logs}/model_log.log"
+    )
+
+
+def expected_top1(cfg: PeerBench, model: str, x: np.ndarray) -> int:
+    """The ONNX file's own answer for ``x`` (1, C, H, W), run here on onnxruntime."""
+    import onnxruntime as ort
+
+    versions = sorted(
+        (p for p in (cfg.repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    session = ort.InferenceSession(str(versions[-1] / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {session.get_inputs()[0].name: np.repeat(x, 2, axis=0)})[0]
+    return int(np.argmax(logits[0]))
+
+
+def check_answers(ports: dict[str, int], model: str, x: np.ndarray, want: int) -> None:
+    """One request per protocol answers ``want`` (top-1), or the round stops."""
+    import grpc
+
+    body = np.ascontiguousarray(x, dtype=np.float32).tobytes()
+    with grpc.insecure_channel(f"127.0.0.1:{ports['grpc_inference']}") as channel:
+        call = channel.unary_unary(METHOD)
+        answer = json.loads(prediction_of(call(predictions_request(model, body), timeout=60)))
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ports['inference']}/predictions/{model}",
+        data=body,
+        headers={"Content-Type": "application/octet-stream"},
+    )
+    rest = json.loads(urllib.request.urlopen(request, timeout=60).read())
+    got = (int(np.argmax(answer[0])), int(np.argmax(rest[0])))
+    if got != (want, want):
+        raise RuntimeError(
+            f"torchserve answered top-1 {got} (gRPC, REST) for {model}; the ONNX file says {want}"
+        )
+
+
+def measure(cfg: PeerBench, pid: int, ports: dict[str, int], load: tuple[str, int, int]) -> dict:
+    """Both protocols at one load: {protocol: {"rate", "cpu_us", "p99_ms"}} (rate in images/s)."""
+    model, images, inflight = load
+    body = np.ascontiguousarray(payloads_images(model, images), dtype=np.float32).tobytes()
+    out = {}
+    for protocol in ("grpc", "http"):
+        c0 = tree_cpu(pid)
+        if protocol == "grpc":
+            r = h2load_client.run_h2load(
+                f"127.0.0.1:{ports['grpc_inference']}",
+                METHOD,
+                predictions_request(model, body),
+                concurrency=inflight,
+                connections=min(cfg.grpc_connections, inflight),
+                duration_s=cfg.duration_s,
+                warmup_s=cfg.warmup_s,
+            )
+        else:
+            r = h2load_client.run_h2load_http1(
+                f"http://127.0.0.1:{ports['inference']}/predictions/{model}",
+                body,
+                {"content-type": "application/octet-stream"},
+                concurrency=inflight,
+                duration_s=cfg.duration_s,
+                warmup_s=cfg.warmup_s,
+                blank_reason_is_ok=True,
+            )
+        spent = tree_cpu(pid) - c0
+        if r.failed:
+            raise RuntimeError(f"torchserve {protocol} {load}: {r.failed} failed requests")
+        answered = r.requests_per_s * (cfg.duration_s + cfg.warmup_s)
+        out[protocol] = {
+            "rate": r.requests_per_s * images,
+            "cpu_us": spent / max(answered, 1) * 1e6,
+            "p99_ms": r.latency_ms["p99_ms"],
+        }
+    return out
+
+
+def one_round(cfg: PeerBench, store: Path) -> dict[str, dict]:
+    """{"1w": {load key: measure()}, "2w": ...}."""
+    firsts = {m: payloads_images(m, 1) for m in {load[0] for load in LOADS}}  # (1, C, H, W)
+    wants = {m: expected_top1(cfg, m, x) for m, x in firsts.items()}
+    results: dict[str, dict] = {}
+    for workers in cfg.workers:
+        with torchserve(cfg, workers, store) as (pid, ports):
+            for m, x in firsts.items():
+                check_answers(ports, m, x, wants[m])
+            results[f"{workers}w"] = {str(load): measure(cfg, pid, ports, load) for load in LOADS}
+    return results
+
+
+def summarize(cfg: PeerBench, rounds: list[dict]) -> dict:
+    """Medians over rounds, and ``figures``: {load key: {protocol: [rate per worker count]}}, the
+    form bench/front_door_bench.py takes with ``--peer``."""
+    medians = {
+        w: {
+            k: {
+                p: {f: statistics.median(r[w][k][p][f] for r in rounds) for f in ("rate", "cpu_us", "p99_ms")}
+                for p in ("grpc", "http")
+            }
+            for k in rounds[0][w]
+        }
+        for w in rounds[0]
+    }
+    figures = {
+        str(load): {
+            p: [medians[f"{w}w"][str(load)][p]["rate"] for w in cfg.workers] for p in ("grpc", "http")
+        }
+        for load in LOADS
+    }
+    version = subprocess.run(
+        [str(cfg.venv / "bin/torchserve"), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return {
+        "peer": f"TorchServe ({version or 'version unknown'})",
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "workers": list(cfg.workers),
+        "rounds": cfg.rounds,
+        "duration_s": cfg.duration_s,
+        "batch_size": cfg.batch_size,
+        "max_batch_delay_ms": cfg.max_batch_delay_ms,
+        "medians": medians,
+        "figures": figures,
+        "raw": rounds,
+    }
+
+
+def markdown(doc: dict) -> str:
+    m = doc["medians"]
+    lines = [
+        f"{doc['peer']} on {doc['cpu']}, {doc['date']}; {doc['rounds']} rounds of {doc['duration_s']:g} s; "
+        f"batchSize {doc['batch_size']}, maxBatchDelay {doc['max_batch_delay_ms']} ms",
+        "",
+        "| load | "
+        + " | ".join(f"{w}: gRPC / REST" for w in m)
+        + " | CPU per request µs: "
+        + " | ".join(f"{w}: gRPC / REST" for w in m)
+        + " |",
+        "|---|" + "---:|" * (2 * len(m)),
+    ]
+    for load in LOADS:
+        k = str(load)
+        row = [f"{load[0]}, {load[1]} img, {load[2]} in flight"]
+        row += [f"{m[w][k]['grpc']['rate']:,.0f} / {m[w][k]['http']['rate']:,.0f}" for w in m]
+        row += [f"{m[w][k]['grpc']['cpu_us']:.0f} / {m[w][k]['http']['cpu_us']:.0f}" for w in m]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None) -> PeerBench:
+    p = argparse.ArgumentParser(prog="python -m bench.torchserve_peer", description=__doc__.split("\n\n")[0])
+    p.add_argument("--venv", type=Path, required=True, help="a virtual environment with torchserve installed")
+    p.add_argument("--repository", type=Path, default=ROOT / "artifacts/repository")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--grpc-connections", type=int, default=4)
+    p.add_argument("--workers", default="1,2", help="TorchServe workers per model, e.g. 1,2")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-batch-delay-ms", type=int, default=2)
+    p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts/bench")
+    a = p.parse_args(argv)
+    if not h2load_client.available():
+        p.error("h2load is not installed: apt-get install -y nghttp2-client")
+    if not (a.venv / "bin/torchserve").is_file() or shutil.which("java") is None:
+        p.error(
+            f"needs {a.venv}/bin/torchserve (pip install torchserve torch-model-archiver) and a JDK's java"
+        )
+    workers = tuple(int(w) for w in a.workers.split(","))
+    return PeerBench(
+        a.venv, a.repository, a.rounds, a.duration, a.warmup, a.grpc_connections, workers,
+        a.batch_size, a.max_batch_delay_ms, a.out_dir,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    work = cfg.out_dir / "torchserve"
+    shutil.rmtree(work, ignore_errors=True)
+    store = work / "store"
+    store.mkdir(parents=True)
+    for model in sorted({load[0] for load in LOADS}):
+        archive(cfg, model, store)
+    rounds = []
+    for i in range(cfg.rounds):
+        print(f"[torchserve_peer] round {i + 1}/{cfg.rounds}", flush=True)
+        rounds.append(one_round(cfg, store))
+    doc = summarize(cfg, rounds)
+    md = markdown(doc)
+    write_report(cfg.out_dir, "torchserve_peer", doc, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
