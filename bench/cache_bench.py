@@ -49,7 +49,7 @@ import numpy as np
 import xxhash
 from prometheus_client import CollectorRegistry
 
-from bench.workers_bench import cpu_model, write_report
+from bench.procs import cpu_model, write_report
 from cnnstack.contract import CONFIG_FILE
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape

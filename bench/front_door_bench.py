@@ -16,19 +16,18 @@ and its workers, from /proc, over the requests answered), the figure a busy mach
 
 The echo ceilings (bench/echo_server.py) answer the same methods with canned bytes: what the
 protocol stack alone costs. The ratios are taken against TorchServe's best configuration per
-load: with ``--peer FILE``, the figures bench/torchserve_peer.py measured (on this machine, if
-they are to mean much); without it, the ones measured side by side with an earlier version of
-this server on a 2-core Intel Xeon (TorchServe 0.12, onnxruntime handler, batch 64, 2 ms delay).
-The table names the CPU of each side.
+load: with ``--torchserve VENV``, TorchServe itself, measured in every round beside ours
+(bench/torchserve_peer.py: the same ONNX files, loads and client); without it, the figures
+measured side by side with an earlier version of this server on a 2-core Intel Xeon (TorchServe
+0.12, onnxruntime handler, batch 64, 2 ms delay). The table names the peer's CPU.
 
     .venv/bin/python -m bench.front_door_bench --repository artifacts/repository \
-        --peer artifacts/bench/torchserve_peer.json
+        --torchserve /opt/torchserve
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -38,20 +37,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench import h2load_client
-from bench.serve_bench import cpu_seconds
-from bench.workers_bench import cpu_model, write_report
+from bench import h2load_client, torchserve_peer
+from bench.front_door_loads import LOADS, test_images
+from bench.procs import cpu_model, tree_cpu, write_report
 from cnnstack.serverproc import ServerProcess
-from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path, load_images
+from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path
 
 ROOT = Path(__file__).resolve().parents[1]
-LOADS = [("lenet", 1, 1), ("lenet", 1, 64), ("lenet", 32, 64), ("fmnist", 1, 64)]  # model, images, in flight
-SHAPES = {"lenet": (1, 28, 28), "fmnist": (1, 28, 28)}
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 # TorchServe 0.12 on a 2-core Intel Xeon: [1 worker, 2 workers] per load and protocol, req/s or
-# img/s. The peer's figures when no --peer file (bench/torchserve_peer.py, run here) is given.
+# img/s. The peer's figures when TorchServe is not measured here (no --torchserve).
 XEON_TORCHSERVE = {
     "peer": "TorchServe 0.12",
     "cpu": "a 2-core Intel Xeon (not this machine)",
@@ -74,7 +68,7 @@ class FrontDoorBench:
     workers: tuple[int, ...]
     server_args: tuple[str, ...]
     out_dir: Path
-    peer: dict[str, Any]  # {"peer", "cpu", "figures": {load key: {protocol: [1 worker, 2 workers]}}}
+    torchserve: Path | None  # a venv with TorchServe: measured in every round beside ours
 
 
 class Echo:
@@ -103,27 +97,8 @@ class Echo:
         self.proc.wait(30)
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of ``pid`` and its live descendants (a supervisor's workers; TorchServe's Java
-    front end and its Python workers, which Java's threads start: every thread's children count)."""
-    try:
-        total = cpu_seconds(pid)
-        kids = [
-            int(k) for t in Path(f"/proc/{pid}/task").iterdir() for k in (t / "children").read_text().split()
-        ]
-    except (FileNotFoundError, ProcessLookupError):  # a process that just exited
-        return 0.0
-    return total + sum(tree_cpu(k) for k in kids)
-
-
-def payloads_images(model: str, images: int) -> np.ndarray:
-    """The first ``images`` real test images (synthetic without the dataset), (images, C, H, W)."""
-    source = str(FASHION_TEST) if FASHION_TEST.is_file() else "synthetic"
-    return load_images(source, SHAPES[model], images, seed=0)
-
-
 def payloads(model: str, images: int) -> tuple[bytes, Any]:
-    x = payloads_images(model, images)  # (images, C, H, W)
+    x = test_images(model, images)  # (images, C, H, W)
     grpc_message = build_payloads("kserve", x, images, model, 0)[0]
     http_payload = build_payloads("kserve", x, images, model, 0, encoding="binary", protocol="http")[0]
     return grpc_message, http_payload
@@ -172,6 +147,10 @@ def measure(cfg: FrontDoorBench, pid: int, grpc_target: str, http_target: str, l
 def one_round(cfg: FrontDoorBench) -> dict[str, dict]:
     """Every server at every load once: {server: {load key: measure()}}."""
     results: dict[str, dict] = {}
+    if cfg.torchserve:
+        peer = peer_config(cfg)
+        for label, loads in torchserve_peer.one_round(peer, peer.out_dir / "torchserve/store").items():
+            results[f"torchserve {label}"] = loads
     for workers in cfg.workers:
         args = ["--metrics-port", "-1", "--device", "cpu", "--workers", str(workers), *cfg.server_args]
         with ServerProcess(*args, repository=cfg.repository) as s:
@@ -198,6 +177,27 @@ def one_round(cfg: FrontDoorBench) -> dict[str, dict]:
     return results
 
 
+def peer_config(cfg: FrontDoorBench) -> torchserve_peer.PeerBench:
+    """TorchServe at its best here: the same workers, loads and windows, batch 64, 2 ms, quiet logs."""
+    assert cfg.torchserve is not None
+    return torchserve_peer.PeerBench(
+        cfg.torchserve, cfg.repository, cfg.duration_s, cfg.warmup_s, cfg.grpc_connections,
+        cfg.workers, 64, 2, "quiet", cfg.out_dir,
+    )  # fmt: skip
+
+
+def peer_figures(m: dict[str, dict]) -> dict[str, Any]:
+    """The peer's figures: TorchServe's medians of this run where it ran, else the Xeon's."""
+    servers = [s for s in m if s.startswith("torchserve")]
+    if not servers:
+        return XEON_TORCHSERVE
+    figures = {
+        str(load): {p: [m[s][str(load)][p]["rate"] for s in servers] for p in ("grpc", "http")}
+        for load in LOADS
+    }
+    return {"peer": "TorchServe (measured in this run)", "cpu": cpu_model(), "figures": figures}
+
+
 def medians(rounds: list[dict[str, dict]]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for server in rounds[0]:
@@ -205,8 +205,11 @@ def medians(rounds: list[dict[str, dict]]) -> dict[str, dict]:
         for load in rounds[0][server]:
             out[server][load] = {
                 p: {
-                    k: statistics.median(r[server][load][p][k] for r in rounds)
-                    for k in ("rate", "cpu_us", "p99_ms")
+                    **{
+                        k: statistics.median(r[server][load][p][k] for r in rounds)
+                        for k in ("rate", "cpu_us", "p99_ms")
+                    },
+                    "failed": sum(r[server][load][p].get("failed", 0) for r in rounds),
                 }
                 for p in ("grpc", "http")
             }
@@ -251,18 +254,26 @@ def markdown(doc: dict) -> str:
         lines.append(
             f"| {load[0]}, {load[1]} img, {load[2]} | {best[k]['grpc']:.2f}, {best[k]['http']:.2f} | {one[k]['grpc']:.2f}, {one[k]['http']:.2f} |"
         )
-    lines += ["", *doc["other_ratios"]]
+    failed = [
+        f"{s} {k} {p}: {m[s][k][p]['failed']}"
+        for s in m
+        for k in m[s]
+        for p in m[s][k]
+        if m[s][k][p]["failed"]
+    ]
+    lines += ["", "Failed requests, all rounds: " + ("; ".join(failed) or "none"), "", *doc["other_ratios"]]
     return "\n".join(lines) + "\n"
 
 
 def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
     m = medians(rounds)
+    peer = peer_figures(m)
     ours = [s for s in m if s.startswith("ours")]
     single = f"ours {min(cfg.workers)}w"
     best, one = {}, {}
     for load in LOADS:
         k = str(load)
-        ts = cfg.peer["figures"][k]
+        ts = peer["figures"][k]
         best[k] = {p: max(m[s][k][p]["rate"] for s in ours) / max(ts[p]) for p in ("grpc", "http")}
         one[k] = {p: m[single][k][p]["rate"] / ts[p][0] for p in ("grpc", "http")}
     other = []
@@ -285,7 +296,7 @@ def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
         "rounds": cfg.rounds,
         "duration_s": cfg.duration_s,
         "grpc_connections": cfg.grpc_connections,
-        "peer": cfg.peer,
+        "peer": peer,
         "medians": m,
         "best": best,
         "single": one,
@@ -305,12 +316,15 @@ def parse_args(argv: list[str] | None) -> FrontDoorBench:
     p.add_argument("--workers", default="1,2", help="the server configurations, e.g. 1,2")
     p.add_argument("--server-arg", action="append", default=[], help="an extra cnn-serve flag (repeatable)")
     p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts/bench")
-    p.add_argument("--peer", type=Path, help="bench/torchserve_peer.py's JSON report: the peer's figures")
+    p.add_argument(
+        "--torchserve",
+        type=Path,
+        help="a venv with torchserve: measure it in every round (torchserve_peer.py)",
+    )
     a = p.parse_args(argv)
     if not h2load_client.available():
         p.error("h2load is not installed: apt-get install -y nghttp2-client")
     workers = tuple(int(w) for w in a.workers.split(","))
-    peer = json.loads(a.peer.read_text()) if a.peer else XEON_TORCHSERVE
     return FrontDoorBench(
         a.repository,
         a.rounds,
@@ -320,12 +334,14 @@ def parse_args(argv: list[str] | None) -> FrontDoorBench:
         workers,
         tuple(a.server_arg),
         a.out_dir,
-        peer,
+        a.torchserve,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
+    if cfg.torchserve:
+        torchserve_peer.prepare_store(peer_config(cfg))
     rounds = []
     for i in range(cfg.rounds):
         print(f"[front_door_bench] round {i + 1}/{cfg.rounds}", flush=True)

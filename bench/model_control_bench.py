@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.workers_bench import cpu_model
+from bench.procs import cpu_model
 from cnnstack.serverproc import ServerProcess
 from protos.inference import grpc_service_pb2 as ks
 from protos.inference import grpc_service_pb2_grpc as ks_grpc

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from bench.workers_bench import cpu_model
+from bench.procs import cpu_model
 from cnnstack.contract import CONFIG_FILE, parse_config, render_config
 from cnnstack.serverproc import ServerProcess
 from protos.inference import grpc_service_pb2 as ks

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client
-from bench.workers_bench import cpu_model, write_report
+from bench.procs import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model

@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,11 +30,12 @@ from typing import Any
 import numpy as np
 
 from bench import h2load_client
+from bench.procs import cpu_seconds, free_port, server_process
 from bench.serve_report import MODELS, merge_repeats, ratio_table, ratios, table
 from cnnstack.contract import MODEL_FILE
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
-from loadtest.client import LocalClient, describe_model
+from loadtest.client import LocalClient
 from loadtest.multiproc import MultiProcClient
 from loadtest.payload import CLASSIFY_METHOD, build_payloads, load_images
 from loadtest.runner import StepSpec
@@ -141,51 +139,6 @@ def inprocess(model_file: Path, batch: int, seconds: float) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------- servers as subprocesses
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its threads (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@contextmanager
-def server_process(
-    cmd: list[str], target: str, model: str, startup_s: float = 120.0
-) -> Iterator[subprocess.Popen]:
-    """Start ``cmd`` (a baseline server: no 'listening' line), wait until ``target`` lists ``model``,
-    stop it (SIGTERM, then SIGKILL) after. cnn-serve itself runs as a cnnstack.serverproc.ServerProcess."""
-    log = open(os.devnull, "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}: {' '.join(cmd)}")
-            try:
-                describe_model(target, "classify", model, 0, timeout=2.0)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"server did not list {model} within {startup_s}s: {' '.join(cmd)}"
-                    ) from None
-                time.sleep(0.3)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
 
 
 # ---------------------------------------------------------------- load steps

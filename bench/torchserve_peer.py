@@ -1,5 +1,6 @@
-"""TorchServe on this machine, at the front door's loads (bench/front_door_bench.py), so the ratios
-against the fastest peer compare two servers on one CPU instead of against figures from another.
+"""TorchServe beside cnn-serve, at the front door's loads: ``bench.front_door_bench --torchserve
+VENV`` measures it in every round with this module, so the ratios against the fastest peer compare
+two servers on one CPU in one run instead of against figures from another machine.
 
 TorchServe runs the same ONNX files as cnn-serve through bench/torchserve_handler.py (onnxruntime,
 one thread per Python worker, raw float32 bodies, TorchServe's own batching: ``batchSize`` 64,
@@ -10,26 +11,22 @@ lives in a virtual environment of its own (it pulls torch, and its Java front en
 
     python3 -m venv /opt/torchserve && /opt/torchserve/bin/pip install torchserve==0.12.0 \\
         torch-model-archiver==0.12.0 torch onnxruntime numpy pyyaml   # + a JDK: openjdk-17-jre-headless
-    .venv/bin/python -m bench.torchserve_peer --venv /opt/torchserve --repository artifacts/repository
-    .venv/bin/python -m bench.front_door_bench --peer artifacts/bench/torchserve_peer.json
 
-The last command prints cnn-serve's table with the ratios taken against this file's figures.
-h2load reads HTTP statuses, not gRPC's trailers: a gRPC request TorchServe failed would count as
-answered, which can only flatter TorchServe.
+Its logs are quiet by default (``logs="quiet"``: warnings only, metrics in Prometheus mode): with
+its own log4j2.xml it writes several lines per request, a cost no tuned deployment keeps
+(docs/performance.md has both). h2load reads HTTP statuses, not gRPC's trailers: a gRPC request
+TorchServe failed would count as answered, which can only flatter TorchServe.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,26 +36,40 @@ from pathlib import Path
 import numpy as np
 
 from bench import h2load_client
-from bench.front_door_bench import LOADS, payloads_images, tree_cpu
-from bench.workers_bench import cpu_model, write_report
+from bench.front_door_loads import LOADS, test_images
+from bench.procs import free_ports, tree_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("torchserve_handler.py")
 METHOD = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 PORTS = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
+# logs="quiet": TorchServe's own log4j2.xml writes a line per request to four files (access, ts
+# debug, model and frontend metrics); a benchmark of its best keeps warnings only, in one file.
+QUIET_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <File name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+    </File>
+  </Appenders>
+  <Loggers>
+    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
 
 
 @dataclass(frozen=True)
 class PeerBench:
     venv: Path
     repository: Path
-    rounds: int
     duration_s: float
     warmup_s: float
     grpc_connections: int
     workers: tuple[int, ...]
     batch_size: int
     max_batch_delay_ms: int
+    logs: str  # "quiet" (warnings only, metrics in Prometheus mode) or "default" (TorchServe's own)
     out_dir: Path
 
 
@@ -93,18 +104,6 @@ def prediction_of(response: bytes) -> bytes:
             return response[i : i + length]
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` ports free now (TorchServe takes fixed ports from its config file)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def archive(cfg: PeerBench, model: str, store: Path) -> None:
     """``MODEL.mar`` in ``store``: the repository's newest ONNX file of ``model`` with the handler."""
     versions = sorted(
@@ -133,6 +132,8 @@ def write_properties(cfg: PeerBench, workers: int, store: Path, ports: dict[str,
     lines = [f"{k}_address=http://127.0.0.1:{ports[k]}" for k in ("inference", "management", "metrics")]
     lines += [f"{k}_port={ports[k]}" for k in ("grpc_inference", "grpc_management")]
     lines += ["disable_token_authorization=true", f"model_store={store}", f"models={json.dumps(models)}"]
+    if cfg.logs == "quiet":
+        lines += ["metrics_mode=prometheus", "disable_system_metrics=true"]
     lines.append("load_models=" + ",".join(f"{m}.mar" for m in models))
     path = store.parent / f"config-{workers}w.properties"
     path.write_text("\n".join(lines) + "\n")
@@ -148,6 +149,9 @@ def torchserve(cfg: PeerBench, workers: int, store: Path) -> Iterator[tuple[int,
     env = {**os.environ, "PATH": f"{cfg.venv / 'bin'}:{os.environ['PATH']}", "LOG_LOCATION": str(logs)}
     env["METRICS_LOCATION"] = str(logs)
     cmd = [str(cfg.venv / "bin/torchserve"), "--foreground", "--ncs", "--ts-config", str(props)]
+    if cfg.logs == "quiet":
+        (store.parent / "log4j2.xml").write_text(QUIET_LOG4J2)
+        cmd += ["--log-config", str(store.parent / "log4j2.xml")]
     proc = subprocess.Popen(
         cmd,
         cwd=store.parent,
@@ -237,7 +241,7 @@ def check_answers(ports: dict[str, int], model: str, x: np.ndarray, want: int) -
 def measure(cfg: PeerBench, pid: int, ports: dict[str, int], load: tuple[str, int, int]) -> dict:
     """Both protocols at one load: {protocol: {"rate", "cpu_us", "p99_ms"}} (rate in images/s)."""
     model, images, inflight = load
-    body = np.ascontiguousarray(payloads_images(model, images), dtype=np.float32).tobytes()
+    body = np.ascontiguousarray(test_images(model, images), dtype=np.float32).tobytes()
     out = {}
     for protocol in ("grpc", "http"):
         c0 = tree_cpu(pid)
@@ -262,134 +266,37 @@ def measure(cfg: PeerBench, pid: int, ports: dict[str, int], load: tuple[str, in
                 blank_reason_is_ok=True,
             )
         spent = tree_cpu(pid) - c0
-        if r.failed:
-            raise RuntimeError(f"torchserve {protocol} {load}: {r.failed} failed requests")
         answered = r.requests_per_s * (cfg.duration_s + cfg.warmup_s)
         out[protocol] = {
             "rate": r.requests_per_s * images,
             "cpu_us": spent / max(answered, 1) * 1e6,
             "p99_ms": r.latency_ms["p99_ms"],
+            "failed": r.failed,  # the peer's errors are data: counted, reported, not fatal
         }
     return out
 
 
 def one_round(cfg: PeerBench, store: Path) -> dict[str, dict]:
     """{"1w": {load key: measure()}, "2w": ...}."""
-    firsts = {m: payloads_images(m, 1) for m in {load[0] for load in LOADS}}  # (1, C, H, W)
+    firsts = {m: test_images(m, 1) for m in {load[0] for load in LOADS}}  # (1, C, H, W)
     wants = {m: expected_top1(cfg, m, x) for m, x in firsts.items()}
     results: dict[str, dict] = {}
     for workers in cfg.workers:
         with torchserve(cfg, workers, store) as (pid, ports):
             for m, x in firsts.items():
                 check_answers(ports, m, x, wants[m])
+            # Java compiles its hot paths while it runs: one unmeasured pass at full load first.
+            measure(dataclasses.replace(cfg, duration_s=cfg.warmup_s, warmup_s=0.5), pid, ports, LOADS[1])
             results[f"{workers}w"] = {str(load): measure(cfg, pid, ports, load) for load in LOADS}
     return results
 
 
-def summarize(cfg: PeerBench, rounds: list[dict]) -> dict:
-    """Medians over rounds, and ``figures``: {load key: {protocol: [rate per worker count]}}, the
-    form bench/front_door_bench.py takes with ``--peer``."""
-    medians = {
-        w: {
-            k: {
-                p: {f: statistics.median(r[w][k][p][f] for r in rounds) for f in ("rate", "cpu_us", "p99_ms")}
-                for p in ("grpc", "http")
-            }
-            for k in rounds[0][w]
-        }
-        for w in rounds[0]
-    }
-    figures = {
-        str(load): {
-            p: [medians[f"{w}w"][str(load)][p]["rate"] for w in cfg.workers] for p in ("grpc", "http")
-        }
-        for load in LOADS
-    }
-    version = subprocess.run(
-        [str(cfg.venv / "bin/torchserve"), "--version"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    return {
-        "peer": f"TorchServe ({version or 'version unknown'})",
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d"),
-        "workers": list(cfg.workers),
-        "rounds": cfg.rounds,
-        "duration_s": cfg.duration_s,
-        "batch_size": cfg.batch_size,
-        "max_batch_delay_ms": cfg.max_batch_delay_ms,
-        "medians": medians,
-        "figures": figures,
-        "raw": rounds,
-    }
-
-
-def markdown(doc: dict) -> str:
-    m = doc["medians"]
-    lines = [
-        f"{doc['peer']} on {doc['cpu']}, {doc['date']}; {doc['rounds']} rounds of {doc['duration_s']:g} s; "
-        f"batchSize {doc['batch_size']}, maxBatchDelay {doc['max_batch_delay_ms']} ms",
-        "",
-        "| load | "
-        + " | ".join(f"{w}: gRPC / REST" for w in m)
-        + " | CPU per request µs: "
-        + " | ".join(f"{w}: gRPC / REST" for w in m)
-        + " |",
-        "|---|" + "---:|" * (2 * len(m)),
-    ]
-    for load in LOADS:
-        k = str(load)
-        row = [f"{load[0]}, {load[1]} img, {load[2]} in flight"]
-        row += [f"{m[w][k]['grpc']['rate']:,.0f} / {m[w][k]['http']['rate']:,.0f}" for w in m]
-        row += [f"{m[w][k]['grpc']['cpu_us']:.0f} / {m[w][k]['http']['cpu_us']:.0f}" for w in m]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def parse_args(argv: list[str] | None) -> PeerBench:
-    p = argparse.ArgumentParser(prog="python -m bench.torchserve_peer", description=__doc__.split("\n\n")[0])
-    p.add_argument("--venv", type=Path, required=True, help="a virtual environment with torchserve installed")
-    p.add_argument("--repository", type=Path, default=ROOT / "artifacts/repository")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--duration", type=float, default=10.0)
-    p.add_argument("--warmup", type=float, default=2.0)
-    p.add_argument("--grpc-connections", type=int, default=4)
-    p.add_argument("--workers", default="1,2", help="TorchServe workers per model, e.g. 1,2")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-batch-delay-ms", type=int, default=2)
-    p.add_argument("--out-dir", type=Path, default=ROOT / "artifacts/bench")
-    a = p.parse_args(argv)
-    if not h2load_client.available():
-        p.error("h2load is not installed: apt-get install -y nghttp2-client")
-    if not (a.venv / "bin/torchserve").is_file() or shutil.which("java") is None:
-        p.error(
-            f"needs {a.venv}/bin/torchserve (pip install torchserve torch-model-archiver) and a JDK's java"
-        )
-    workers = tuple(int(w) for w in a.workers.split(","))
-    return PeerBench(
-        a.venv, a.repository, a.rounds, a.duration, a.warmup, a.grpc_connections, workers,
-        a.batch_size, a.max_batch_delay_ms, a.out_dir,
-    )  # fmt: skip
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+def prepare_store(cfg: PeerBench) -> Path:
+    """A fresh ``OUT_DIR/torchserve/store`` holding one archive per model of the loads."""
     work = cfg.out_dir / "torchserve"
     shutil.rmtree(work, ignore_errors=True)
     store = work / "store"
     store.mkdir(parents=True)
     for model in sorted({load[0] for load in LOADS}):
         archive(cfg, model, store)
-    rounds = []
-    for i in range(cfg.rounds):
-        print(f"[torchserve_peer] round {i + 1}/{cfg.rounds}", flush=True)
-        rounds.append(one_round(cfg, store))
-    doc = summarize(cfg, rounds)
-    md = markdown(doc)
-    write_report(cfg.out_dir, "torchserve_peer", doc, md)
-    print(md)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return store

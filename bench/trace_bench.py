@@ -30,6 +30,7 @@ from typing import Any
 
 from bench import h2load_client
 from bench.otlp_sink import OtlpSink
+from bench.procs import cpu_model, cpu_seconds, write_report
 from bench.protocol_bench import (
     ProtocolBench,
     add_run_args,
@@ -38,8 +39,6 @@ from bench.protocol_bench import (
     parse_run_args,
     ratio_lines,
 )
-from bench.serve_bench import cpu_seconds
-from bench.workers_bench import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model

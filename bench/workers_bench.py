@@ -16,10 +16,7 @@ per request. The figure of an N is its median round; the ratio is against the fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +26,7 @@ from typing import Any
 import grpc
 
 from bench import h2load_client
-from bench.serve_bench import cpu_seconds
+from bench.procs import cpu_model, cpu_seconds, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest import metrics_scrape
 from loadtest.client import describe_model
@@ -53,23 +50,6 @@ class WorkersBench:
     rounds: int
     device: str
     out_dir: Path
-
-
-def write_report(out_dir: Path, stem: str, doc: dict, markdown: str) -> None:
-    """A benchmark's results: ``stem``.json (everything) and ``stem``.md (the tables) in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{stem}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out_dir / f"{stem}.md").write_text(markdown)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
-    return next(
-        (ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")), "unknown"
-    )
 
 
 def worker_channels(target: str, pids: list[int], limit: int = 64) -> dict[int, grpc.Channel]:

@@ -103,10 +103,7 @@ async def inference_call(
 ) -> web.Response:
     """One HTTP inference request: its body read, then ``work(request, body, call)`` under
     ``Inference.handle`` (counted as ``protocol="http"``)."""
-    try:
-        body = await request.read()
-    except ConnectionError:  # the client went away, or the guard closed it for a stalled body
-        return error_response(408, "the connection closed before the request body arrived")
+    body = await request.read()  # a client gone while it is read: 408 (the middleware)
     return await inference.handle(rpc, functools.partial(work, request, body), on_error, HTTP, request)
 
 
@@ -125,9 +122,12 @@ def build_app(
 def _json_errors(max_body_bytes: int) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        """aiohttp's own errors (no route, wrong method, body too large) as protocol errors."""
+        """aiohttp's own errors (no route, wrong method, body too large) as protocol errors, and a
+        body that never arrived (the client went away, or the guard closed it stalled) as 408."""
         try:
             return await handler(request)
+        except ConnectionError:
+            return error_response(408, "the connection closed before the request body arrived")
         except web.HTTPRequestEntityTooLarge:
             return error_response(
                 413, f"request body over the {max_body_bytes}-byte limit (--max-body-bytes)"

@@ -100,7 +100,7 @@ def test_the_handler_answers_each_request_of_a_batch_with_its_own_images(tmp_pat
 
 
 def test_torchserve_gets_one_entry_per_model_with_the_batching_asked_for(tmp_path: Path) -> None:
-    cfg = PeerBench(Path("/venv"), tmp_path, 1, 1.0, 0.0, 4, (1, 2), 64, 2, tmp_path)
+    cfg = PeerBench(Path("/venv"), tmp_path, 1.0, 0.0, 4, (1, 2), 64, 2, "quiet", tmp_path)
     store = tmp_path / "store"
     store.mkdir()
     ports = dict(inference=1, management=2, metrics=3, grpc_inference=4, grpc_management=5)
@@ -115,20 +115,34 @@ def test_torchserve_gets_one_entry_per_model_with_the_batching_asked_for(tmp_pat
         assert (m["1.0"]["batchSize"], m["1.0"]["maxBatchDelay"]) == (64, 2)
 
 
-def test_the_front_door_ratios_are_taken_against_the_peer_file(tmp_path: Path) -> None:
-    peer: dict[str, Any] = {"peer": "TorchServe (test)", "cpu": "this one", "figures": {}}
-    ours: dict[str, dict] = {"ours 1w": {}, "ours 2w": {}, "echo": {}}
-    for load in LOADS:
-        peer["figures"][str(load)] = {"grpc": [1000.0, 2000.0], "http": [500.0, 400.0]}
-        for name, rate in (("ours 1w", 1500.0), ("ours 2w", 2400.0), ("echo", 9000.0)):
-            ours[name][str(load)] = {
-                p: {"rate": rate, "cpu_us": 100.0, "p99_ms": 1.0} for p in ("grpc", "http")
-            }
-    path = tmp_path / "peer.json"
-    path.write_text(json.dumps(peer))
-    cfg = front_door_bench.parse_args(["--peer", str(path), "--out-dir", str(tmp_path)])
-    doc = front_door_bench.summarize(cfg, [ours])
-    k = str(LOADS[1])
-    assert doc["best"][k] == {"grpc": 2400 / 2000, "http": 2400 / 500}
-    assert doc["single"][k] == {"grpc": 1500 / 1000, "http": 1500 / 500}
-    assert "Peer: TorchServe (test) on this one" in front_door_bench.markdown(doc)
+def test_the_front_door_ratios_are_taken_against_torchserve_measured_in_the_same_rounds(
+    tmp_path: Path,
+) -> None:
+    def cell(rate: float, failed: int = 0) -> dict:
+        return {p: {"rate": rate, "cpu_us": 100.0, "p99_ms": 1.0, "failed": failed} for p in ("grpc", "http")}
+
+    rates = {
+        "torchserve 1w": 1000.0,
+        "torchserve 2w": 2000.0,
+        "ours 1w": 1500.0,
+        "ours 2w": 2400.0,
+        "echo": 9e3,
+    }
+    rounds = [
+        {s: {str(load): cell(r * (1 + i / 10), failed=i) for load in LOADS} for s, r in rates.items()}
+        for i in range(3)
+    ]
+    cfg = front_door_bench.parse_args(["--out-dir", str(tmp_path)])
+    doc = front_door_bench.summarize(cfg, rounds)
+    k = str(LOADS[1])  # medians: the middle round, x1.1
+    assert doc["best"][k]["grpc"] == pytest.approx(2400 / 2000)
+    assert doc["single"][k]["grpc"] == pytest.approx(1500 / 1000)
+    assert doc["peer"]["figures"][k]["http"] == pytest.approx([1100.0, 2200.0])
+    md = front_door_bench.markdown(doc)
+    assert "TorchServe (measured in this run)" in md and "torchserve 2w" in md
+    assert f"torchserve 1w {k} grpc: 3" in md  # the peer's failures over all rounds are reported
+
+    alone = front_door_bench.summarize(
+        cfg, [{s: v for s, v in rounds[0].items() if not s.startswith("torch")}]
+    )
+    assert "Xeon" in alone["peer"]["cpu"]  # no TorchServe here: the reference figures, named as such

@@ -335,10 +335,7 @@ class KServeRest:
         return answer(build)
 
     async def repository_index(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.read()
-        except ConnectionError:
-            return error_response(408, "the connection closed before the request body arrived")
+        body = await request.read()
         try:
             doc = parse_json(body) if body.strip() else {}
         except ServeError as e:
@@ -369,8 +366,6 @@ class KServeRest:
             body = await request.read()
             doc = parse_json(body) if body.strip() else {}
             await act(_params(_obj(doc, "the request"), "the request"))
-        except ConnectionError:
-            return error_response(408, "the connection closed before the request body arrived")
         except ServeError as e:
             return error_response(http_status(e.code), e.message)
         return web.Response(status=200)
