@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.train_bench import PerSampleDataset, TorchvisionStyleDataset
+from bench.d2l_baseline import PerSampleDataset, TorchvisionStyleDataset
 from trainer.datasets._types import DatasetInfo
 
 

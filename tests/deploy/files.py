@@ -1,5 +1,5 @@
 """Reading docker-compose*.yml and deploy/*.Dockerfile as the engines do, for the tests that check
-them against the code (tests/test_deploy.py) without running anything."""
+them against the code (tests/test_deploy.py, tests/test_images.py) without running anything."""
 
 from __future__ import annotations
 
