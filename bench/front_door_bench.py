@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client, torchserve_peer
-from bench.front_door_loads import LOADS, test_images
-from bench.procs import cpu_model, tree_cpu, write_report
+from bench.front_door_loads import LOADS, Wires, drive, test_images
+from bench.procs import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path
 
@@ -105,42 +105,15 @@ def payloads(model: str, images: int) -> tuple[bytes, Any]:
 
 
 def measure(cfg: FrontDoorBench, pid: int, grpc_target: str, http_target: str, load: tuple) -> dict:
-    """Both protocols at one load: {protocol: {"rate", "cpu_us", "p99_ms"}}."""
-    model, images, inflight = load
+    """Both protocols at one load (``front_door_loads.drive``); any failed request stops the bench."""
+    model, images, _ = load
     message, http = payloads(model, images)
-    out = {}
-    for protocol in ("grpc", "http"):
-        c0 = tree_cpu(pid)
-        if protocol == "grpc":
-            conns = min(cfg.grpc_connections, inflight)
-            r = h2load_client.run_h2load(
-                grpc_target,
-                KSERVE_METHOD,
-                message,
-                concurrency=inflight,
-                connections=conns,
-                duration_s=cfg.duration_s,
-                warmup_s=cfg.warmup_s,
-            )
-        else:
-            url = f"http://{http_target}{infer_path(model, 0)}"
-            r = h2load_client.run_h2load_http1(
-                url,
-                http.body,
-                http.headers,
-                concurrency=inflight,
-                duration_s=cfg.duration_s,
-                warmup_s=cfg.warmup_s,
-            )
-        spent = tree_cpu(pid) - c0
-        answered = r.requests_per_s * (cfg.duration_s + cfg.warmup_s)
-        if r.failed:
-            raise RuntimeError(f"{protocol} {load}: {r.failed} failed requests")
-        out[protocol] = {
-            "rate": r.requests_per_s * images,
-            "cpu_us": spent / max(answered, 1) * 1e6,
-            "p99_ms": r.latency_ms["p99_ms"],
-        }
+    url = f"http://{http_target}{infer_path(model, 0)}"
+    wires = Wires(grpc_target, KSERVE_METHOD, message, url, http.body, http.headers)
+    out = drive(pid, wires, load, cfg.grpc_connections, cfg.duration_s, cfg.warmup_s)
+    for protocol, r in out.items():
+        if r["failed"]:
+            raise RuntimeError(f"{protocol} {load}: {r['failed']} failed requests")
     return out
 
 
@@ -209,7 +182,7 @@ def medians(rounds: list[dict[str, dict]]) -> dict[str, dict]:
                         k: statistics.median(r[server][load][p][k] for r in rounds)
                         for k in ("rate", "cpu_us", "p99_ms")
                     },
-                    "failed": sum(r[server][load][p].get("failed", 0) for r in rounds),
+                    "failed": sum(r[server][load][p]["failed"] for r in rounds),
                 }
                 for p in ("grpc", "http")
             }

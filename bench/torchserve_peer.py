@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import h2load_client
-from bench.front_door_loads import LOADS, test_images
-from bench.procs import free_ports, tree_cpu
+from bench.front_door_loads import LOADS, MODELS, Wires, drive, test_images
+from bench.procs import free_ports
+from cnnstack.contract import scan_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HANDLER = Path(__file__).with_name("torchserve_handler.py")
@@ -104,13 +104,18 @@ def prediction_of(response: bytes) -> bytes:
             return response[i : i + length]
 
 
+def model_file(cfg: PeerBench, model: str) -> Path:
+    """The newest version's model file of ``model`` in the repository, as cnn-serve reads it."""
+    versions = scan_model(cfg.repository / model).versions
+    if not versions:
+        raise RuntimeError(f"{cfg.repository / model} has no version with a model file")
+    return versions[max(versions)].model_path
+
+
 def archive(cfg: PeerBench, model: str, store: Path) -> None:
-    """``MODEL.mar`` in ``store``: the repository's newest ONNX file of ``model`` with the handler."""
-    versions = sorted(
-        (p for p in (cfg.repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
+    """``MODEL.mar`` in ``store``: the newest ONNX file of ``model`` with the handler."""
     cmd = [str(cfg.venv / "bin/torch-model-archiver"), "--model-name", model, "--version", "1.0"]
-    cmd += ["--serialized-file", str(versions[-1] / "model.onnx"), "--handler", str(HANDLER)]
+    cmd += ["--serialized-file", str(model_file(cfg, model)), "--handler", str(HANDLER)]
     subprocess.run([*cmd, "--export-path", str(store), "--force"], check=True)
 
 
@@ -127,7 +132,7 @@ def write_properties(cfg: PeerBench, workers: int, store: Path, ports: dict[str,
                 "responseTimeout": 120,
             }
         }
-        for m in sorted({load[0] for load in LOADS})
+        for m in MODELS
     }
     lines = [f"{k}_address=http://127.0.0.1:{ports[k]}" for k in ("inference", "management", "metrics")]
     lines += [f"{k}_port={ports[k]}" for k in ("grpc_inference", "grpc_management")]
@@ -183,7 +188,6 @@ def wait_ready(
     management: int, workers: int, proc: subprocess.Popen, logs: Path, timeout_s: float = 180.0
 ) -> None:
     deadline = time.monotonic() + timeout_s
-    models = sorted({load[0] for load in LOADS})
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(
@@ -192,12 +196,12 @@ def wait_ready(
         with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
             states = [
                 w["status"]
-                for m in models
+                for m in MODELS
                 for w in json.loads(
                     urllib.request.urlopen(f"http://127.0.0.1:{management}/models/{m}").read()
                 )[0]["workers"]
             ]
-            if states.count("READY") == workers * len(models):
+            if states.count("READY") == workers * len(MODELS):
                 return
         time.sleep(0.5)
     raise RuntimeError(
@@ -209,10 +213,7 @@ def expected_top1(cfg: PeerBench, model: str, x: np.ndarray) -> int:
     """The ONNX file's own answer for ``x`` (1, C, H, W), run here on onnxruntime."""
     import onnxruntime as ort
 
-    versions = sorted(
-        (p for p in (cfg.repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    session = ort.InferenceSession(str(versions[-1] / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_file(cfg, model)), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {session.get_inputs()[0].name: np.repeat(x, 2, axis=0)})[0]
     return int(np.argmax(logits[0]))
 
@@ -239,46 +240,25 @@ def check_answers(ports: dict[str, int], model: str, x: np.ndarray, want: int) -
 
 
 def measure(cfg: PeerBench, pid: int, ports: dict[str, int], load: tuple[str, int, int]) -> dict:
-    """Both protocols at one load: {protocol: {"rate", "cpu_us", "p99_ms"}} (rate in images/s)."""
-    model, images, inflight = load
+    """Both protocols at one load (``front_door_loads.drive``); the peer's failed requests are data:
+    counted and reported, not fatal."""
+    model, images, _ = load
     body = np.ascontiguousarray(test_images(model, images), dtype=np.float32).tobytes()
-    out = {}
-    for protocol in ("grpc", "http"):
-        c0 = tree_cpu(pid)
-        if protocol == "grpc":
-            r = h2load_client.run_h2load(
-                f"127.0.0.1:{ports['grpc_inference']}",
-                METHOD,
-                predictions_request(model, body),
-                concurrency=inflight,
-                connections=min(cfg.grpc_connections, inflight),
-                duration_s=cfg.duration_s,
-                warmup_s=cfg.warmup_s,
-            )
-        else:
-            r = h2load_client.run_h2load_http1(
-                f"http://127.0.0.1:{ports['inference']}/predictions/{model}",
-                body,
-                {"content-type": "application/octet-stream"},
-                concurrency=inflight,
-                duration_s=cfg.duration_s,
-                warmup_s=cfg.warmup_s,
-                blank_reason_is_ok=True,
-            )
-        spent = tree_cpu(pid) - c0
-        answered = r.requests_per_s * (cfg.duration_s + cfg.warmup_s)
-        out[protocol] = {
-            "rate": r.requests_per_s * images,
-            "cpu_us": spent / max(answered, 1) * 1e6,
-            "p99_ms": r.latency_ms["p99_ms"],
-            "failed": r.failed,  # the peer's errors are data: counted, reported, not fatal
-        }
-    return out
+    wires = Wires(
+        f"127.0.0.1:{ports['grpc_inference']}",
+        METHOD,
+        predictions_request(model, body),
+        f"http://127.0.0.1:{ports['inference']}/predictions/{model}",
+        body,
+        {"content-type": "application/octet-stream"},
+        blank_reason_is_ok=True,
+    )
+    return drive(pid, wires, load, cfg.grpc_connections, cfg.duration_s, cfg.warmup_s)
 
 
 def one_round(cfg: PeerBench, store: Path) -> dict[str, dict]:
     """{"1w": {load key: measure()}, "2w": ...}."""
-    firsts = {m: test_images(m, 1) for m in {load[0] for load in LOADS}}  # (1, C, H, W)
+    firsts = {m: test_images(m, 1) for m in MODELS}  # (1, C, H, W)
     wants = {m: expected_top1(cfg, m, x) for m, x in firsts.items()}
     results: dict[str, dict] = {}
     for workers in cfg.workers:
@@ -297,6 +277,6 @@ def prepare_store(cfg: PeerBench) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     store = work / "store"
     store.mkdir(parents=True)
-    for model in sorted({load[0] for load in LOADS}):
+    for model in MODELS:
         archive(cfg, model, store)
     return store
