@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from bench import h2load_client
 from bench.procs import cpu_seconds, free_port, server_process
+from bench.serve_models import prepare_repository
 from bench.serve_report import MODELS, merge_repeats, ratio_table, ratios, table
 from cnnstack.contract import MODEL_FILE
 from cnnstack.serverproc import ServerProcess
@@ -60,56 +60,6 @@ class BenchConfig:
     server_args: tuple[str, ...] = ()
     h2load: bool = True  # also drive echo and cnn-serve with h2load, where it is installed
     h2load_s: float = 5.0
-
-
-# ---------------------------------------------------------------- model repository
-
-
-def write_untrained_checkpoint(name: str, path: Path) -> None:
-    from cnnstack.contract import ModelMeta
-    from trainer.checkpoint import Checkpoint
-    from trainer.data import FASHION_MNIST_CLASSES, STATS
-    from trainer.models import get_model
-
-    arch, dataset, shape = MODELS[name]
-    classes = FASHION_MNIST_CLASSES if dataset == "fashion-mnist" else tuple(f"class{i}" for i in range(10))
-    args = {"in_channels": shape[0], "num_classes": len(classes), "image_size": shape[1]}
-    model = get_model(arch, **args).eval()
-    meta = ModelMeta(arch, dataset, shape, *STATS[dataset], class_names=classes)
-    note = {"note": "untrained, for serve_bench"}
-    Checkpoint(arch, args, meta, model.state_dict(), config=note).save(path)
-
-
-def prepare_repository(cfg: BenchConfig) -> Path:
-    repo = cfg.out_dir / "models"
-    for name in cfg.models:
-        if (repo / name / "1" / MODEL_FILE).is_file():
-            continue
-        ckpt = cfg.checkpoints.get(name) or cfg.out_dir / "checkpoints" / f"{name}.pt"
-        if name not in cfg.checkpoints and not ckpt.is_file():
-            write_untrained_checkpoint(name, ckpt)
-        cmd = [
-            sys.executable,
-            "-m",
-            "exporter",
-            str(ckpt),
-            "-r",
-            str(repo),
-            "--name",
-            name,
-            "--no-progress",
-            "--parity-samples",
-            "512",
-            "--batch1-samples",
-            "8",
-            "--bench-seconds",
-            "0.2",
-            "--max-batch-size",
-            str(cfg.max_batch),
-        ]
-        print(f"[bench] exporting {name}: {' '.join(cmd[2:])}", flush=True)
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
-    return repo
 
 
 # ---------------------------------------------------------------- 1. in-process onnxruntime
@@ -385,7 +335,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    repo = prepare_repository(cfg)
+    repo = prepare_repository(cfg.out_dir, cfg.models, cfg.checkpoints, cfg.max_batch)
     started, load_before = time.time(), os.getloadavg()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cfg.models}
     for rep in range(cfg.repeat):
