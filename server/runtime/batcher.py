@@ -17,9 +17,11 @@ Batch formation, per instance:
    idle fast path, a request of at most ``inline_max_images`` runs on the event loop itself. That
    limit comes from timing the model at load: it covers only batches that compute faster than a
    thread hand-off costs (``--inline-compute-us``; small models such as LeNet), where the hop, not
-   the model, is the latency; such runs use ``run_inline`` (the server's single-threaded session of the
+   the model, is the latency; such runs use ``run_solo`` (the server's single-threaded session of the
    model). Under load the thread is always used: then compute overlaps the loop's gRPC work on
-   another core.
+   another core. On that thread too, batches of at most ``solo_max_images`` run on the
+   single-threaded session: the load-time timing found it no slower there than the intra-op pool
+   (server.runtime.solo).
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 
@@ -41,12 +43,16 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from time import time_ns
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
 from server.errors import ServeError, deadline_exceeded, internal, unavailable
 from server.runtime.preprocess import nonfinite_error
 from server.runtime.queue import STOP, RequestQueue, WorkItem
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,8 @@ class Batcher:
         max_delay_s: float,
         observe: BatchObserver | None = None,
         inline_max_images: int = 0,
-        run_inline: RunBatch | None = None,
+        run_solo: RunBatch | None = None,
+        solo_max_images: int = 0,
         preferred_batch_sizes: Sequence[int] = (),
         trace_attributes: Mapping[str, str | int] | None = None,
     ) -> None:
@@ -83,13 +90,13 @@ class Batcher:
         self.max_delay_s = max_delay_s
         self._observe = observe
         self.inline_max_images = inline_max_images
-        self._run_inline = run_inline or run_batch  # the batch function for inline runs
+        self.solo_max_images = solo_max_images
+        self._run_solo = run_solo or run_batch  # inline runs, and batches up to solo_max_images
         self._preferred = frozenset(preferred_batch_sizes)  # a batch reaching one runs at once
         self._trace_attributes = dict(trace_attributes or {})  # instance, device: on compute spans
         self._carry: WorkItem | None = None
         self._last_batch_requests = 1
         self._idle = False  # the batch being run came through the idle fast path
-        self._buf: np.ndarray | None = None  # (max_batch_size, C, H, W), reused across batches
         self.busy = False
         self.batches = 0
 
@@ -237,14 +244,13 @@ class Batcher:
         """-> (outputs, None), or (None, finite (B,) bool) when some image is NaN/Inf."""
         n = sum(a.shape[0] for a in arrays)
         if idle and n <= self.inline_max_images:  # cheaper than the thread hand-off (see module doc)
-            return self._assemble_and_run(arrays, inline=True)
+            return self._assemble_and_run(arrays, solo=True)
         return await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._assemble_and_run, arrays
+            self._executor, self._assemble_and_run, arrays, n <= self.solo_max_images
         )
 
-    def _assemble_and_run(self, arrays: list[np.ndarray], inline: bool = False):
-        # A lone request runs on its own array (no copy); a batch is built in the reused buffer,
-        # which only this instance's single executor thread touches.
+    def _assemble_and_run(self, arrays: list[np.ndarray], solo: bool = False):
+        # A lone request runs on its own array (no copy); a batch is copied into one new array.
         x = arrays[0] if len(arrays) == 1 else self._concat(arrays)  # (B, C, H, W)
         # One reduction: a float64 sum of float32 pixels cannot overflow, so it is finite exactly
         # when every pixel is. Only when it is not, look image by image.
@@ -252,19 +258,19 @@ class Batcher:
             finite = np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)  # (B,)
             if not finite.all():
                 return None, finite
-        return (self._run_inline if inline else self._run_batch)(x), None
+        return (self._run_solo if solo else self._run_batch)(x), None
 
     async def _run(self, x: np.ndarray):
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_batch, x)
 
-    def _concat(self, arrays: list[np.ndarray]) -> np.ndarray:
+    @staticmethod
+    def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+        """The requests' (n, C, H, W) float32 arrays -> one (B, C, H, W) batch. ``bytes.join`` copies
+        them with the GIL held, where ``np.concatenate`` lets go of it and takes it back once per
+        array, and each take waits for the event loop's thread (see the module doc)."""
         total = sum(a.shape[0] for a in arrays)
-        shape = arrays[0].shape[1:]
-        if self._buf is None or self._buf.shape[1:] != shape or self._buf.shape[0] < total:
-            self._buf = np.empty((max(self.max_batch_size, total), *shape), dtype=np.float32)
-        out = self._buf[:total]
-        np.concatenate(arrays, axis=0, out=out)
-        return out
+        joined = b"".join([_c_float32(a) for a in arrays])
+        return np.frombuffer(joined, dtype=np.float32).reshape(total, *arrays[0].shape[1:])
 
     async def _isolate(self, live: list[WorkItem]) -> None:
         """The batch failed: run each request alone so that only the bad ones fail."""
@@ -279,6 +285,13 @@ class Batcher:
                 continue
             if not item.future.done():
                 item.future.set_result(list(outputs))
+
+
+def _c_float32(a: np.ndarray) -> Buffer:
+    """``a`` as C-contiguous float32 bytes (the arrays the protocols build already are)."""
+    if not (a.flags.c_contiguous and a.dtype == np.float32):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+    return cast("Buffer", a)
 
 
 def _reject_nonfinite(live: list[WorkItem], finite: np.ndarray) -> list[WorkItem]:

@@ -36,10 +36,10 @@ from server.runtime.queue import QueuePolicy
 from server.runtime.sessions import (
     Instance,
     create_instances,
-    create_session,
     node_placement,
     threads_per_instance,
 )
+from server.runtime.solo import add_solo_sessions
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class LoadedModel:
     queue_policy: QueuePolicy
     preferred_batch_sizes: tuple[int, ...] = ()
     inline_max_images: int = 0
+    solo_max_images: int = 0  # batches up to this size run on the single-threaded session
 
 
 def load_version(
@@ -143,12 +144,11 @@ def load_version(
             for inst in instances
         ]
         inline_max = _inline_limit(timings[0], max_batch, s.inline_compute_s)
-        if inline_max and s.provider == CPU and threads > 1:
-            for inst in instances:
-                inst.solo = create_session(files.model_path, CPU, 1)
-                inst.run(
-                    np.zeros((1, *meta.input_shape), dtype=np.float32), solo=True
-                )  # first-run allocations
+        solo_max = 0
+        if s.provider == CPU and threads > 1:
+            solo_max = add_solo_sessions(
+                instances, files.model_path, meta.input_shape, max_batch, keep=inline_max > 0
+            )
     except Exception:
         for inst in instances:
             inst.close()
@@ -156,7 +156,9 @@ def load_version(
     config = _effective_config(name, repo_config, meta, names, max_batch, delay_s, devices)
     if not (s.response_cache and repo_config.response_cache.enable):
         config.ClearField("response_cache")  # shown only where the cache really serves the model
-    return LoadedModel(meta, config, instances, names, max_batch, delay_s, policy, preferred, inline_max)
+    return LoadedModel(
+        meta, config, instances, names, max_batch, delay_s, policy, preferred, inline_max, solo_max
+    )
 
 
 def effective_limit(server_value: float, model_value: float) -> float:

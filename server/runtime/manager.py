@@ -354,7 +354,7 @@ class ModelManager:
         self.errors.pop((name, v), None)
         log.info(
             "loaded model %s version %d (%s, %s, input %s, %d classes, max batch %d, %d instance(s), "
-            "batches <= %d run inline)",
+            "batches <= %d run inline, <= %d on one thread)",
             name,
             v,
             loaded.meta.arch,
@@ -364,6 +364,7 @@ class ModelManager:
             loaded.max_batch_size,
             len(loaded.instances),
             loaded.inline_max_images,
+            loaded.solo_max_images,
         )
         return served
 

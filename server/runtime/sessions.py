@@ -95,9 +95,10 @@ class Instance:
     input_name: str
     output_names: list[str]
     device_id: int | None = None  # CUDA device ordinal; None on the CPU
-    # A single-threaded session of the same model for the small batches run inline on the event
-    # loop (see server.runtime.batcher): for a LeNet-sized batch, waking the intra-op pool for every
-    # operator costs more than the second thread gives back.
+    # A single-threaded session of the same model for small batches, inline on the event loop or on
+    # the instance's thread (see server.runtime.batcher and loader._add_solo_sessions): for a
+    # LeNet-sized batch, waking the intra-op pool for every operator costs more than its threads
+    # give back.
     solo: ort.InferenceSession | None = None
 
     def run(self, x: np.ndarray, solo: bool = False) -> Sequence[np.ndarray]:

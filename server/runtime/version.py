@@ -93,7 +93,8 @@ class ServedVersion:
                 self.queue,
                 functools.partial(_run_ranked, inst),
                 inst.executor,
-                run_inline=functools.partial(_run_ranked, inst, solo=True),  # inst.run falls back without one
+                run_solo=functools.partial(_run_ranked, inst, solo=True),  # inst.run falls back without one
+                solo_max_images=loaded.solo_max_images,
                 max_batch_size=loaded.max_batch_size,
                 max_delay_s=loaded.max_delay_s,
                 observe=self._observe_batch,

@@ -90,6 +90,28 @@ def test_batches_fill_to_max_images_and_each_request_gets_its_own_slice() -> Non
         assert sums.tolist() == [4.0 * i]
 
 
+def test_a_batch_holds_each_request_s_pixels_whatever_the_layout_of_its_array() -> None:
+    """A batch is assembled from C-contiguous float32 bytes: a transposed view or float64 array
+    from some caller is converted, never read as raw memory of another layout or type."""
+    plain = np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2)
+    transposed = np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2).transpose(0, 1, 3, 2)
+    wide = np.full((1, 1, 2, 2), 7.0, dtype=np.float64)
+
+    async def main():
+        q = new_queue()
+        model = FakeModel()
+        futs = [submit(q, x) for x in (plain, transposed, wide)]  # queued before: one batch
+        b, task, ex = await start(model, q, max_batch_size=8)
+        results = await asyncio.gather(*futs)
+        await stop(q, task, ex)
+        return model, results
+
+    model, results = run(main())
+    assert model.batches == [4]
+    for x, (doubled, _) in zip((plain, transposed, wide), results, strict=True):
+        np.testing.assert_array_equal(doubled, 2 * x)
+
+
 def test_requests_are_never_split_across_batches() -> None:
     async def main():
         q = new_queue()
@@ -292,7 +314,7 @@ def test_inline_runs_use_their_own_batch_function() -> None:
         q = new_queue()
         threaded, solo = FakeModel(), FakeModel()
         b, task, ex = await start(
-            threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1, run_inline=solo
+            threaded, q, max_batch_size=8, max_delay_s=0.0, inline_max_images=1, run_solo=solo
         )
         inline = await submit(q, image(4))  # idle and small: inline
         queued = await submit(q, image(5, n=2))  # over the inline limit: the thread
@@ -302,6 +324,56 @@ def test_inline_runs_use_their_own_batch_function() -> None:
     threaded, solo, inline, queued = run(main())
     assert solo.batches == [1] and threaded.batches == [2]
     assert float(inline[0][0, 0, 0, 0]) == 8.0 and float(queued[0][1, 0, 0, 0]) == 10.0
+
+
+def test_batches_within_the_solo_limit_use_the_single_threaded_session() -> None:
+    """On the thread (inline off), batches up to solo_max_images go to the solo batch function,
+    on the idle path and under load alike; larger ones to the pooled one. Each request still gets
+    its own slice."""
+
+    async def main():
+        q = new_queue()
+        pooled, solo = FakeModel(), FakeModel()
+        b, task, ex = await start(
+            pooled, q, max_batch_size=8, max_delay_s=0.0, solo_max_images=4, run_solo=solo
+        )
+        answers = [
+            await submit(q, image(3, n=2)),  # idle path, within the limit: solo
+            await submit(q, image(4, n=5)),  # idle path, over it: the pool
+            *await asyncio.gather(submit(q, image(5, n=2)), submit(q, image(6, n=2))),  # load, 4: solo
+            *await asyncio.gather(submit(q, image(7, n=3)), submit(q, image(8, n=2))),  # load, 5: pool
+        ]
+        await stop(q, task, ex)
+        return pooled, solo, answers, threading.get_ident()
+
+    pooled, solo, answers, loop_thread = run(main())
+    assert solo.batches == [2, 4] and pooled.batches == [5, 5]
+    assert all(t != loop_thread for t in solo.threads + pooled.threads)  # inline is off: the thread
+    assert [a[0].shape[0] for a in answers] == [2, 5, 2, 2, 3, 2]
+    assert [float(a[0][-1, 0, 0, 0]) for a in answers] == [6.0, 8.0, 10.0, 12.0, 14.0, 16.0]
+
+
+def test_solo_limit_is_where_the_single_thread_stops_winning() -> None:
+    from server.runtime.solo import solo_limit
+
+    def timings(per_image_solo: float, pool_fixed: float, per_image_pool: float):
+        asked = []
+
+        def timed(b: int) -> tuple[float, float]:
+            asked.append(b)
+            return 5e-6 + per_image_solo * b, pool_fixed + per_image_pool * b
+
+        return timed, asked
+
+    lenet_like, asked = timings(10e-6, 60e-6, 6e-6)  # the pool not a quarter faster up to b=16
+    assert solo_limit(lenet_like, 64) == 16 and asked == [1, 2, 4, 8, 16, 32]  # stops at the first loss
+    big, asked = timings(5e-3, 100e-6, 2.6e-3)  # a large model: the pool wins at once
+    assert solo_limit(big, 64) == 0 and asked == [1]
+    close, _ = timings(10e-6, 5e-6, 9e-6)  # the pool a little faster everywhere: not worth its threads
+    assert solo_limit(close, 64) == 64
+    tiny, asked = timings(1e-6, 60e-6, 1e-6)  # the pool never wins
+    assert solo_limit(tiny, 48) == 48 and asked == [1, 2, 4, 8, 16, 32, 48]
+    assert solo_limit(tiny, 1) == 1
 
 
 def test_inline_limit_from_load_time_measurements() -> None:
