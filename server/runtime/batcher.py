@@ -20,8 +20,8 @@ Batch formation, per instance:
    the model, is the latency; such runs use ``run_solo`` (the server's single-threaded session of the
    model). Under load the thread is always used: then compute overlaps the loop's gRPC work on
    another core. On that thread too, batches of at most ``solo_max_images`` run on the
-   single-threaded session: the load-time timing found it no slower there than the intra-op pool
-   (server.runtime.solo).
+   single-threaded session: the load-time timing found the intra-op pool not clearly faster for
+   them, and its threads would take cores from the event loop (server.runtime.solo).
 
 If a batch fails, its requests are re-run one by one so that only the bad one fails.
 
