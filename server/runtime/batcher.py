@@ -268,9 +268,8 @@ class Batcher:
         """The requests' (n, C, H, W) float32 arrays -> one (B, C, H, W) batch. ``bytes.join`` copies
         them with the GIL held, where ``np.concatenate`` lets go of it and takes it back once per
         array, and each take waits for the event loop's thread (see the module doc)."""
-        total = sum(a.shape[0] for a in arrays)
         joined = b"".join([_c_float32(a) for a in arrays])
-        return np.frombuffer(joined, dtype=np.float32).reshape(total, *arrays[0].shape[1:])
+        return np.frombuffer(joined, dtype=np.float32).reshape(-1, *arrays[0].shape[1:])
 
     async def _isolate(self, live: list[WorkItem]) -> None:
         """The batch failed: run each request alone so that only the bad ones fail."""

@@ -96,7 +96,7 @@ class Instance:
     output_names: list[str]
     device_id: int | None = None  # CUDA device ordinal; None on the CPU
     # A single-threaded session of the same model for small batches, inline on the event loop or on
-    # the instance's thread (see server.runtime.batcher and loader._add_solo_sessions): for a
+    # the instance's thread (see server.runtime.batcher and server.runtime.solo): for a
     # LeNet-sized batch, waking the intra-op pool for every operator costs more than its threads
     # give back.
     solo: ort.InferenceSession | None = None
