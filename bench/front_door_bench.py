@@ -1,5 +1,5 @@
 """The front door's cost: cnn-serve's requests/s at the four loads of the TorchServe comparison, over
-gRPC and HTTP binary, with 1 and 2 workers, beside the bare echo ceilings, all driven by h2load.
+gRPC and HTTP binary, with 1 and 2 workers, beside the floor and echo servers, all driven by h2load.
 
 Loads (KServe v2 ModelInfer, real test images of the model's shape):
 
@@ -15,7 +15,9 @@ median round. Besides requests/s: the server's CPU per request (user + system ti
 and its workers, from /proc, over the requests answered), the figure a busy machine moves least.
 
 The echo ceilings (bench/echo_server.py) answer the same methods with canned bytes: what the
-protocol stack alone costs. The ratios are taken against TorchServe's best configuration per
+protocol stack alone costs. The floor (bench/floor_server.py) batches the same requests onto the
+same model as cnn-serve does, with none of its features (checks, metrics, limits, queue policy):
+what a batching server on this stack costs at least, so ours / floor is what the features cost. The ratios are taken against TorchServe's best configuration per
 load: with ``--torchserve VENV``, TorchServe itself, measured in every round beside ours
 (bench/torchserve_peer.py: the same ONNX files, loads and client); without it, the figures
 measured side by side with an earlier version of this server on a 2-core Intel Xeon (TorchServe
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import h2load_client, torchserve_peer
-from bench.front_door_loads import LOADS, Wires, drive, test_images
+from bench.front_door_loads import LOADS, MODELS, Wires, drive, test_images
 from bench.procs import cpu_model, write_report
 from cnnstack.serverproc import ServerProcess
 from loadtest.payload import KSERVE_METHOD, build_payloads, infer_path
@@ -71,21 +73,12 @@ class FrontDoorBench:
     torchserve: Path | None  # a venv with TorchServe: measured in every round beside ours
 
 
-class Echo:
-    """bench/echo_server.py as a child process, gRPC and HTTP."""
+class Child:
+    """A bench server (``python -m MODULE ARGS``, printing "listening on HOST:PORT http PORT") as a
+    child process."""
 
-    def __init__(self, images: int) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.echo_server",
-            "--port",
-            "0",
-            "--http-port",
-            "0",
-            "--images",
-            str(images),
-        ]
+    def __init__(self, module: str, *args: str) -> None:
+        cmd = [sys.executable, "-m", module, "--port", "0", "--http-port", "0", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         words = self.proc.stdout.readline().split()  # listening on HOST:PORT http PORT
@@ -95,6 +88,19 @@ class Echo:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
+
+
+def echo(images: int) -> Child:
+    """bench/echo_server.py: canned answers of ``images`` images, gRPC and HTTP."""
+    return Child("bench.echo_server", "--images", str(images))
+
+
+def floor(repository: Path, model: str) -> Child:
+    """bench/floor_server.py on the model's latest ONNX file, batching as cnn-serve does by default."""
+    versions = sorted(
+        (p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
+    )
+    return Child("bench.floor_server", "--model", str(versions[-1] / "model.onnx"), "--name", model)
 
 
 def payloads(model: str, images: int) -> tuple[bytes, Any]:
@@ -122,8 +128,8 @@ def one_round(cfg: FrontDoorBench) -> dict[str, dict]:
     results: dict[str, dict] = {}
     if cfg.torchserve:
         peer = peer_config(cfg)
-        for label, loads in torchserve_peer.one_round(peer, peer.out_dir / "torchserve/store").items():
-            results[f"torchserve {label}"] = loads
+        for label, measured in torchserve_peer.one_round(peer, peer.out_dir / "torchserve/store").items():
+            results[f"torchserve {label}"] = measured
     for workers in cfg.workers:
         args = ["--metrics-port", "-1", "--device", "cpu", "--workers", str(workers), *cfg.server_args]
         with ServerProcess(*args, repository=cfg.repository) as s:
@@ -138,16 +144,23 @@ def one_round(cfg: FrontDoorBench) -> dict[str, dict]:
                 )
                 for load in LOADS
             }
-    for images in sorted({load[1] for load in LOADS}):
-        echo = Echo(images)
-        try:
-            for load in (ld for ld in LOADS if ld[1] == images):
-                results.setdefault("echo", {})[str(load)] = measure(
-                    cfg, echo.pid, echo.target, echo.http, load
-                )
-        finally:
-            echo.close()
+    # The floor (the same batching onto the same model, none of cnn-serve's features), one process
+    # per model, and the echo ceilings, one per image count.
+    for model in MODELS:
+        of_model = [ld for ld in LOADS if ld[0] == model]
+        results.setdefault("floor", {}).update(measure_child(cfg, floor(cfg.repository, model), of_model))
+    for images in sorted({ld[1] for ld in LOADS}):
+        of_size = [ld for ld in LOADS if ld[1] == images]
+        results.setdefault("echo", {}).update(measure_child(cfg, echo(images), of_size))
     return results
+
+
+def measure_child(cfg: FrontDoorBench, child: Child, loads: list[tuple]) -> dict[str, dict]:
+    """A bench server at its loads, then stopped: {load key: measure()}."""
+    try:
+        return {str(load): measure(cfg, child.pid, child.target, child.http, load) for load in loads}
+    finally:
+        child.close()
 
 
 def peer_config(cfg: FrontDoorBench) -> torchserve_peer.PeerBench:
@@ -255,6 +268,19 @@ def summarize(cfg: FrontDoorBench, rounds: list[dict]) -> dict:
         f"gRPC server CPU per request at lenet c=64, ours 1 worker / echo: "
         f"{m[single][grpc_64]['grpc']['cpu_us'] / m['echo'][grpc_64]['grpc']['cpu_us']:.2f}x (goal <= 1.5)"
     )
+    ours_cpu, floor_cpu, echo_cpu = (m[s][grpc_64]["grpc"]["cpu_us"] for s in (single, "floor", "echo"))
+    other.append(
+        f"gRPC server CPU per request at lenet c=64: floor / echo {floor_cpu / echo_cpu:.2f}x (batching and "
+        f"the compute hand-off on this stack), ours 1 worker / floor {ours_cpu / floor_cpu:.2f}x (cnn-serve's features)"
+    )
+    for load in LOADS:
+        k = str(load)
+        other.append(
+            f"{load}: ours 1 worker / floor: gRPC {m[single][k]['grpc']['rate'] / m['floor'][k]['grpc']['rate']:.2f}x, "
+            f"HTTP {m[single][k]['http']['rate'] / m['floor'][k]['http']['rate']:.2f}x; floor / peer best: "
+            f"gRPC {m['floor'][k]['grpc']['rate'] / max(peer['figures'][k]['grpc']):.2f}x, "
+            f"HTTP {m['floor'][k]['http']['rate'] / max(peer['figures'][k]['http']):.2f}x"
+        )
     if len(ours) > 1:
         two = f"ours {max(cfg.workers)}w"
         for load in LOADS[1:]:
