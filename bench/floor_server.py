@@ -77,8 +77,10 @@ class Floor:
                 await asyncio.sleep(max(0.0, self.first_at + self.max_delay_s - self.loop.time()))
             last_lone = lone
             while self.pending:
-                batch, n = [], 0
-                while self.pending and n + self.pending[0][0].shape[0] <= self.max_batch:
+                batch: list[tuple[np.ndarray, asyncio.Future]] = []
+                n = 0
+                # Whole requests up to max_batch images (one larger request runs alone).
+                while self.pending and (not batch or n + self.pending[0][0].shape[0] <= self.max_batch):
                     item = self.pending.pop(0)
                     batch.append(item)
                     n += item[0].shape[0]
@@ -90,8 +92,12 @@ class Floor:
     def _compute(self) -> None:
         while True:
             batch, done = self.work.get()
-            x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])  # (B, C, H, W)
-            outputs = self.session.run(self.output_names, {self.input_name: x})
+            try:
+                x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])  # (B, C, H, W)
+                outputs = self.session.run(self.output_names, {self.input_name: x})
+            except Exception as e:  # no error isolation: the whole batch fails with it
+                self.loop.call_soon_threadsafe(_fail, batch, e, done)
+                continue
             self.loop.call_soon_threadsafe(_answer, batch, outputs, done)
 
 
@@ -102,6 +108,13 @@ def _answer(batch: list[tuple[np.ndarray, asyncio.Future]], outputs: Outputs, do
         if not fut.done():
             fut.set_result([out[start:stop] for out in outputs])
         start = stop
+    done.set_result(None)
+
+
+def _fail(batch: list[tuple[np.ndarray, asyncio.Future]], error: Exception, done: asyncio.Future) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(error)
     done.set_result(None)
 
 

@@ -17,11 +17,12 @@ and its workers, from /proc, over the requests answered), the figure a busy mach
 The echo ceilings (bench/echo_server.py) answer the same methods with canned bytes: what the
 protocol stack alone costs. The floor (bench/floor_server.py) batches the same requests onto the
 same model as cnn-serve does, with none of its features (checks, metrics, limits, queue policy):
-what a batching server on this stack costs at least, so ours / floor is what the features cost. The ratios are taken against TorchServe's best configuration per
-load: with ``--torchserve VENV``, TorchServe itself, measured in every round beside ours
-(bench/torchserve_peer.py: the same ONNX files, loads and client); without it, the figures
-measured side by side with an earlier version of this server on a 2-core Intel Xeon (TorchServe
-0.12, onnxruntime handler, batch 64, 2 ms delay). The table names the peer's CPU.
+what a batching server on this stack costs at least, so ours / floor is what the features cost.
+The ratios are taken against TorchServe's best configuration per load: with ``--torchserve
+VENV``, TorchServe itself, measured in every round beside ours (bench/torchserve_peer.py: the same
+ONNX files, loads and client); without it, the figures measured side by side with an earlier
+version of this server on a 2-core Intel Xeon (TorchServe 0.12, onnxruntime handler, batch 64,
+2 ms delay). The table names the peer's CPU.
 
     .venv/bin/python -m bench.front_door_bench --repository artifacts/repository \
         --torchserve /opt/torchserve
