@@ -129,6 +129,13 @@ async def serve_http(host: str, port: int, model: str, images: int):  # noqa: AN
             return web.Response(status=408)
         return web.Response(body=body, headers=headers)
 
+    return await serve_infer_route(host, port, infer)
+
+
+async def serve_infer_route(host: str, port: int, infer):  # noqa: ANN001, ANN201
+    """aiohttp serving ``infer`` at ``POST /v2/models/{model}/infer`` -> (runner, bound port)."""
+    from aiohttp import web
+
     app = web.Application(client_max_size=256 << 20)
     app.router.add_post("/v2/models/{model}/infer", infer)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)

@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from bench.echo_server import KSERVE_SERVICE
+from bench.echo_server import KSERVE_SERVICE, serve_infer_route
 from protos.inference import grpc_service_pb2 as ks
 
 Outputs = list[np.ndarray]  # one (B, ...) array per model output
@@ -166,13 +166,7 @@ async def serve_http(floor: Floor, host: str, port: int):  # noqa: ANN201
         }
         return web.Response(body=b"".join([head_bytes, *(o.tobytes() for o in outputs)]), headers=headers)
 
-    app = web.Application(client_max_size=256 << 20)
-    app.router.add_post("/v2/models/{model}/infer", infer)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return await serve_infer_route(host, port, infer)
 
 
 async def serve(args: argparse.Namespace) -> None:
