@@ -126,6 +126,7 @@ def test_the_front_door_ratios_are_taken_against_torchserve_measured_in_the_same
         "torchserve 2w": 2000.0,
         "ours 1w": 1500.0,
         "ours 2w": 2400.0,
+        "floor": 3000.0,
         "echo": 9e3,
     }
     rounds = [
@@ -141,6 +142,8 @@ def test_the_front_door_ratios_are_taken_against_torchserve_measured_in_the_same
     md = front_door_bench.markdown(doc)
     assert "TorchServe (measured in this run)" in md and "torchserve 2w" in md
     assert f"torchserve 1w {k} grpc: 3" in md  # the peer's failures over all rounds are reported
+    # The floor: ours / floor (what the features cost) and floor / the peer's best, per load.
+    assert f"{LOADS[1]}: ours 1 worker / floor: gRPC 0.50x, HTTP 0.50x; floor / peer best: gRPC 1.50x" in md
 
     alone = front_door_bench.summarize(
         cfg, [{s: v for s, v in rounds[0].items() if not s.startswith("torch")}]
