@@ -22,6 +22,7 @@ import json
 import queue
 import signal
 import threading
+from collections import deque
 from collections.abc import Callable
 
 import grpc
@@ -45,7 +46,7 @@ class Floor:
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
-        self.pending: list[tuple[np.ndarray, asyncio.Future]] = []
+        self.pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self.images = 0
         self.first_at = 0.0  # loop.time() the oldest pending request came
         self.wake = asyncio.Event()
@@ -81,7 +82,7 @@ class Floor:
                 n = 0
                 # Whole requests up to max_batch images (one larger request runs alone).
                 while self.pending and (not batch or n + self.pending[0][0].shape[0] <= self.max_batch):
-                    item = self.pending.pop(0)
+                    item = self.pending.popleft()
                     batch.append(item)
                     n += item[0].shape[0]
                 self.images -= n

@@ -98,10 +98,8 @@ def echo(images: int) -> Child:
 
 def floor(repository: Path, model: str) -> Child:
     """bench/floor_server.py on the model's latest ONNX file, batching as cnn-serve does by default."""
-    versions = sorted(
-        (p for p in (repository / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
-    )
-    return Child("bench.floor_server", "--model", str(versions[-1] / "model.onnx"), "--name", model)
+    model_path = torchserve_peer.model_file(repository, model)
+    return Child("bench.floor_server", "--model", str(model_path), "--name", model)
 
 
 def payloads(model: str, images: int) -> tuple[bytes, Any]:

@@ -104,18 +104,18 @@ def prediction_of(response: bytes) -> bytes:
             return response[i : i + length]
 
 
-def model_file(cfg: PeerBench, model: str) -> Path:
+def model_file(repository: Path, model: str) -> Path:
     """The newest version's model file of ``model`` in the repository, as cnn-serve reads it."""
-    versions = scan_model(cfg.repository / model).versions
+    versions = scan_model(repository / model).versions
     if not versions:
-        raise RuntimeError(f"{cfg.repository / model} has no version with a model file")
+        raise RuntimeError(f"{repository / model} has no version with a model file")
     return versions[max(versions)].model_path
 
 
 def archive(cfg: PeerBench, model: str, store: Path) -> None:
     """``MODEL.mar`` in ``store``: the newest ONNX file of ``model`` with the handler."""
     cmd = [str(cfg.venv / "bin/torch-model-archiver"), "--model-name", model, "--version", "1.0"]
-    cmd += ["--serialized-file", str(model_file(cfg, model)), "--handler", str(HANDLER)]
+    cmd += ["--serialized-file", str(model_file(cfg.repository, model)), "--handler", str(HANDLER)]
     subprocess.run([*cmd, "--export-path", str(store), "--force"], check=True)
 
 
@@ -213,7 +213,7 @@ def expected_top1(cfg: PeerBench, model: str, x: np.ndarray) -> int:
     """The ONNX file's own answer for ``x`` (1, C, H, W), run here on onnxruntime."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(model_file(cfg, model)), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(model_file(cfg.repository, model)), providers=["CPUExecutionProvider"])
     logits = session.run(["logits"], {session.get_inputs()[0].name: np.repeat(x, 2, axis=0)})[0]
     return int(np.argmax(logits[0]))
 

@@ -4,9 +4,6 @@ over gRPC and HTTP (tritonclient, the KServe v2 client)."""
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -14,40 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.front_door_bench import Child
 from tests.server.helpers import TinyModel, tiny_model
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def floor(tmp_path: Path) -> Iterator[tuple[str, str, TinyModel]]:
+    """The floor server as the front-door bench starts it; a long batching window, so that
+    requests in flight together are batched together."""
     data, tm = tiny_model()
     model = tmp_path / "model.onnx"
     model.write_bytes(data)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "bench.floor_server",
-            "--model",
-            str(model),
-            "--name",
-            "tiny",
-            "--max-delay-us",
-            "20000",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    child = Child("bench.floor_server", "--model", str(model), "--name", "tiny", "--max-delay-us", "20000")
     try:
-        assert proc.stdout is not None
-        m = re.match(r"listening on (\S+) http (\d+)", proc.stdout.readline())
-        assert m, "the floor server did not report its addresses"
-        yield m.group(1), f"127.0.0.1:{m.group(2)}", tm
+        yield child.target, child.http, tm
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        child.close()
 
 
 def images(count: int, seed: int) -> np.ndarray:
